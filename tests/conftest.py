@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,86 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory):
     from embedline import artifact as art
 
     return art.import_model_dir(tiny_model_dir, tmp_path_factory.mktemp("tiny-artifact") / "a", name="tiny")
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is present and are skipped (with the reason) elsewhere."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (onnxruntime CUDAExecutionProvider)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class ServedModel:
+    """A running tritonserver serving one artifact (what the server fixtures hand to tests)."""
+
+    server: "object"
+    artifact: "object"
+    max_batch_size: int
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    @property
+    def http_url(self) -> str:
+        return self.server.http_url
+
+    @property
+    def metrics_url(self) -> str:
+        return self.server.metrics_url
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Factory: start_server(artifact, **RepositorySettings fields) -> ServedModel on free ports.
+
+    Every server started through it is stopped at the end of the session.
+    """
+    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.server import TritonServer, free_port
+
+    started = []
+
+    def start(artifact, **settings) -> ServedModel:
+        settings.setdefault("intra_op_threads", 2)
+        repo_settings = RepositorySettings(**settings)
+        repository = build_repository(artifact, tmp_path_factory.mktemp("repository") / "models", repo_settings)
+        server = TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+        server.start()
+        started.append(server)
+        return ServedModel(server=server, artifact=artifact, max_batch_size=repo_settings.max_batch_size)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(tmp_path_factory):
+    """The bundled all-MiniLM-L6-v2 imported as an artifact with its fp32 ONNX export."""
+    from embedline import artifact as art
+    from embedline.export.pipeline import export_artifact
+
+    artifact = art.import_model_dir(
+        art.bundled_model_dir(), tmp_path_factory.mktemp("minilm") / "artifact", name="all-MiniLM-L6-v2"
+    )
+    return export_artifact(artifact, variants=("fp32",), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def served_minilm(start_server, minilm_artifact) -> ServedModel:
+    """The real tritonserver serving all-MiniLM-L6-v2 (fp32 variant) on the python backend."""
+    return start_server(minilm_artifact, variant="fp32")

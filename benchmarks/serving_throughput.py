@@ -1,0 +1,161 @@
+"""Serving throughput: 1,000 real sentences as 32-text requests, every engine in one run.
+
+Engines: sentence-transformers (torch) in-process; raw ONNX Runtime in-process for each exported variant
+(tokenization included, the same path the server runs); the Triton server for each variant through the
+embedline client (one request in flight, and two). Threads are pinned to the same count everywhere.
+
+    .venv/bin/python benchmarks/serving_throughput.py [--rounds 3] [--threads 2] [--artifact DIR]
+
+Writes benchmarks/results/serving_throughput.json and the table in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    markdown_table, pin_threads, save_results, sts_sentences, throughput, timed_rounds, update_readme_section,
+)
+
+BATCH = 32
+CPU_VARIANTS = ("fp32", "fused", "int8")  # fp16 is the GPU variant
+
+
+def chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def bench_sentence_transformers(artifact, sentences, rounds):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(artifact.path), device="cpu")
+    return timed_rounds(lambda: model.encode(sentences, batch_size=BATCH, show_progress_bar=False), rounds)
+
+
+def bench_onnxruntime(artifact, variant, sentences, rounds, threads):
+    import onnxruntime as ort
+
+    from embedline.tokenization import encode, load_tokenizer
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(artifact.onnx_path(variant)), options, providers=["CPUExecutionProvider"])
+    tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
+    batches = chunks(sentences, BATCH)
+
+    def run():
+        for batch in batches:
+            session.run(["sentence_embedding"], encode(tokenizer, batch))
+
+    return timed_rounds(run, rounds)
+
+
+def bench_server(url, sentences, rounds, concurrency):
+    """Send the sentences as 32-text requests, `concurrency` of them in flight."""
+    from embedline.client import EmbeddingClient
+
+    batches = chunks(sentences, BATCH)
+    with EmbeddingClient(url) as client, ThreadPoolExecutor(concurrency) as pool:
+        return timed_rounds(lambda: list(pool.map(client.embed, batches)), rounds)
+
+
+def server_factory(tmp: Path):
+    from contextlib import contextmanager
+
+    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.server import TritonServer, free_port
+
+    @contextmanager
+    def start(artifact, variant, threads):
+        settings = RepositorySettings(variant=variant, intra_op_threads=threads)
+        repository = build_repository(artifact, tmp / f"models-{variant}", settings)
+        with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),
+                          metrics_port=free_port()) as server:
+            yield server
+
+    return start
+
+
+def prepare_artifact(path: str | None, tmp: Path):
+    from embedline import artifact as art
+    from embedline.export.pipeline import export_artifact
+
+    if path:
+        artifact = art.load_artifact(path)
+        return artifact if artifact.has_onnx() else export_artifact(artifact)
+    artifact = art.import_model_dir(art.bundled_model_dir(), tmp / "artifact", name="all-MiniLM-L6-v2")
+    return export_artifact(artifact, variants=("fp32", "fused", "int8"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--artifact", default=None, help="exported artifact (default: the bundled model)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    pin_threads(args.threads)
+
+    sentences = sts_sentences(args.sentences)
+    with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        artifact = prepare_artifact(args.artifact, tmp)
+        variants = [v for v in CPU_VARIANTS if v in artifact.exported_variants()]
+        start_server = server_factory(tmp)
+        engines: dict[str, dict] = {}
+
+        def record(name, seconds, **extra):
+            engines[name] = {**throughput(len(sentences), seconds), **extra}
+            print(f"{name:28s} {engines[name]['best']:8.1f} sentences/s (median {engines[name]['median']})",
+                  flush=True)
+
+        record("sentence-transformers", bench_sentence_transformers(artifact, sentences, args.rounds))
+        for variant in variants:
+            record(f"onnxruntime {variant}",
+                   bench_onnxruntime(artifact, variant, sentences, args.rounds, args.threads))
+        for variant in variants:
+            with start_server(artifact, variant, args.threads) as server:
+                for concurrency in (1, 2):
+                    record(f"triton {variant} c{concurrency}",
+                           bench_server(server.grpc_url, sentences, args.rounds, concurrency))
+
+    st = engines["sentence-transformers"]["best"]
+    rows = []
+    for variant in variants:
+        raw = engines[f"onnxruntime {variant}"]["best"]
+        server = max(engines[f"triton {variant} c{c}"]["best"] for c in (1, 2))
+        rows.append([variant, raw, engines[f"triton {variant} c1"]["best"], engines[f"triton {variant} c2"]["best"],
+                     f"{server / raw:.2f}x", f"{server / st:.2f}x"])
+    results = {
+        "workload": {"sentences": len(sentences), "source": "STS-B dev (shared/data)", "request_size": BATCH,
+                     "threads": args.threads, "rounds": args.rounds, "statistic": "best round"},
+        "engines": engines,
+        "artifact_export": artifact.metadata.get("export"),
+    }
+    path = save_results("serving_throughput", results)
+    table = markdown_table(
+        ["variant", "raw ORT in-process", "Triton (1 in flight)", "Triton (2 in flight)",
+         "server / raw", "server / sentence-transformers"],
+        rows,
+    )
+    update_readme_section("serving_throughput", (
+        "## Serving throughput (sentences/s, 1,000 STS-B sentences, 32-text requests, "
+        f"{args.threads} threads)\n\n"
+        f"sentence-transformers (torch, in-process): **{st}** sentences/s.\n\n{table}\n\n"
+        "Command: `.venv/bin/python benchmarks/serving_throughput.py` "
+        f"(best of {args.rounds} rounds; full numbers in `results/serving_throughput.json`)."
+    ))
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Triton python-backend model `tokenize` (stock-container layout): UTF-8 texts -> input_ids, attention_mask.
+
+First step of the `embed` ensemble whose second step is the native onnxruntime backend (`encoder`).
+All requests of one dynamic batch are padded to the batch's longest sequence, so they reach the encoder
+with the same shape and its dynamic batcher can run them together.
+"""
+
+import os
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(__file__))
+from text_batch import TextTokenizer, decode_requests, model_parameters, version_dir  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.tokenizer = TextTokenizer(
+            os.path.join(version_dir(args), "tokenizer.json"), int(params["max_seq_length"])
+        )
+
+    def execute(self, requests):
+        texts, spans, errors = decode_requests(requests, pb_utils)
+        responses = [None] * len(requests)
+        for index, error in errors.items():
+            responses[index] = pb_utils.InferenceResponse(error=error)
+        if texts:
+            ids, truncated = self.tokenizer.tokenize(texts)
+            input_ids, attention_mask = self.tokenizer.pad(ids)
+            for index, start, end in spans:
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("input_ids", input_ids[start:end]),
+                    pb_utils.Tensor("attention_mask", attention_mask[start:end]),
+                    pb_utils.Tensor("truncated", truncated[start:end].reshape(-1, 1)),
+                ])
+        return responses

@@ -1,0 +1,113 @@
+"""Model repositories built from an artifact: valid Triton configs for both layouts, self-contained dirs.
+
+The onnxruntime layout targets the stock Triton container on GPU, which cannot run here, so its configs
+are validated structurally: parsed with Triton's own ModelConfig protobuf, ensemble wiring checked
+tensor by tensor, and the encoder's declared inputs/outputs checked against the ONNX graph.
+"""
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from embedline.export.repository import RepositorySettings, build_repository
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def tensors(entries):
+    return {entry.name: entry for entry in entries}
+
+
+@pytest.fixture(scope="module")
+def exported_tiny(tiny_artifact, tmp_path_factory):
+    from embedline import artifact as art
+    from embedline.export.onnx_export import export_fp32
+
+
+
+    dest = tmp_path_factory.mktemp("repo-artifact") / "a"
+    shutil.copytree(tiny_artifact.path, dest)
+    artifact = art.load_artifact(dest)
+    export_fp32(artifact)
+    return artifact
+
+
+def assert_self_contained(repository: Path) -> None:
+    for path in repository.rglob("*"):
+        assert not path.is_symlink(), f"{path} links outside its model directory"
+    for model_py in repository.rglob("model.py"):
+        source = model_py.read_text()
+        assert ".." not in source.replace("...", ""), f"{model_py} refers to a parent directory"
+
+
+def test_python_layout_matches_wire_contract(exported_tiny, tmp_path):
+    repo = build_repository(exported_tiny, tmp_path / "models", RepositorySettings(max_batch_size=16))
+    assert sorted(p.name for p in repo.iterdir()) == ["embed"]
+    config = read_config(repo / "embed" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 16
+    assert config.HasField("dynamic_batching")
+    inputs, outputs = tensors(config.input), tensors(config.output)
+    assert list(inputs) == ["text"] and inputs["text"].data_type == mc.TYPE_STRING
+    assert list(inputs["text"].dims) == [1]
+    assert outputs["sentence_embedding"].data_type == mc.TYPE_FP32
+    assert list(outputs["sentence_embedding"].dims) == [exported_tiny.dim]
+    assert outputs["truncated"].data_type == mc.TYPE_BOOL
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["dim"] == str(exported_tiny.dim) and params["variant"] == "fp32"
+    assert params["max_seq_length"] == str(exported_tiny.max_seq_length)
+    version = repo / "embed" / "1"
+    assert {p.name for p in version.iterdir()} >= {"model.py", "text_batch.py", "tokenizer.json", "model.onnx"}
+    assert_self_contained(repo)
+
+
+def test_onnxruntime_layout_for_stock_gpu_container(exported_tiny, tmp_path):
+    settings = RepositorySettings(layout="onnxruntime", device="gpu", max_batch_size=32)
+    repo = build_repository(exported_tiny, tmp_path / "models", settings)
+    configs = {p.name: read_config(p / "config.pbtxt") for p in repo.iterdir()}
+    assert set(configs) == {"embed", "tokenize", "encoder"}
+    assert all(c.name == name for name, c in configs.items())
+    assert all(c.max_batch_size == 32 for c in configs.values())
+
+    encoder = configs["encoder"]
+    assert encoder.platform == "onnxruntime_onnx"
+    assert encoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    graph = onnx.load(str(repo / "encoder" / "1" / encoder.default_model_filename)).graph
+    onnx_types = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
+    assert {i.name: onnx_types[i.type.tensor_type.elem_type] for i in graph.input} == {
+        t.name: t.data_type for t in encoder.input
+    }
+    assert {o.name: onnx_types[o.type.tensor_type.elem_type] for o in graph.output} == {
+        t.name: t.data_type for t in encoder.output
+    }
+
+    # Ensemble wiring: every step input comes from the ensemble input or an earlier step, with the
+    # same data type; every ensemble output is produced by a step.
+    ensemble = configs["embed"]
+    assert ensemble.platform == "ensemble"
+    available = {t.name: t.data_type for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        model_inputs, model_outputs = tensors(model.input), tensors(model.output)
+        for model_tensor, ensemble_tensor in step.input_map.items():
+            assert ensemble_tensor in available, f"{step.model_name} reads {ensemble_tensor} before it exists"
+            assert model_inputs[model_tensor].data_type == available[ensemble_tensor]
+        assert set(step.input_map) == set(model_inputs)
+        for model_tensor, ensemble_tensor in step.output_map.items():
+            available[ensemble_tensor] = model_outputs[model_tensor].data_type
+    for output in ensemble.output:
+        assert available.get(output.name) == output.data_type
+    assert {p.name for p in (repo / "tokenize" / "1").iterdir()} >= {"model.py", "text_batch.py", "tokenizer.json"}
+    assert_self_contained(repo)
+
+
+def test_missing_variant_is_clear_error(exported_tiny, tmp_path):
+    from embedline.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match="variant 'int8' is not exported"):
+        build_repository(exported_tiny, tmp_path / "m", RepositorySettings(variant="int8"))

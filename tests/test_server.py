@@ -1,0 +1,108 @@
+"""`embedline serve`: the real tritonserver comes up, answers, and stops with the launcher.
+
+Bad start-ups (a port in use, a broken artifact) are one-line errors, not stack traces.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from embedline.server import free_port
+
+EMBEDLINE = [sys.executable, "-m", "embedline.cli"]
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([*EMBEDLINE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, needle):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("embedline serve: error:")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_port_in_use_is_a_one_line_error(tiny_artifact):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--artifact", str(tiny_artifact.path), "--grpc-port", str(port),
+                         "--http-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert_one_line_error(result, f"port {port}")
+
+
+def test_broken_artifact_is_a_one_line_error(tmp_path):
+    (tmp_path / "embedline.json").write_text("{not json")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    result = run_cli("serve", "--artifact", str(tmp_path), "--grpc-port", str(free_port()),
+                     "--http-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert_one_line_error(result, "cannot read JSON")
+
+
+def test_missing_artifact_is_a_one_line_error(tmp_path):
+    result = run_cli("serve", "--artifact", str(tmp_path / "nope"), "--grpc-port", str(free_port()),
+                     "--http-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert_one_line_error(result, "does not exist")
+
+
+def wait_for_line(process, needle, timeout):
+    """Read the launcher's stdout until `needle`; returns everything read."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"no {needle!r} within {timeout}s; output:\n{''.join(seen)}\n{process.stderr.read()}")
+
+
+def test_serve_exports_a_fresh_artifact_serves_and_stops_on_sigterm(tiny_artifact, tmp_path):
+    import tritonclient.grpc as grpcclient
+
+    artifact_dir = tmp_path / "fresh"  # as a training run leaves it: no onnx/ yet
+    shutil.copytree(tiny_artifact.path, artifact_dir)
+    ports = [free_port() for _ in range(3)]
+    process = subprocess.Popen(
+        [*EMBEDLINE, "serve", "--artifact", str(artifact_dir), "--grpc-port", str(ports[0]),
+         "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        banner = wait_for_line(process, "Ctrl-C to stop", timeout=300)
+        assert f"gRPC     127.0.0.1:{ports[0]}" in banner  # loopback unless --host says otherwise
+        assert (artifact_dir / "onnx" / "model.onnx").is_file()
+        tritonservers = [p for p in psutil.Process(process.pid).children(recursive=True)
+                         if p.name() == "tritonserver"]
+        assert len(tritonservers) == 1
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+        texts = np.array([[b"a man plays the guitar"], [b""]], dtype=np.object_)
+        request = grpcclient.InferInput("text", texts.shape, "BYTES")
+        request.set_data_from_numpy(texts)
+        embeddings = client.infer("embed", [request]).as_numpy("sentence_embedding")
+        assert embeddings.shape == (2, 32)
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        psutil.wait_procs(tritonservers, timeout=30)
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tritonservers)
+    finally:
+        if process.poll() is None:
+            process.kill()
