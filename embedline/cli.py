@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     verb, rest = argv[0], argv[1:]
     module_name, help_text = VERBS[verb]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; third-party libraries (ORT's quantizer logs every tensor) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedline").setLevel(logging.INFO)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
