@@ -134,6 +134,7 @@ def write_json(path: Path, data: Any) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the artifact must be readable by e.g. a Triton container
     os.replace(tmp, path)
 
 

@@ -1,0 +1,89 @@
+"""`embedline export`: import a model into an artifact (or take an artifact) and export its ONNX variants."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from embedline import artifact as art
+from embedline.export.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="sentence-transformers/HF model directory, or an artifact to export in place "
+                             "(default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--output", default=None,
+                        help="artifact directory to create (required unless --model is an artifact)")
+    parser.add_argument("--variants", default=",".join(art.VARIANTS),
+                        help=f"comma-separated subset of {','.join(art.VARIANTS)} (default: all)")
+    parser.add_argument("--name", default=None, help="artifact name (default: the model directory's name)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for the parity and speed measurement")
+    parser.add_argument("--speed-seconds", type=float, default=1.0,
+                        help="seconds of CPU speed measurement per variant (0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in art.VARIANTS]
+    if not variants or unknown:
+        raise ExportError(f"--variants {text!r}: expected a comma-separated subset of {','.join(art.VARIANTS)}")
+    return variants
+
+
+def format_table(export: dict[str, Any]) -> str:
+    """The parity/speed table printed after an export."""
+    torch_speed = export.get("torch_sentences_per_second")
+    lines = [f"{'variant':<8} {'min cos':>9} {'mean cos':>9} {'sent/s':>8} {'x torch':>8}  provider"]
+    for variant, entry in export["parity"].items():
+        if not entry.get("measured"):
+            lines.append(f"{variant:<8} {'not measured':>19}")
+            continue
+        speed = entry.get("sentences_per_second")
+        ratio = f"{speed / torch_speed:.2f}" if speed and torch_speed else "-"
+        lines.append(f"{variant:<8} {entry['min_cosine']:>9.5f} {entry['mean_cosine']:>9.5f} "
+                     f"{speed or '-':>8} {ratio:>8}  {entry.get('provider', '')}")
+    if torch_speed:
+        lines.append(f"{'torch':<8} {'':>9} {'':>9} {torch_speed:>8} {'1.00':>8}  (reference)")
+    ops = ", ".join(f"{op} {n}" for op, n in export["fused_operators"].items()) or "none"
+    lines.append(f"fused operators: {ops}")
+    lines.append(f"default variant: cpu {export['default_cpu_variant']}, gpu {export['default_gpu_variant']}"
+                 f"  ({export['threads']} threads, {export['seconds']} s)")
+    return "\n".join(lines)
+
+
+def _quiet_library_logs() -> None:
+    """Keep embedline's INFO lines; of other libraries (ORT's optimizer logs every fusion) only warnings."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.startswith("embedline")
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(keep)
+
+
+def run(args: argparse.Namespace) -> int:
+    from embedline.export.pipeline import export_artifact
+
+    _quiet_library_logs()
+    variants = parse_variants(args.variants)
+    source, is_artifact = art.resolve_model_source(args.model)
+    if is_artifact:
+        if args.output is not None and Path(args.output).expanduser().resolve() != source:
+            raise ExportError(f"{source}: is already an artifact and is exported in place; drop --output")
+        artifact = art.load_artifact(source)
+    else:
+        if args.output is None:
+            raise ExportError(f"{source}: is a model directory; give --output DIR for the artifact to create")
+        artifact = art.import_model_dir(source, args.output, name=args.name)
+        log.info("imported %s into %s", source, artifact.path)
+    artifact = export_artifact(artifact, variants, show_progress=not args.no_progress,
+                               threads=args.threads, speed_seconds=args.speed_seconds)
+    print(f"exported {artifact.path}")
+    print(format_table(artifact.metadata["export"]))
+    return 0

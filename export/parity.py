@@ -1,0 +1,285 @@
+"""Measure how closely each exported ONNX variant agrees with the PyTorch encoder, and how fast it runs.
+
+Parity: cosine between each variant's embedding and torch's, per sentence, over PARITY_TEXTS batched
+with dynamic padding (batches mix lengths, so the attention mask and masked pooling are exercised).
+Speed: sentences/s on CPU with pinned threads, variants measured in turns so that a busy shared machine
+slows them all alike. The result is the `parity.json` record; `within_tolerance` judges one variant's entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from embedline import artifact as art
+from embedline.tokenization import encode, load_tokenizer
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from embedline.encoder import SentenceEncoder
+
+log = logging.getLogger(__name__)
+
+# Real, varied English: short and long, questions, punctuation, numbers, one empty string.
+SHORT_TEXTS: tuple[str, ...] = (
+    "A man is playing a guitar on the street corner.",
+    "A woman is slicing tomatoes in the kitchen.",
+    "The cat sat quietly on the windowsill, watching the rain.",
+    "Two dogs are running through a field of tall grass.",
+    "Hi!",
+    "",
+    "OK",
+    "Where is the nearest train station?",
+    "I lost my debit card yesterday; how do I block it?",
+    "Why hasn't my transfer arrived yet??",
+    "The stock market fell sharply after the central bank raised interest rates by half a percentage point.",
+    'She said, "I\'ll be there at 5 p.m." -- but she never showed up.',
+    "Honestly... I don't know what to think anymore.",
+    "The movie was a complete waste of time: terrible acting, worse plot.",
+    "What a wonderful, heart-warming film; I cried twice!",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The Treaty of Westphalia, signed in 1648, ended the Thirty Years' War.",
+    "Python 3.11 is up to 25% faster than 3.10 on the pyperformance benchmark suite.",
+    "Please reset my password -- the link in the e-mail has expired.",
+    "How many calories are in a medium-sized banana?",
+    "The children built a sandcastle, and the tide washed it away within minutes.",
+    "Add two cups of flour, a pinch of salt, and stir until smooth.",
+    "The server returned HTTP 503 (Service Unavailable) for about ten minutes.",
+    "A quick brown fox jumps over the lazy dog.",
+    "He plays the piano beautifully, although he never took a single lesson.",
+    "Is it going to snow in Montreal this weekend?",
+    "The committee will reconvene on Tuesday to review the revised budget proposal.",
+    "Dr. Smith's lab at MIT published the results in Nature last March.",
+    "I'd like to cancel my subscription, effective immediately.",
+    "The bridge was closed for repairs, so traffic was diverted through the old town.",
+    "Wow.",
+    "New York City's population is roughly 8.3 million people.",
+    "Can you recommend a good book about the history of mathematics?",
+    "After the storm, volunteers cleared fallen trees and restored power to most homes within two days.",
+    "My flight was delayed by three hours and I missed my connection in Frankfurt.",
+    "The quarterly report shows revenue up 12% year over year, driven mainly by subscription growth in "
+    "Europe and Asia.",
+    "Glaciers in the Alps have lost more than half of their volume since 1900.",
+    "Don't forget to water the plants while I'm away!",
+    "Tokenizers split rare words like 'antidisestablishmentarianism' into several sub-word pieces.",
+)
+# ~320 word pieces: longer than max_seq_length (256 for all-MiniLM-L6-v2), so truncation is checked too.
+LONG_TEXT = (
+    "The history of the printing press begins long before Johannes Gutenberg. In China, woodblock printing "
+    "was used to reproduce texts and images on cloth and later on paper as early as the seventh century, and "
+    "the oldest dated printed book, a copy of the Diamond Sutra, was made in 868. Around 1040 the artisan Bi "
+    "Sheng invented movable type made of baked clay, and in Korea metal movable type was used to print the "
+    "Jikji in 1377, almost eighty years before Gutenberg's Bible. What Gutenberg contributed in Mainz around "
+    "1450 was a complete system: a hand mould for casting uniform metal type quickly, an alloy of lead, tin "
+    "and antimony that melted at a low temperature and cooled without shrinking, an oil-based ink that stuck "
+    "to metal, and a screw press adapted from the presses used to make wine and olive oil. Together these "
+    "made it possible to print hundreds of identical pages a day. Within fifty years presses were operating "
+    "in more than two hundred European cities, and historians estimate that some twenty million books had "
+    "been printed by 1500. Prices fell, literacy spread beyond monasteries and universities, and vernacular "
+    "languages gained prestige as printers sold books to ordinary readers rather than to scholars alone. The "
+    "press carried the pamphlets of the Reformation, the star charts of Copernicus and the anatomical "
+    "drawings of Vesalius, and it allowed scientists to compare identical copies of the same tables and "
+    "diagrams, which made errors easier to find and correct. Many historians therefore count it among the "
+    "most important inventions of the second millennium, alongside the compass, gunpowder and the "
+    "mechanical clock."
+)
+PARITY_TEXTS: tuple[str, ...] = (*SHORT_TEXTS, LONG_TEXT)
+PARITY_BATCH_SIZE = 8
+# Speed is measured on typical short inputs (~16 word pieces), 128 sentences in batches of 32.
+SPEED_SENTENCES = 128
+SPEED_BATCH_SIZE = 32
+
+Batch = dict[str, np.ndarray]  # {"input_ids", "attention_mask"}: int64 (batch, sequence)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The least cosine to torch a variant must reach, for its worst sentence and on average."""
+
+    min_cosine: float
+    mean_cosine: float
+
+    def accepts(self, min_cosine: float, mean_cosine: float) -> bool:
+        return min_cosine >= self.min_cosine and mean_cosine >= self.mean_cosine
+
+
+# fp32/fused are the same arithmetic reordered. int8 is judged on the mean: on 1-3 word inputs ("OK",
+# "Wow.") dynamic int8 reaches only ~0.96 on all-MiniLM-L6-v2 (few tokens, nothing averages the
+# activation-quantization noise out), so its min is a floor that catches a broken graph, not noise.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
+    "fused": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
+    "fp16": Tolerance(min_cosine=0.999, mean_cosine=0.9995),
+    "int8": Tolerance(min_cosine=0.90, mean_cosine=0.98),
+}
+
+
+def within_tolerance(variant: str, entry: dict[str, Any]) -> bool:
+    """True when a parity.json variant entry was measured and meets the variant's tolerance."""
+    if not entry.get("measured") or variant not in TOLERANCES:
+        return False
+    return TOLERANCES[variant].accepts(float(entry["min_cosine"]), float(entry["mean_cosine"]))
+
+
+def make_batches(tokenizer: Tokenizer, texts: list[str] | tuple[str, ...], batch_size: int) -> list[Batch]:
+    """Consecutive batches, each padded to its own longest sequence."""
+    return [encode(tokenizer, list(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of a (n, dim) with the same row of b (n, dim) -> (n,)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def ort_session(path: str | os.PathLike, threads: int,
+                provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """An ORT session with pinned threads (unpinned pools collapse on shared cores, DESIGN.md)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # fp16 graphs on CPU log a warning per inserted Cast
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def measure_throughput(runners: dict[str, Callable[[Batch], Any]], batches: list[Batch],
+                       seconds: float) -> dict[str, float]:
+    """Sentences/s of each runner, taking turns batch by batch until each has run at least `seconds`."""
+    for run in runners.values():
+        run(batches[0])  # warm-up: first-call allocations and kernel selection
+    elapsed = dict.fromkeys(runners, 0.0)
+    sentences = dict.fromkeys(runners, 0)
+    turn = 0
+    while turn == 0 or any(t < seconds for t in elapsed.values()):
+        batch = batches[turn % len(batches)]
+        for name, run in runners.items():
+            if elapsed[name] < seconds:
+                start = time.perf_counter()
+                run(batch)
+                elapsed[name] += time.perf_counter() - start
+                sentences[name] += len(batch["input_ids"])
+        turn += 1
+    return {name: sentences[name] / elapsed[name] for name in runners}
+
+
+def _torch_runner(encoder: SentenceEncoder) -> Callable[[Batch], np.ndarray]:
+    import torch
+
+    def run(batch: Batch) -> np.ndarray:
+        with torch.no_grad():
+            return encoder(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])).numpy()
+
+    return run
+
+
+def _session_runner(session: ort.InferenceSession) -> Callable[[Batch], np.ndarray]:
+    def run(batch: Batch) -> np.ndarray:
+        return session.run(["sentence_embedding"], batch)[0]
+
+    return run
+
+
+def _fp16_provider() -> str:
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider"
+    return cuda if cuda in ort.get_available_providers() else "CPUExecutionProvider"
+
+
+def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches: list[Batch],
+                     reference: np.ndarray) -> tuple[dict[str, Any], Callable[[Batch], Any] | None]:
+    """(parity.json entry, runner for the speed test or None) of one variant against torch's embeddings."""
+    path = artifact.onnx_path(variant)
+    provider = _fp16_provider() if variant == "fp16" else "CPUExecutionProvider"
+    try:
+        session = ort_session(path, threads, provider)
+        run = _session_runner(session)
+        embeddings = np.concatenate([run(b) for b in batches])  # (texts, dim)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail/NotImplemented types
+        if variant != "fp16":
+            raise
+        # An ORT CPU build without kernels for this fp16 graph: the GPU test measures it instead.
+        reason = f"needs CUDA (onnxruntime cannot run it on CPU: {str(exc).splitlines()[0]})"
+        return {"file": path.name, "provider": provider, "measured": False, "reason": reason}, None
+    cosines = row_cosines(embeddings, reference)
+    entry = {
+        "file": path.name,
+        "provider": session.get_providers()[0],  # the one that ran: ORT falls back to CPU silently
+        "measured": True,
+        "min_cosine": round(float(cosines.min()), 6),
+        "mean_cosine": round(float(cosines.mean()), 6),
+        "worst_text": PARITY_TEXTS[int(cosines.argmin())][:80],
+    }
+    log.info("%s on %s: cosine to torch min %.6f, mean %.6f", variant, entry["provider"],
+             entry["min_cosine"], entry["mean_cosine"])
+    if variant == "fp16" and entry["provider"] == "CPUExecutionProvider":
+        entry["note"] = ("measured on CPU: ORT upcasts fp16 nodes without CPU kernels to fp32, so this checks "
+                         "fp16 weights and storage, not GPU fp16 arithmetic")
+    return entry, run
+
+
+def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
+            speed_seconds: float = 1.0) -> dict[str, Any]:
+    """The parity.json record of `variants` (already written under artifact.onnx_dir).
+
+    speed_seconds: wall time spent timing each variant and torch (0: no speed measurement).
+    """
+    import onnxruntime as ort
+    import torch
+
+    from embedline.encoder import load_encoder
+
+    tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
+    parity_batches = make_batches(tokenizer, PARITY_TEXTS, PARITY_BATCH_SIZE)
+    speed_texts = [SHORT_TEXTS[i % len(SHORT_TEXTS)] for i in range(SPEED_SENTENCES)]
+    speed_batches = make_batches(tokenizer, speed_texts, SPEED_BATCH_SIZE)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        encoder = load_encoder(artifact)
+        torch_run = _torch_runner(encoder)
+        reference = np.concatenate([torch_run(b) for b in parity_batches])  # (texts, dim)
+
+        entries: dict[str, dict[str, Any]] = {}
+        cpu_runners: dict[str, Callable[[Batch], Any]] = {"torch": torch_run}
+        for variant in variants:
+            entries[variant], run = _measure_variant(artifact, variant, threads, parity_batches, reference)
+            if run is not None and entries[variant]["provider"] == "CPUExecutionProvider":
+                cpu_runners[variant] = run
+
+        speeds = measure_throughput(cpu_runners, speed_batches, speed_seconds) if speed_seconds > 0 else {}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    for variant, entry in entries.items():
+        entry["sentences_per_second"] = round(speeds[variant], 1) if variant in speeds else None
+        entry["tolerance"] = asdict(TOLERANCES[variant])
+        entry["within_tolerance"] = within_tolerance(variant, entry)
+    return {
+        "texts": len(PARITY_TEXTS),
+        "batch_size": PARITY_BATCH_SIZE,
+        "reference": "torch (embedline.encoder.SentenceEncoder, fp32, CPU)",
+        "speed": {
+            "device": "cpu",
+            "threads": threads,
+            "sentences": SPEED_SENTENCES,
+            "batch_size": SPEED_BATCH_SIZE,
+            "torch_sentences_per_second": round(speeds["torch"], 1) if "torch" in speeds else None,
+        },
+        "onnxruntime": ort.__version__,
+        "variants": entries,
+    }
