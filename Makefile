@@ -10,8 +10,12 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= serve,export,train,dev
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+# Infinity, the Python-server peer in the benchmark, lives in its own venv (its pins differ from ours).
+INFINITY_VENV := .bench/infinity-venv
+INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 
-.PHONY: install serve test bench bench-quick clean
+.PHONY: install serve test bench bench-quick bench-deps bench-serving clean
 
 install: $(STAMP)
 
@@ -28,7 +32,24 @@ serve: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
+# The benchmark suite (benchmarks/suite.py): `bench` is the full run (~15-20 min, writes
+# benchmarks/results/suite.json, PNGs and benchmarks/README.md), `bench-quick` a ~2-minute smoke run.
+# Both wait for /tmp/embedline-heavy.lock themselves (a shared machine).
+bench-quick: install
+	$(BIN)/embedline bench --quick $(BENCH_ARGS)
+
+bench: bench-deps
+	$(BIN)/embedline bench $(BENCH_ARGS)
+
+# OpenVINO (the `openvino` extra) into .venv; Infinity into its own venv, CPU torch first.
+bench-deps: install
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),openvino]"
+	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(INFINITY_SPEC)"
+
+# The issue-2 serving benchmark (32-text requests, every variant).
+bench-serving: install
 	$(BIN)/python benchmarks/serving_throughput.py
 
 clean:

@@ -25,6 +25,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for the parity and speed measurement")
     parser.add_argument("--speed-seconds", type=float, default=1.0,
                         help="seconds of CPU speed measurement per variant (0: none)")
+    parser.add_argument("--sts-file", default=None,
+                        help="STS TSV (STS-B or SICK columns, .gz ok) to record each variant's Spearman; a CPU "
+                             "variant losing more than 0.5 to fp32 is never the default (default: "
+                             "$EMBEDLINE_STS_FILE, else none)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also export the OpenVINO NNCF int8 variant (needs pip install 'embedline[openvino]')")
+    parser.add_argument("--calibration-file", default=None,
+                        help="texts (one per line, .txt[.gz]) to calibrate the OpenVINO int8 variant on "
+                             "(default: the STS file's sentences, else built-in texts)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -39,17 +48,23 @@ def parse_variants(text: str) -> list[str]:
 def format_table(export: dict[str, Any]) -> str:
     """The parity/speed table printed after an export."""
     torch_speed = export.get("torch_sentences_per_second")
-    lines = [f"{'variant':<8} {'min cos':>9} {'mean cos':>9} {'sent/s':>8} {'x torch':>8}  provider"]
+    sts = export.get("sts") or {}
+    lines = [f"{'variant':<8} {'min cos':>9} {'mean cos':>9} {'sent/s':>8} {'x torch':>8} {'STS':>6}  provider"]
     for variant, entry in export["parity"].items():
         if not entry.get("measured"):
             lines.append(f"{variant:<8} {'not measured':>19}")
             continue
         speed = entry.get("sentences_per_second")
         ratio = f"{speed / torch_speed:.2f}" if speed and torch_speed else "-"
+        spearman = entry.get("sts_spearman")
         lines.append(f"{variant:<8} {entry['min_cosine']:>9.5f} {entry['mean_cosine']:>9.5f} "
-                     f"{speed or '-':>8} {ratio:>8}  {entry.get('provider', '')}")
+                     f"{speed or '-':>8} {ratio:>8} {spearman if spearman is not None else '-':>6}  "
+                     f"{entry.get('provider', '')}")
     if torch_speed:
-        lines.append(f"{'torch':<8} {'':>9} {'':>9} {torch_speed:>8} {'1.00':>8}  (reference)")
+        lines.append(f"{'torch':<8} {'':>9} {'':>9} {torch_speed:>8} {'1.00':>8} "
+                     f"{sts.get('torch_spearman') if sts else '-':>6}  (reference)")
+    if sts:
+        lines.append(f"STS: {sts['metric']} on {sts['pairs']} pairs of {sts['file']}")
     ops = ", ".join(f"{op} {n}" for op, n in export["fused_operators"].items()) or "none"
     lines.append(f"fused operators: {ops}")
     lines.append(f"default variant: cpu {export['default_cpu_variant']}, gpu {export['default_gpu_variant']}"
@@ -83,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         artifact = art.import_model_dir(source, args.output, name=args.name)
         log.info("imported %s into %s", source, artifact.path)
     artifact = export_artifact(artifact, variants, show_progress=not args.no_progress,
-                               threads=args.threads, speed_seconds=args.speed_seconds)
+                               threads=args.threads, speed_seconds=args.speed_seconds, sts_file=args.sts_file,
+                               openvino=args.openvino, calibration_file=args.calibration_file)
     print(f"exported {artifact.path}")
     print(format_table(artifact.metadata["export"]))
     return 0

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
     from embedline.encoder import SentenceEncoder
+    from embedline.export.sts import StsPairs
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ TOLERANCES: dict[str, Tolerance] = {
     "fused": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
     "fp16": Tolerance(min_cosine=0.999, mean_cosine=0.9995),
     "int8": Tolerance(min_cosine=0.90, mean_cosine=0.98),
+    # NNCF static int8 (weights and activations) is judged like int8; its STS-B loss is gated separately.
+    "openvino": Tolerance(min_cosine=0.90, mean_cosine=0.98),
 }
 
 
@@ -199,9 +203,33 @@ def _fp16_provider() -> str:
     return cuda if cuda in ort.get_available_providers() else "CPUExecutionProvider"
 
 
+def _entry(variant: str, path: os.PathLike, provider: str, embeddings: np.ndarray,
+           reference: np.ndarray) -> dict[str, Any]:
+    """A parity.json entry: cosines of a variant's embeddings (texts, dim) to torch's."""
+    cosines = row_cosines(embeddings, reference)
+    entry = {
+        "file": os.path.relpath(path, Path(path).parents[1]) if variant == "openvino" else Path(path).name,
+        "provider": provider,
+        "measured": True,
+        "min_cosine": round(float(cosines.min()), 6),
+        "mean_cosine": round(float(cosines.mean()), 6),
+        "worst_text": PARITY_TEXTS[int(cosines.argmin())][:80],
+    }
+    log.info("%s on %s: cosine to torch min %.6f, mean %.6f", variant, provider,
+             entry["min_cosine"], entry["mean_cosine"])
+    return entry
+
+
 def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches: list[Batch],
                      reference: np.ndarray) -> tuple[dict[str, Any], Callable[[Batch], Any] | None]:
     """(parity.json entry, runner for the speed test or None) of one variant against torch's embeddings."""
+    if variant == "openvino":
+        from embedline.export import openvino_int8
+        from embedline.export.variants import openvino_files
+
+        path = openvino_files(artifact)[0]
+        run = openvino_int8.runner(path, threads)
+        return _entry(variant, path, "OpenVINO CPU", np.concatenate([run(b) for b in batches]), reference), run
     path = artifact.onnx_path(variant)
     provider = _fp16_provider() if variant == "fp16" else "CPUExecutionProvider"
     try:
@@ -214,17 +242,8 @@ def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches
         # An ORT CPU build without kernels for this fp16 graph: the GPU test measures it instead.
         reason = f"needs CUDA (onnxruntime cannot run it on CPU: {str(exc).splitlines()[0]})"
         return {"file": path.name, "provider": provider, "measured": False, "reason": reason}, None
-    cosines = row_cosines(embeddings, reference)
-    entry = {
-        "file": path.name,
-        "provider": session.get_providers()[0],  # the one that ran: ORT falls back to CPU silently
-        "measured": True,
-        "min_cosine": round(float(cosines.min()), 6),
-        "mean_cosine": round(float(cosines.mean()), 6),
-        "worst_text": PARITY_TEXTS[int(cosines.argmin())][:80],
-    }
-    log.info("%s on %s: cosine to torch min %.6f, mean %.6f", variant, entry["provider"],
-             entry["min_cosine"], entry["mean_cosine"])
+    # the provider that ran: ORT falls back to CPU silently
+    entry = _entry(variant, path, session.get_providers()[0], embeddings, reference)
     if variant == "fp16" and entry["provider"] == "CPUExecutionProvider":
         entry["note"] = ("measured on CPU: ORT upcasts fp16 nodes without CPU kernels to fp32, so this checks "
                          "fp16 weights and storage, not GPU fp16 arithmetic")
@@ -232,10 +251,12 @@ def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches
 
 
 def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
-            speed_seconds: float = 1.0) -> dict[str, Any]:
+            speed_seconds: float = 1.0, sts_pairs: StsPairs | None = None) -> dict[str, Any]:
     """The parity.json record of `variants` (already written under artifact.onnx_dir).
 
     speed_seconds: wall time spent timing each variant and torch (0: no speed measurement).
+    sts_pairs: when given, each variant run on CPU (and torch) also gets its STS Spearman x100
+    (`sts_spearman` in its entry); fp16 only where it runs on CUDA.
     """
     import onnxruntime as ort
     import torch
@@ -258,10 +279,18 @@ def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
         cpu_runners: dict[str, Callable[[Batch], Any]] = {"torch": torch_run}
         for variant in variants:
             entries[variant], run = _measure_variant(artifact, variant, threads, parity_batches, reference)
-            if run is not None and entries[variant]["provider"] == "CPUExecutionProvider":
+            if run is not None and entries[variant]["provider"] in ("CPUExecutionProvider", "OpenVINO CPU"):
                 cpu_runners[variant] = run
 
         speeds = measure_throughput(cpu_runners, speed_batches, speed_seconds) if speed_seconds > 0 else {}
+        spearmans = {}
+        if sts_pairs is not None:
+            sts_runners = dict(cpu_runners)
+            sts_runners.pop("fp16", None)  # on CPU fp16 is upcast to fp32: its STS says nothing new
+            if entries.get("fp16", {}).get("provider") == "CUDAExecutionProvider":
+                sts_runners["fp16"] = _session_runner(ort_session(artifact.onnx_path("fp16"), threads,
+                                                                  "CUDAExecutionProvider"))
+            spearmans = _sts_spearmans(tokenizer, sts_runners, sts_pairs)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -269,6 +298,12 @@ def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
         entry["sentences_per_second"] = round(speeds[variant], 1) if variant in speeds else None
         entry["tolerance"] = asdict(TOLERANCES[variant])
         entry["within_tolerance"] = within_tolerance(variant, entry)
+        if sts_pairs is not None:
+            entry["sts_spearman"] = spearmans.get(variant)
+    sts = None
+    if sts_pairs is not None:
+        sts = {"file": sts_pairs.source, "pairs": len(sts_pairs.scores), "torch_spearman": spearmans.get("torch"),
+               "metric": "Spearman x100 of cosine similarity vs gold score"}
     return {
         "texts": len(PARITY_TEXTS),
         "batch_size": PARITY_BATCH_SIZE,
@@ -281,5 +316,31 @@ def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
             "torch_sentences_per_second": round(speeds["torch"], 1) if "torch" in speeds else None,
         },
         "onnxruntime": ort.__version__,
+        "sts": sts,
         "variants": entries,
     }
+
+
+def _sts_spearmans(tokenizer: Tokenizer, runners: dict[str, Callable[[Batch], np.ndarray]],
+                   pairs: StsPairs) -> dict[str, float]:
+    """STS Spearman x100 of each runner; sentences sorted by length so batches carry little padding."""
+    from tqdm.auto import tqdm
+
+    from embedline.export.sts import sts_spearman
+
+    def embedder(run: Callable[[Batch], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+        def embed(sentences: list[str]) -> np.ndarray:
+            order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+            ordered = [sentences[i] for i in order]
+            out = np.concatenate([run(b) for b in make_batches(tokenizer, ordered, 64)])
+            embeddings = np.empty_like(out)
+            embeddings[order] = out
+            return embeddings
+
+        return embed
+
+    results = {}
+    for name, run in tqdm(runners.items(), desc="STS Spearman", unit="variant", leave=False):
+        results[name] = sts_spearman(embedder(run), pairs)
+        log.info("%s: STS Spearman %.2f on %s", name, results[name], pairs.source)
+    return results

@@ -23,6 +23,7 @@ from pathlib import Path
 from string import Template
 
 from embedline import artifact as art
+from embedline.export.variants import OPENVINO_VARIANT, SERVABLE_VARIANTS, variant_files
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,29 @@ LAYOUTS = ("python", "onnxruntime")
 
 @dataclass(frozen=True)
 class RepositorySettings:
-    """How the server runs the models (dynamic batching, instances, threads)."""
+    """How the server runs the models (dynamic batching, instances, threads, length grouping).
 
-    variant: str = "fp32"
+    The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning"):
+    one instance using both cores beats two single-thread instances, and a short queue delay is enough
+    for the dynamic batcher to gather concurrent 1-text requests into one engine run.
+    """
+
+    variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
     layout: str = "python"
     device: str = "cpu"  # cpu | gpu: where model instances run
     max_batch_size: int = 64  # most texts in one request, and in one dynamic batch
     queue_delay_us: int = 1000  # how long the dynamic batcher waits to fill a batch
     instances: int = 1
-    intra_op_threads: int = 0  # ONNX Runtime threads per instance; 0 = one per core
-    length_group_size: int = 32  # texts per padded group inside a dynamic batch
+    intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
+    length_group_size: int = 32  # most texts in one engine run inside a dynamic batch
+    # Length-aware batching: sort a dynamic batch by length and cut it into the engine runs that waste the
+    # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
+    length_grouping: bool = True
+    group_overhead_tokens: int = 64  # the cost of one more engine run, in padded tokens (plan_groups)
+    dynamic_batching: bool = True  # False: every request runs alone (Triton's default scheduler)
+    streams: int = 1  # OpenVINO CPU streams per instance (parallel infer requests over the length groups)
+    gpu_provider: str = "cuda"  # cuda | tensorrt (python layout on GPU; tensorrt falls back to cuda)
+    spin_wait: bool = False  # ORT worker threads spin for work (off: they leave the cores to Triton's threads)
 
 
 def _templates() -> Path:
@@ -65,6 +79,12 @@ def _parameters_block(params: dict[str, str]) -> str:
     return f"parameters [\n{entries}\n]"
 
 
+def _dynamic_batching_block(settings: RepositorySettings) -> str:
+    if not settings.dynamic_batching:
+        return "# dynamic batching off: every request is executed on its own"
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.queue_delay_us}\n}}"
+
+
 def _render(template: Path, dest: Path, values: dict[str, object]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(Template(template.read_text()).substitute({k: str(v) for k, v in values.items()}))
@@ -74,13 +94,9 @@ def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: 
     """Write the model repository for `artifact` into `dest` (replaced if it exists) and return its path."""
     if settings.layout not in LAYOUTS:
         raise art.ArtifactError(f"unknown layout {settings.layout!r}; expected one of {LAYOUTS}")
-    onnx_file = artifact.onnx_path(settings.variant)
-    if not onnx_file.is_file():
-        exported = ", ".join(artifact.exported_variants()) or "none"
-        raise art.ArtifactError(
-            f"{artifact.path}: variant {settings.variant!r} is not exported ({onnx_file} missing; exported: "
-            f"{exported}); run `embedline export --model {artifact.path}`"
-        )
+    model_files = variant_files(artifact, settings.variant)
+    if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
+        raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
     dest = Path(dest).expanduser().resolve()
     if dest.exists():
         shutil.rmtree(dest)
@@ -95,11 +111,18 @@ def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: 
         "variant": settings.variant,
         "intra_op_threads": settings.intra_op_threads,
         "length_group_size": settings.length_group_size,
+        "length_grouping": str(settings.length_grouping).lower(),
+        "group_overhead_tokens": settings.group_overhead_tokens,
+        "engine": "openvino" if settings.variant == OPENVINO_VARIANT else "onnxruntime",
+        "streams": settings.streams,
+        "gpu_provider": settings.gpu_provider,
+        "spin_wait": str(settings.spin_wait).lower(),
     }
     values = {
         "max_batch_size": settings.max_batch_size,
         "dim": artifact.dim,
         "queue_delay_us": settings.queue_delay_us,
+        "dynamic_batching": _dynamic_batching_block(settings),
         "instances": settings.instances,
         "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
         "parameters": _parameters_block(params),
@@ -111,10 +134,13 @@ def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: 
         _render(layout / "embed" / "config.pbtxt", dest / "embed" / "config.pbtxt", values)
         version = dest / "embed" / "1"
         version.mkdir(parents=True)
-        shutil.copy2(layout / "embed" / "1" / "model.py", version / "model.py")
+        for source in sorted((layout / "embed" / "1").glob("*.py")):  # model.py and engines.py
+            shutil.copy2(source, version / source.name)
         shutil.copy2(text_batch, version / "text_batch.py")
         shutil.copy2(artifact.tokenizer_path, version / "tokenizer.json")
-        _place(onnx_file, version / "model.onnx")
+        for source in model_files:
+            # model.onnx, or model.xml + model.bin (OpenVINO IR)
+            _place(source, version / ("model" + "".join(source.suffixes[-1:])))
     else:
         for model in ("tokenize", "encoder", "embed"):
             _render(layout / model / "config.pbtxt", dest / model / "config.pbtxt", values)
@@ -122,9 +148,56 @@ def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: 
         shutil.copy2(layout / "tokenize" / "1" / "model.py", dest / "tokenize" / "1" / "model.py")
         shutil.copy2(text_batch, dest / "tokenize" / "1" / "text_batch.py")
         shutil.copy2(artifact.tokenizer_path, dest / "tokenize" / "1" / "tokenizer.json")
-        _place(onnx_file, dest / "encoder" / "1" / "model.onnx")
+        _place(model_files[0], dest / "encoder" / "1" / "model.onnx")
+    if artifact.has_head():
+        _add_classify(artifact, dest, templates, settings.layout, params, values)
     log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
     return dest
+
+
+def _add_classify(artifact: art.Artifact, dest: Path, templates: Path, layout: str,
+                  params: dict[str, object], values: dict[str, object]) -> None:
+    """The public `classify` ensemble (embed's encoder -> classifier_head) for an artifact with a head/."""
+    head = artifact.head_dir
+    labels = _read_head_json(head / "labels.json")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise art.ArtifactError(f"{head / 'labels.json'}: expected a JSON list of at least 2 label strings")
+    # Neighbours: the k nearest training examples' labels, when the head keeps its training embeddings.
+    record = _read_head_json(head / "head.json") if (head / "head.json").is_file() else {}
+    neighbours = int(record.get("neighbours", 0) or 0)
+    has_train = (head / "train_embeddings.npy").is_file() and (head / "train_labels.json").is_file()
+    if neighbours and has_train:
+        neighbours = min(neighbours, len(_read_head_json(head / "train_labels.json")))
+    else:
+        neighbours = 0
+    head_params = {"labels": json.dumps(labels), "neighbours": neighbours}
+    head_values = {
+        **values,
+        "num_labels": len(labels),
+        "neighbour_output": (f',\n  {{ name: "neighbour_labels", data_type: TYPE_STRING, dims: [ {neighbours} ] }}'
+                             if neighbours else ""),
+        "neighbour_map": ('\n      output_map { key: "neighbour_labels", value: "neighbour_labels" }'
+                          if neighbours else ""),
+    }
+    _render(templates / "python" / "classifier_head" / "config.pbtxt", dest / "classifier_head" / "config.pbtxt",
+            {**head_values, "parameters": _parameters_block({"dim": artifact.dim, **head_params})})
+    version = dest / "classifier_head" / "1"
+    version.mkdir(parents=True)
+    shutil.copy2(templates / "python" / "classifier_head" / "1" / "model.py", version / "model.py")
+    _place(head / "head.onnx", version / "head.onnx")
+    if neighbours:
+        _place(head / "train_embeddings.npy", version / "train_embeddings.npy")
+        shutil.copy2(head / "train_labels.json", version / "train_labels.json")
+    _render(templates / layout / "classify" / "config.pbtxt", dest / "classify" / "config.pbtxt",
+            {**head_values, "parameters": _parameters_block({**params, **head_params})})
+    (dest / "classify" / "1").mkdir(parents=True)  # an ensemble still needs its version directory
+
+
+def _read_head_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise art.ArtifactError(f"{path}: cannot read JSON ({exc})") from exc
 
 
 # ---- `embedline build-repo` -------------------------------------------------------------------------
@@ -135,14 +208,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="where to write the model repository")
     parser.add_argument("--layout", choices=LAYOUTS, default="python",
                         help="python: embedded tritonserver (default); onnxruntime: stock Triton container")
-    parser.add_argument("--variant", choices=art.VARIANTS, default=None,
-                        help="ONNX variant (default: fp16 for --device gpu, else the artifact's best CPU variant)")
+    parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
+                        help="variant (default: fp16 for --device gpu, else the artifact's best CPU variant)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--max-batch-size", type=int, default=RepositorySettings.max_batch_size)
     parser.add_argument("--queue-delay-us", type=int, default=RepositorySettings.queue_delay_us)
     parser.add_argument("--instances", type=int, default=RepositorySettings.instances)
     parser.add_argument("--threads", type=int, default=RepositorySettings.intra_op_threads,
                         help="ONNX Runtime intra-op threads per instance (0: one per core)")
+    parser.add_argument("--streams", type=int, default=RepositorySettings.streams,
+                        help="OpenVINO CPU streams per instance (openvino variant)")
+    parser.add_argument("--no-length-grouping", action="store_true",
+                        help="pad each dynamic batch to its longest text in arrival order (benchmark baseline)")
+    parser.add_argument("--no-dynamic-batching", action="store_true", help="run every request on its own")
 
 
 def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str) -> RepositorySettings:
@@ -157,6 +235,12 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
         queue_delay_us=args.queue_delay_us,
         instances=args.instances,
         intra_op_threads=args.threads,
+        # build-repo has these options; `embedline serve` keeps the defaults
+        streams=getattr(args, "streams", RepositorySettings.streams),
+        # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
+        group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
+        length_grouping=not getattr(args, "no_length_grouping", False),
+        dynamic_batching=not getattr(args, "no_dynamic_batching", False),
     )
 
 

@@ -1,12 +1,16 @@
 """Which exported variant to serve, on which device, and making sure an artifact has been exported.
 
 GPU: fp16 (fused kernels in half precision). CPU: the fastest variant, by the CPU speed measured at export,
-among those whose measured cosine to torch is within tolerance; fp16 never (CPU has no fp16 kernels
-for most of it). Used by the server launcher and `embedline build-repo`; imports no torch.
+among those whose measured cosine to torch is within tolerance and, when export measured STS-B Spearman
+(`embedline export --sts-file`), whose Spearman is within SPEARMAN_MAX_LOSS of fp32's; fp16 never (CPU
+has no fp16 kernels for most of it). Besides the ONNX variants there is "openvino" (an NNCF int8
+OpenVINO IR, `embedline export --openvino`), served only where the openvino runtime is installed.
+Used by the server launcher and `embedline build-repo`; imports no torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable
@@ -22,6 +26,50 @@ log = logging.getLogger(__name__)
 DEVICES = ("cpu", "gpu")
 # GPU order of preference; int8 (MatMulInteger, dynamic quantization) is a CPU graph.
 _GPU_PREFERENCE = ("fp16", "fused", "fp32")
+# The OpenVINO int8 IR (CPU only): <artifact>/onnx/openvino/model.xml + model.bin.
+OPENVINO_VARIANT = "openvino"
+OPENVINO_DIR = "openvino"
+# Every variant a server can be built with.
+SERVABLE_VARIANTS = (*art.VARIANTS, OPENVINO_VARIANT)
+# A faster variant is served on CPU only if it loses at most this much STS-B dev Spearman (x100) to fp32.
+SPEARMAN_MAX_LOSS = 0.5
+
+
+def openvino_files(artifact: art.Artifact) -> tuple[Path, Path]:
+    """(model.xml, model.bin) of the artifact's OpenVINO variant (they may not exist)."""
+    directory = artifact.onnx_dir / OPENVINO_DIR
+    return directory / "model.xml", directory / "model.bin"
+
+
+def openvino_runtime_available() -> bool:
+    """True when the openvino package (the `openvino` extra) is importable here."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def variant_files(artifact: art.Artifact, variant: str) -> list[Path]:
+    """The model files a server needs for `variant` (an ArtifactError when it is not exported)."""
+    if variant == OPENVINO_VARIANT:
+        files = list(openvino_files(artifact))
+        how = f"run `embedline export --model {artifact.path} --openvino` (needs pip install 'embedline[openvino]')"
+    else:
+        files = [artifact.onnx_path(variant)]
+        how = f"run `embedline export --model {artifact.path}`"
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        exported = ", ".join(servable_variants(artifact)) or "none"
+        raise art.ArtifactError(
+            f"{artifact.path}: variant {variant!r} is not exported ({missing[0]} missing; exported: "
+            f"{exported}); {how}"
+        )
+    return files
+
+
+def servable_variants(artifact: art.Artifact) -> list[str]:
+    """Exported variants in SERVABLE_VARIANTS order; openvino when its IR files exist."""
+    variants = artifact.exported_variants()
+    if all(f.is_file() for f in openvino_files(artifact)):
+        variants.append(OPENVINO_VARIANT)
+    return variants
 
 
 def available_device() -> str:
@@ -39,7 +87,7 @@ def choose_variant_from_parity(record: dict[str, Any], exported: Iterable[str], 
     """The variant to serve on `device`, given a parity.json record and the variants whose files exist."""
     if device not in DEVICES:
         raise ExportError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    exported = [v for v in art.VARIANTS if v in set(exported)]
+    exported = [v for v in SERVABLE_VARIANTS if v in set(exported)]
     if not exported:
         raise ExportError("the artifact has no exported ONNX variant; run `embedline export --model DIR` first")
     entries = record.get("variants", {})
@@ -55,10 +103,21 @@ def choose_variant_from_parity(record: dict[str, Any], exported: Iterable[str], 
                 return variant
         return exported[0]
 
+    # Quality gate from STS-B (when export measured it): a variant may not lose more than
+    # SPEARMAN_MAX_LOSS Spearman points to fp32, whatever its cosine to torch.
+    fp32_spearman = entries.get("fp32", {}).get("sts_spearman")
+
+    def keeps_quality(variant: str) -> bool:
+        spearman = entries[variant].get("sts_spearman")
+        if fp32_spearman is None or spearman is None:
+            return True
+        return float(spearman) >= float(fp32_spearman) - SPEARMAN_MAX_LOSS
+
     speeds = {
         v: float(entries[v]["sentences_per_second"])
         for v in exported
         if v != "fp16" and v in entries and within_tolerance(v, entries[v]) and entries[v].get("sentences_per_second")
+        and keeps_quality(v)
     }
     if speeds:
         return max(speeds, key=speeds.get)
@@ -71,7 +130,12 @@ def choose_variant_from_parity(record: dict[str, Any], exported: Iterable[str], 
 
 def choose_variant(artifact: art.Artifact, device: str) -> str:
     """The variant of `artifact` to serve on `device` ("gpu" or "cpu"), by its export's parity record."""
-    variant = choose_variant_from_parity(artifact.parity(), artifact.exported_variants(), device)
+    exported = servable_variants(artifact)
+    if OPENVINO_VARIANT in exported and not openvino_runtime_available():
+        log.info("%s has an OpenVINO variant but openvino is not installed here; not considering it",
+                 artifact.name)
+        exported.remove(OPENVINO_VARIANT)
+    variant = choose_variant_from_parity(artifact.parity(), exported, device)
     log.info("variant for %s on %s: %s", artifact.name, device, variant)
     return variant
 

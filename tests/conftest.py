@@ -111,3 +111,42 @@ def minilm_artifact(tmp_path_factory):
 def served_minilm(start_server, minilm_artifact) -> ServedModel:
     """The real tritonserver serving all-MiniLM-L6-v2 (fp32 variant) on the python backend."""
     return start_server(minilm_artifact, variant="fp32")
+
+
+# ---- few-shot classifier (tests/test_classifier*.py) --------------------------------------------------
+
+CLASSIFIER_WORDS = {
+    "positive": "good great happy love beautiful",
+    "negative": "bad terrible sad hate cold",
+    "neutral": "table chair door window road",
+}
+
+
+def write_labeled_tsv(path: Path, per_class: int = 10, seed: int = 0) -> Path:
+    """A small text/label TSV: each class's texts use its own words (learnable by the tiny model)."""
+    import random
+
+    rng = random.Random(seed)
+    nouns = "movie film song book game food coffee".split()
+    rows = []
+    for i in range(per_class):
+        for label, words in CLASSIFIER_WORDS.items():
+            rows.append(f"the {rng.choice(nouns)} is {rng.choice(words.split())} {rng.choice(words.split())}\t{label}")
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_model_dir, tmp_path_factory):
+    """A tiny-model classifier artifact: contrastive body + head (3 labels, neighbours kept), fp32 ONNX."""
+    from embedline.export.onnx_export import export_fp32
+    from embedline.training.classifier import ClassifierConfig, train_classifier
+
+    root = tmp_path_factory.mktemp("tiny-classifier")
+    train_file = write_labeled_tsv(root / "train.tsv")
+    artifact = train_classifier(ClassifierConfig(
+        train_file=str(train_file), output=str(root / "artifact"), model=str(tiny_model_dir), shots=6, seed=1,
+        iterations=4, batch_size=8, lr=1e-3, head_c=10.0, neighbours=3, device="cpu",
+    ))
+    export_fp32(artifact)
+    return artifact

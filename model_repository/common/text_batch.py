@@ -1,7 +1,9 @@
 """Server-side text handling shared by the python-backend models (copied into each model directory).
 
 Decodes the UTF-8 `text` tensors of a dynamic batch, tokenizes them with the model's own tokenizer.json,
-and pads them in length-sorted groups so that each group is padded only to its own longest sequence.
+and plans how to pad them: length-aware (sorted by length and cut where padding would cost more than an
+extra engine run, each group padded only to its own longest) or, when length grouping is off, the whole
+batch in arrival order padded to its longest (the baseline the benchmark compares against).
 A model directory reads nothing outside itself, so this file travels with model.py.
 """
 
@@ -40,13 +42,13 @@ class TextTokenizer:
 
     def pad(self, ids):
         """Pad a list of id lists to its longest: input_ids, attention_mask int64 (n, longest)."""
-        longest = max(len(row) for row in ids)
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        longest = int(lengths.max())
+        filled = np.arange(longest) < lengths[:, None]  # (n, longest): True on real tokens
         input_ids = np.full((len(ids), longest), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = tokens
-            attention_mask[row, : len(tokens)] = 1
-        return input_ids, attention_mask
+        # Boolean assignment fills row by row, the order the concatenated ids come in.
+        input_ids[filled] = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+        return input_ids, filled.astype(np.int64)
 
 
 def length_groups(ids, group_size):
@@ -56,6 +58,42 @@ def length_groups(ids, group_size):
     """
     order = np.argsort([len(row) for row in ids], kind="stable")
     return [order[start : start + group_size] for start in range(0, len(order), group_size)]
+
+
+def plan_groups(lengths, max_group, overhead_tokens):
+    """Cut the texts into engine runs that waste the least work: a list of index arrays.
+
+    The texts are sorted by length and split into contiguous groups of at most `max_group`, choosing the
+    cut points that minimise sum(group size * group's longest) + overhead_tokens per group, i.e. padded
+    tokens computed plus a fixed cost per engine run expressed in tokens (dynamic programming, O(n *
+    max_group); n is at most a dynamic batch). A batch of similar lengths stays one run; a few long
+    texts among many short ones get a run of their own instead of padding everyone to their length.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sorted_lengths = [int(lengths[i]) for i in order]
+    # best[j]: least cost of the first j sorted texts; cut[j]: where the last group of that plan starts.
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = sorted_lengths[end - 1]  # sorted: the group's last text is its longest
+        for start in range(max(0, end - max_group), end):
+            cost = best[start] + (end - start) * longest + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def arrival_groups(n, max_group):
+    """Length grouping off: texts in arrival order, cut only to respect max_group (pad-to-longest)."""
+    order = np.arange(n)
+    return [order[start : start + max_group] for start in range(0, n, max_group)]
 
 
 def decode_requests(requests, pb_utils):

@@ -1,19 +1,24 @@
-"""Triton python-backend model `embed`: UTF-8 texts -> tokens -> ONNX Runtime -> sentence embeddings.
+"""Triton python-backend model `embed`: UTF-8 texts -> tokens -> encoder engine -> sentence embeddings.
 
-Runs on the embedded tritonserver (PyPI nvidia-pytriton). The ONNX graph contains pooling and L2
+Runs on the embedded tritonserver (PyPI nvidia-pytriton). The graph contains pooling and L2
 normalization, so its output is the final `sentence_embedding`. Every request of a dynamic batch is
-tokenized together, the texts are grouped by length, and each group is padded only to its own longest.
+tokenized together; with length grouping on (the default) the texts are sorted by length and cut into
+the engine runs that waste the least padding (text_batch.plan_groups), each padded to its own longest;
+off, the whole batch is padded to its longest in arrival order. The engine (ONNX Runtime on CPU/CUDA, or
+OpenVINO on CPU) is chosen by the config's `engine` parameter (engines.py).
 """
 
 import os
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
-from text_batch import TextTokenizer, decode_requests, length_groups, model_parameters, version_dir  # noqa: E402
+from engines import load_engine  # noqa: E402
+from text_batch import (  # noqa: E402
+    TextTokenizer, arrival_groups, decode_requests, model_parameters, plan_groups, version_dir,
+)
 
 
 class TritonPythonModel:
@@ -22,25 +27,25 @@ class TritonPythonModel:
         directory = version_dir(args)
         self.dim = int(params["dim"])
         self.group_size = int(params.get("length_group_size", "32"))
+        self.length_grouping = params.get("length_grouping", "true") == "true"
+        self.overhead_tokens = int(params.get("group_overhead_tokens", "64"))
         self.tokenizer = TextTokenizer(os.path.join(directory, "tokenizer.json"), int(params["max_seq_length"]))
+        gpu = args.get("model_instance_kind") == "GPU"
+        self.engine = load_engine(directory, params, int(args["model_instance_device_id"]) if gpu else None)
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
-        options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])})] + providers
-        self.session = ort.InferenceSession(os.path.join(directory, "model.onnx"), options, providers=providers)
+    def groups(self, ids):
+        if self.length_grouping:
+            return plan_groups([len(row) for row in ids], self.group_size, self.overhead_tokens)
+        return arrival_groups(len(ids), max(1, len(ids)))
 
     def embed(self, texts):
         """texts -> (embeddings float32 (n, dim), truncated bool (n,))."""
         ids, truncated = self.tokenizer.tokenize(texts)
+        groups = self.groups(ids)
+        outputs = self.engine.run_many([self.tokenizer.pad([ids[i] for i in group]) for group in groups])
         embeddings = np.empty((len(texts), self.dim), dtype=np.float32)
-        for group in length_groups(ids, self.group_size):
-            input_ids, attention_mask = self.tokenizer.pad([ids[i] for i in group])
-            (embeddings[group],) = self.session.run(
-                ["sentence_embedding"], {"input_ids": input_ids, "attention_mask": attention_mask}
-            )
+        for group, output in zip(groups, outputs):
+            embeddings[group] = output
         return embeddings, truncated
 
     def execute(self, requests):

@@ -1,0 +1,136 @@
+"""Latency of `classify` vs `embed` through the real Triton server (p50 / p95 / mean, one request in flight).
+
+A classifier artifact (default: all-MiniLM-L6-v2 + a head fitted on 8 emotion examples per class, frozen
+body: the head's weights do not change the latency) is exported to ONNX, served, and called through the
+embedline client with 1-text and 32-text requests of real emotion test sentences. `classify` is the
+ensemble embed -> classifier_head, so the difference is the cost of the head step (and the neighbour
+look-up).
+
+    flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/classify_latency.py [--requests 200]
+
+Writes benchmarks/results/classify_latency.json and a table in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    data_dir, markdown_table, pin_threads, read_tsv, save_results, update_readme_section,
+)
+
+SIZES = (1, 32)
+
+
+def classifier_artifact(path: str | None, tmp: Path, variant: str):
+    """The artifact to serve: the given one, or a frozen-MiniLM emotion classifier; exported to ONNX."""
+    from embedline import artifact as art
+    from embedline.export.onnx_export import export_fp32
+    from embedline.training.classifier import ClassifierConfig, train_classifier
+
+    if path:
+        artifact = art.load_artifact(path)
+    else:
+        train_file = data_dir() / "classification" / "emotion_train.tsv.gz"
+        artifact = train_classifier(ClassifierConfig(train_file=str(train_file), output=str(tmp / "artifact"),
+                                                     shots=8, seed=0, frozen_body=True))
+    if not artifact.has_head():
+        raise SystemExit(f"{artifact.path} has no classifier head; train one with `embedline train-classifier`")
+    if not artifact.onnx_path(variant).is_file():
+        if variant != "fp32":
+            raise SystemExit(f"{artifact.path}: variant {variant} is not exported; run `embedline export`")
+        export_fp32(artifact)
+    return art.load_artifact(artifact.path)
+
+
+def paired_latencies(calls: dict, batches: list[list[str]], requests: int) -> dict[str, list[float]]:
+    """Milliseconds of `requests` sequential calls of each function, alternating between them on the same
+    batch so that both see the same load on a shared machine (after 10 untimed warm-up rounds)."""
+    for batch in batches[:10]:
+        for call in calls.values():
+            call(batch)
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(requests):
+        batch = batches[i % len(batches)]
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call(batch)
+            out[name].append(1000.0 * (time.perf_counter() - start))
+    return out
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "mean_ms": round(statistics.fmean(ms), 2), "requests": len(ms)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", default=None, help="classifier artifact (default: a frozen MiniLM emotion head)")
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests per (model, size)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    pin_threads(args.threads)
+
+    from embedline.client import EmbeddingClient
+    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.server import TritonServer, free_port
+
+    texts = [row["text"] for row in read_tsv(data_dir() / "classification" / "emotion_test.tsv.gz")]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="embedline-latency-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        artifact = classifier_artifact(args.artifact, tmp, args.variant)
+        repository = build_repository(artifact, tmp / "models",
+                                      RepositorySettings(variant=args.variant, intra_op_threads=args.threads))
+        with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server, \
+                EmbeddingClient(server.grpc_url, timeout=60) as client:
+            info = client.info()
+            for size in SIZES:
+                batches = [texts[i : i + size] for i in range(0, len(texts) - size + 1, size)]
+                measured = paired_latencies({"embed": client.embed, "classify": client.classify}, batches,
+                                            args.requests)
+                for name, ms in measured.items():
+                    results[f"{name} x{size}"] = summary(ms)
+                    print(f"{name:8s} {size:2d} texts: {results[f'{name} x{size}']}", flush=True)
+
+    rows = []
+    for size in SIZES:
+        embed, classify = results[f"embed x{size}"], results[f"classify x{size}"]
+        rows.append([size, embed["p50_ms"], embed["p95_ms"], classify["p50_ms"], classify["p95_ms"],
+                     f"{classify['p50_ms'] - embed['p50_ms']:+.2f}"])
+    payload = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+               "workload": {"texts": "emotion test sentences", "sizes": list(SIZES), "requests": args.requests,
+                            "in_flight": 1, "threads": args.threads, "variant": args.variant,
+                            "labels": len(info.labels), "artifact": str(artifact.path) if args.artifact else
+                            "all-MiniLM-L6-v2 + emotion head (8 shots, frozen body)"},
+               "latency": results}
+    path = save_results("classify_latency", payload)
+    table = markdown_table(["texts / request", "embed p50 ms", "embed p95 ms", "classify p50 ms", "classify p95 ms",
+                            "classify - embed (p50)"], rows)
+    update_readme_section("classify_latency", (
+        f"## Classification latency through the server ({args.variant}, {args.threads} threads, "
+        f"one request in flight, {args.requests} requests each)\n\n{table}\n\n"
+        "`classify` = ensemble(`embed` -> `classifier_head`: head.onnx + nearest training labels); embed and "
+        "classify requests alternate, so both see the same load on the shared machine. Command: "
+        "`flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/classify_latency.py`; "
+        "numbers in `results/classify_latency.json`."
+    ))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

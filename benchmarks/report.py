@@ -1,0 +1,215 @@
+"""The issue-5 targets computed from one suite result, and the markdown summary for benchmarks/README.md.
+
+Every ratio is taken between numbers of the same run (same machine state, same pinned threads).
+A target whose inputs were not measured in the run (quick mode, Infinity not installed, no GPU) is
+reported as not measured, with the reason, never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedline.benchmarks.common import markdown_table
+
+
+def inprocess_name(variant: str) -> str:
+    """The in-process engine that runs a server variant's graph."""
+    return "openvino" if variant == "openvino" else f"onnxruntime {variant}"
+
+
+def _point(results: dict, config: str, request_size: int, concurrency: int, workload: str = "short") -> dict | None:
+    server = results["server"].get(config, {})
+    for p in server.get("sweep", []) + server.get("points", []):
+        if (p["request_size"], p["concurrency"], p.get("workload", "short")) == (request_size, concurrency, workload):
+            return p
+    return None
+
+
+def _best(results: dict, config: str, request_size: int, workload: str = "short") -> dict | None:
+    server = results["server"].get(config, {})
+    points = [p for p in server.get("sweep", []) + server.get("points", [])
+              if p["request_size"] == request_size and p.get("workload", "short") == workload]
+    return max(points, key=lambda p: p["sentences_per_s"], default=None)
+
+
+def _inproc(results: dict, engine: str, workload: str, key: str) -> dict | None:
+    return results["inprocess"].get(engine, {}).get(workload, {}).get(key)
+
+
+def _reference(results: dict, variant: str, key: str) -> dict | None:
+    """The in-process number measured right around a server variant's sweep (suite.bracket_reference),
+    else the one from the in-process phase."""
+    bracketed = results["server"].get(variant, {}).get("reference", {}).get(key)
+    if bracketed:
+        return bracketed
+    engine, batch = ("sentence-transformers", key[3:]) if key.startswith("st_") else (inprocess_name(variant), key[4:])
+    return _inproc(results, engine, "short", batch)
+
+
+def _target(name: str, measured: float | None, goal: str, passed: bool | None, detail: str) -> dict[str, Any]:
+    return {"target": name, "measured": None if measured is None else round(measured, 3), "goal": goal,
+            "pass": passed, "detail": detail}
+
+
+def _ratio_target(name: str, num: float | None, den: float | None, minimum: float, detail: str) -> dict:
+    if not num or not den:
+        return _target(name, None, f">= {minimum}x", None, "not measured in this run: " + detail)
+    ratio = num / den
+    return _target(name, ratio, f">= {minimum}x", ratio >= minimum, f"{detail}: {num:.1f} / {den:.1f}")
+
+
+def compute_targets(results: dict) -> list[dict]:
+    variant = results["default_variant"]
+    targets = []
+
+    # 1. 32-text requests: server vs raw in-process of the same variant, for every variant served.
+    for served in results["server_variants"]:
+        best32 = _best(results, served, 32)
+        in32 = _reference(results, served, "raw_b32")
+        targets.append(_ratio_target(
+            f"32-text requests, {served}: server / raw in-process", best32 and best32["sentences_per_s"],
+            in32 and in32["sentences_per_s"], 0.95,
+            f"best over concurrency (c{best32['concurrency'] if best32 else '?'}) vs {inprocess_name(served)} batch 32"))
+
+    # 2. 1-text requests at concurrency 16.
+    c16 = _point(results, variant, 1, 16)
+    in32 = _reference(results, variant, "raw_b32")
+    targets.append(_ratio_target(f"1-text requests c16, {variant}: server / raw in-process batch-32",
+                                 c16 and c16["sentences_per_s"], in32 and in32["sentences_per_s"], 0.9,
+                                 f"avg dynamic batch {c16.get('avg_dynamic_batch') if c16 else '?'}"))
+    off = _point(results, f"{variant} dynamic batching off", 1, 16)
+    targets.append(_ratio_target(f"1-text requests c16, {variant}: dynamic batching on / off",
+                                 c16 and c16["sentences_per_s"], off and off["sentences_per_s"], 3.0,
+                                 "same server settings but the dynamic batcher"))
+
+    # 3. Latency of one short text at concurrency 1.
+    c1 = _point(results, variant, 1, 1)
+    in1 = _reference(results, variant, "raw_b1")
+    if c1 and in1:
+        extra = c1["p50_ms"] - in1["p50_ms"]
+        targets.append(_target(f"1 short text c1, {variant}: server p50 - raw batch-1 p50 (ms)", extra, "<= 1.5 ms",
+                               extra <= 1.5, f"{c1['p50_ms']:.2f} ms vs {in1['p50_ms']:.2f} ms"))
+    else:
+        targets.append(_target("1 short text c1: server p50 - raw p50", None, "<= 1.5 ms", None, "not measured"))
+
+    # 4. Mixed lengths: length-aware batching vs pad-to-longest, same server otherwise.
+    for size, conc in results.get("mixed_points", []):
+        on = _point(results, variant, size, conc, "mixed")
+        pad = _point(results, f"{variant} length grouping off", size, conc, "mixed")
+        targets.append(_ratio_target(f"mixed lengths, {size}-text requests c{conc}: length-aware / pad-to-longest",
+                                     on and on["sentences_per_s"], pad and pad["sentences_per_s"], 1.3,
+                                     f"{variant}, 90% short + 10% at 256+ tokens"))
+
+    # 5. Best CPU variant through the server vs sentence-transformers and Infinity.
+    best = max((b for v in results["server_variants"] if (b := _best(results, v, 32))),
+               key=lambda p: p["sentences_per_s"], default=None)
+    best_variant = next((v for v in results["server_variants"] if _best(results, v, 32) is best), None)
+    st = _reference(results, results["default_variant"], "st_b32")
+    targets.append(_ratio_target(f"best CPU server ({best_variant}) / sentence-transformers in-process",
+                                 best and best["sentences_per_s"], st and st["sentences_per_s"], 5.0,
+                                 "32-text requests vs SentenceTransformer.encode batch 32"))
+    sts = results.get("sts") or {}
+    loss = sts.get("loss", {}).get(best_variant) if best_variant else None
+    targets.append(_target(f"STS-B dev Spearman loss of {best_variant} vs fp32", loss, "<= 0.5",
+                           None if loss is None else loss <= 0.5,
+                           "measured at export" if loss is not None else "not measured (no STS file at export)"))
+    infinity = results.get("infinity", {})
+    inf_best = max((p for p in infinity.get("points", []) if p["request_size"] == 32),
+                   key=lambda p: p["sentences_per_s"], default=None)
+    targets.append(_ratio_target(f"best CPU server ({best_variant}) / Infinity (torch)",
+                                 best and best["sentences_per_s"], inf_best and inf_best["sentences_per_s"], 3.0,
+                                 infinity.get("error") or "32-text requests, best concurrency each"))
+
+    gpu = results.get("gpu") or {}
+    if gpu.get("measured"):
+        from embedline.benchmarks.gpu import gpu_targets
+
+        targets += gpu_targets(gpu)
+    else:
+        targets.append(_target("GPU targets (fp16 vs fp32 / sentence-transformers at batch 128, server / in-process)",
+                               None, ">= 2x, >= 2x, >= 0.9x", None, gpu.get("reason", "not measured")))
+    return targets
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.2f}"
+    return str(value)
+
+
+def markdown(results: dict, command: str, plots: list[str]) -> str:
+    """The README section: conditions, targets, engines side by side, the default variant's sweep."""
+    cond = results["conditions"]
+    lines = [
+        f"## Benchmark suite ({results['mode']} mode)",
+        "",
+        "`make bench` (full, ~15-20 min; installs the `openvino` extra and Infinity's own venv first) or "
+        "`make bench-quick` (~2 min smoke run); `embedline bench --tune` measures the server settings. "
+        "Every ratio below is taken between numbers of this one run; the in-process reference of each server "
+        "variant is measured just before and just after its load sweep (mean of the two), so both sides of a "
+        "ratio see the same machine load. In-process ONNX Runtime uses the server's session options.",
+        "",
+        f"Machine: {results['machine']['cpu_count']} cores, {results['machine']['processor'] or 'CPU'}; "
+        f"git {results['machine']['git_revision']}; {results['machine']['date']}. Threads pinned to "
+        f"{cond['threads']} everywhere. Load average before / after: {cond['load_before']} / {cond['load_after']} "
+        f"(a shared machine: other work ran beside this one). Run time {cond['seconds']:.0f} s.",
+        f"Model {results['model']}; default CPU variant **{results['default_variant']}**. "
+        f"Workloads: " + "; ".join(f"{k}: {v['texts']} texts, mean {v['mean_tokens']} tokens (p90 {v['p90_tokens']})"
+                                   for k, v in results["workloads"].items()) + ".",
+        "",
+        "### Targets",
+        "",
+        markdown_table(["target", "measured", "goal", "pass", "how"],
+                       [[t["target"], _fmt(t["measured"]), t["goal"],
+                         {True: "yes", False: "**no**", None: "not measured"}[t["pass"]], t["detail"]]
+                        for t in results["targets"]]),
+        "",
+        "### Engines side by side (short texts, sentences/s)",
+        "",
+    ]
+    rows = []
+    for name, engine in results["inprocess"].items():
+        short = engine.get("short", {})
+        rows.append([f"{name} (in-process)", _fmt(short.get("b32", {}).get("sentences_per_s")),
+                     _fmt(short.get("b1", {}).get("p50_ms")),
+                     _fmt(engine.get("medium", {}).get("b32", {}).get("sentences_per_s")),
+                     _fmt(engine.get("mixed", {}).get("b32", {}).get("sentences_per_s"))])
+    for variant in results["server_variants"]:
+        best32 = _best(results, variant, 32)
+        c1 = _point(results, variant, 1, 1)
+        rows.append([f"triton {variant} (32-text requests, best c)", _fmt(best32 and best32["sentences_per_s"]),
+                     _fmt(c1 and c1["p50_ms"]), _fmt((_best(results, variant, 32, "medium") or {}).get("sentences_per_s")),
+                     _fmt((_best(results, variant, 32, "mixed") or {}).get("sentences_per_s"))])
+    infinity = results.get("infinity", {})
+    if infinity.get("points"):
+        best_inf = max((p for p in infinity["points"] if p["request_size"] == 32), key=lambda p: p["sentences_per_s"])
+        one = next((p for p in infinity["points"] if p["request_size"] == 1 and p["concurrency"] == 1), None)
+        rows.append(["Infinity torch (32-text requests, best c)", _fmt(best_inf["sentences_per_s"]),
+                     _fmt(one and one["p50_ms"]), "-", "-"])
+    elif infinity.get("error"):
+        rows.append([f"Infinity: {infinity['error']}", "-", "-", "-", "-"])
+    lines += [markdown_table(["engine", "batch/request of 32", "1 text p50 ms", "medium, 32", "mixed, 32"], rows), ""]
+
+    variant = results["default_variant"]
+    sweep = results["server"].get(variant, {}).get("sweep", [])
+    if sweep:
+        lines += [f"### Triton `{variant}` under closed-loop load (short texts)", "",
+                  markdown_table(["request", "concurrency", "sentences/s", "tokens/s", "p50 ms", "p95 ms", "p99 ms",
+                                  "avg dynamic batch", "server RSS MiB"],
+                                 [[f"{p['request_size']} text(s)", p["concurrency"], _fmt(p.get("sentences_per_s")),
+                                   _fmt(p.get("tokens_per_s")), _fmt(p.get("p50_ms")), _fmt(p.get("p95_ms")),
+                                   _fmt(p.get("p99_ms")),
+                                   _fmt(p.get("avg_dynamic_batch")), _fmt(p.get("server_rss_mb"))]
+                                  for p in sorted(sweep, key=lambda p: (p["request_size"], p["concurrency"]))]), ""]
+    pa = results.get("perf_analyzer", {})
+    if pa.get("points"):
+        lines += ["perf_analyzer (Triton's C++ load generator, 1-text requests, string input data): " + ", ".join(
+            f"c{p['concurrency']} {_fmt(p.get('sentences_per_s'))}/s p50 {_fmt(p.get('p50_ms'))} ms"
+            if "error" not in p else f"c{p['concurrency']} error: {p['error']}" for p in pa["points"]) + ".", ""]
+    elif pa.get("error"):
+        lines += [f"perf_analyzer: {pa['error']}", ""]
+    lines += [" ".join(f"![{p}]({p})" for p in plots), "",
+              f"Command: `{command}`. Everything measured: `results/{results['result_file']}`."]
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Unsupervised SimCSE from randomly initialized layers: STS-B dev Spearman before and after, dropout ablation.
+
+The model is all-MiniLM-L6-v2's config (6 layers, 384-d) with freshly initialized transformer layers and
+MiniLM's pretrained word embeddings (no raw MLM-pretrained encoder is available offline, DESIGN.md),
+trained on ../shared/data/corpus/unsup_corpus.txt.gz. Each dropout value is one run from the same
+initialization (same seed); "before" is the dev Spearman of that initialization.
+
+    .venv/bin/python benchmarks/simcse_unsup.py                      # the documented run
+    .venv/bin/python benchmarks/simcse_unsup.py --dropouts 0.1 --max-steps 20   # a quick pilot
+
+Results: benchmarks/results/simcse_unsup.json (+ each run's metrics.png copied next to it).
+Artifacts and run directories go to runs/benchmarks/simcse_unsup/ (ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, RESULTS, data_dir, pin_threads, save_results  # noqa: E402
+
+log = logging.getLogger("simcse_unsup")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (robust to other jobs on the shared cores)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_one(args: argparse.Namespace, dropout: float, data: Path, out_dir: Path) -> dict:
+    from embedline.training.config import TrainConfig
+    from embedline.training.plot import read_metrics
+    from embedline.training.trainer import train
+
+    output = out_dir / f"dropout{dropout}"
+    shutil.rmtree(output, ignore_errors=True)
+    config = TrainConfig(
+        objective="unsup", train_file=str(data / "corpus" / "unsup_corpus.txt.gz"),
+        dev_file=str(data / "sts" / "stsb_dev.tsv.gz"), output=str(output), name=f"simcse-unsup-random-p{dropout}",
+        random_layers=True, freeze_word_embeddings=args.freeze_word_embeddings, dropout=dropout, pooling=args.pooling, lr=args.lr, batch_size=args.batch_size,
+        max_steps=args.max_steps, warmup_ratio=args.warmup_ratio, max_seq_length=args.max_seq_length,
+        temperature=args.temperature, eval_steps=args.eval_steps, log_steps=10, checkpoint_steps=0,
+        seed=args.seed, device="cpu",
+    )
+    load_start, wall_start, cpu_start = load_average(), time.perf_counter(), cpu_seconds()
+    result = train(config)
+    wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
+    records = read_metrics(output / "run" / "metrics.jsonl")
+    curve = [{"step": r["step"], "dev_spearman": round(r["dev_spearman"], 2), "alignment": round(r["dev_alignment"], 3),
+              "uniformity": round(r["dev_uniformity"], 3)} for r in records if "dev_spearman" in r]
+    speeds = [r["sentences_per_s"] for r in records if r.get("sentences_per_s")]
+    shutil.copy(output / "run" / "metrics.png", RESULTS / f"simcse_unsup_dropout{dropout}.png")
+    metrics = result.metrics
+    return {
+        "dropout": dropout,
+        "dev_spearman_before": round(metrics["dev_spearman_start"], 2),
+        "dev_spearman_best": round(metrics["dev_spearman"], 2),
+        "best_step": metrics["best_step"],
+        "dev_spearman_last": curve[-1]["dev_spearman"],
+        "gain_points": round(metrics["dev_spearman"] - metrics["dev_spearman_start"], 2),
+        "steps": metrics["steps"],
+        "train_seconds": metrics["train_seconds"],
+        "wall_seconds_with_evals": round(wall, 1),
+        "process_cpu_seconds": round(cpu, 1),
+        "mean_sentences_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "curve": curve,
+        "artifact": str(output),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dropouts", type=float, nargs="+", default=[0.1, 0.0])
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    parser.add_argument("--max-seq-length", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--freeze-word-embeddings", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--eval-steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "benchmarks" / "simcse_unsup")
+    parser.add_argument("--name", default="simcse_unsup", help="results file name (benchmarks/results/NAME.json)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pin_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = data_dir()
+    runs = []
+    for dropout in args.dropouts:
+        runs.append(run_one(args, dropout, data, args.runs_dir))
+        log.info("dropout %s: %s", dropout, json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
+        path = save_results(args.name, {"command": " ".join([".venv/bin/python", *sys.argv]),
+                                        "settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in vars(args).items()},
+                                        "threads": args.threads, "runs": runs})
+    print(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in runs], indent=2))
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

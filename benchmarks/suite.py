@@ -1,0 +1,499 @@
+"""`embedline bench`: the latency/throughput suite, every engine side by side in one run.
+
+    embedline bench --quick      smoke run, about two minutes (make bench-quick)
+    embedline bench              full run, bounded to about 15-20 minutes (make bench)
+    embedline bench --tune       server settings sweep (instances, threads, streams, queue delay)
+
+Engines: sentence-transformers (torch) in-process; raw ONNX Runtime in-process for each exported CPU
+variant and OpenVINO (the ceiling a server on that engine can approach); our Triton server for each
+variant under closed-loop load (1- and 32-text requests, concurrency 1..64) on short / medium / mixed
+texts; the server with length grouping off and with dynamic batching off (the baselines of the targets);
+Triton's perf_analyzer as an independent load generator; Infinity (torch) as the Python-server peer.
+Plus scaling curves (batch 1..256, sequence 16..512). Results: benchmarks/results/suite[_quick].json,
+PNG plots, and a section of benchmarks/README.md (full mode). Everything heavy runs under the shared
+lock /tmp/embedline-heavy.lock (the machine is shared), with threads pinned everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from embedline.benchmarks.common import README, REPO, RESULTS, machine_info, pin_threads, update_readme_section
+from embedline.benchmarks.workloads import MEDIUM, MIXED, SHORT, build_workloads
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "/tmp/embedline-heavy.lock"
+BENCH_DIR = REPO / ".bench"
+DEFAULT_ARTIFACT = BENCH_DIR / "artifacts" / "all-MiniLM-L6-v2"
+CPU_VARIANTS = ("fp32", "fused", "int8", "openvino")  # fp16 is the GPU graph
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much of everything a run measures; `full` is bounded to ~15-20 minutes on 2 cores."""
+
+    name: str
+    texts: int
+    point_seconds: float
+    warmup_seconds: float
+    concurrency: tuple[int, ...]
+    request_sizes: tuple[int, ...]
+    all_variants: bool
+    scaling_batch: tuple[int, ...]
+    scaling_sequence: tuple[int, ...]
+    scaling_seconds: float
+    perf_analyzer_concurrency: tuple[int, ...]
+    infinity_concurrency: tuple[int, ...]
+    sentence_transformers_scaling: bool
+    scaling_cap_seconds: float
+
+
+MODES = {
+    "quick": Mode("quick", texts=320, point_seconds=1.0, warmup_seconds=0.3, concurrency=(1, 16),
+                  request_sizes=(1, 32), all_variants=False, scaling_batch=(1, 32, 128),
+                  scaling_sequence=(16, 128, 512), scaling_seconds=0.3, perf_analyzer_concurrency=(16,),
+                  infinity_concurrency=(), sentence_transformers_scaling=False, scaling_cap_seconds=0.5),
+    "full": Mode("full", texts=1000, point_seconds=3.0, warmup_seconds=0.5, concurrency=(1, 2, 4, 8, 16, 32, 64),
+                 request_sizes=(1, 32), all_variants=True, scaling_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                 scaling_sequence=(16, 32, 64, 128, 256, 512), scaling_seconds=1.0,
+                 perf_analyzer_concurrency=(1, 4, 16, 64), infinity_concurrency=(1, 4),
+                 sentence_transformers_scaling=True, scaling_cap_seconds=2.0),
+}
+# (request size, concurrency) of the mixed-length comparison (length grouping on vs off).
+MIXED_POINTS = ((32, 2), (1, 32))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smoke run (~2 minutes): fewer points, shorter windows")
+    parser.add_argument("--tune", action="store_true",
+                        help="server settings sweep for the default variant instead of the suite")
+    parser.add_argument("--artifact", default=None,
+                        help=f"exported artifact (default: {DEFAULT_ARTIFACT.relative_to(REPO)}, exported from the "
+                             "bundled all-MiniLM-L6-v2 with --openvino and the STS-B dev Spearman when missing)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every engine (pinned)")
+    parser.add_argument("--variants", default=None, help="comma-separated server variants (default: by mode)")
+    parser.add_argument("--no-infinity", action="store_true", help="skip Infinity")
+    parser.add_argument("--infinity-venv", default=str(BENCH_DIR / "infinity-venv"),
+                        help="virtual environment with infinity-emb installed")
+    parser.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK_FILE} (others' numbers suffer)")
+    parser.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/suite[_quick].json)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+
+
+@contextlib.contextmanager
+def heavy_lock(enabled: bool):
+    """The lock every heavy measurement on this shared machine takes (same as `flock LOCK_FILE cmd`)."""
+    if not enabled:
+        yield
+        return
+    with open(LOCK_FILE, "a") as handle:
+        log.info("waiting for %s", LOCK_FILE)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_is_held() -> bool:
+    """True when LOCK_FILE is held now (by this run, or by a `flock LOCK_FILE embedline bench --no-lock`)."""
+    try:
+        with open(LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return True
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def prepare_artifact(path: str | None):
+    """The artifact to benchmark: the given one, or the bundled model exported once into .bench/."""
+    from embedline import artifact as art
+    from embedline.export.pipeline import export_artifact
+    from embedline.export.variants import openvino_runtime_available
+
+    if path:
+        artifact = art.load_artifact(path)
+        return artifact if artifact.metadata.get("export") else export_artifact(artifact)
+    if (DEFAULT_ARTIFACT / art.METADATA_FILE).is_file():
+        artifact = art.load_artifact(DEFAULT_ARTIFACT)
+        if artifact.metadata.get("export"):
+            return artifact
+    else:
+        artifact = art.import_model_dir(art.bundled_model_dir(), DEFAULT_ARTIFACT, name="all-MiniLM-L6-v2")
+    from embedline.benchmarks.workloads import _data_dir
+
+    data = _data_dir()
+    return export_artifact(
+        artifact, threads=2,
+        sts_file=data / "sts" / "stsb_dev.tsv.gz" if data else None,
+        openvino=openvino_runtime_available(),
+        calibration_file=data / "corpus" / "unsup_corpus.txt.gz" if data else None,
+    )
+
+
+def server_variants(artifact, mode: Mode, requested: str | None, default_variant: str) -> list[str]:
+    from embedline.export.variants import openvino_runtime_available, servable_variants
+
+    available = [v for v in servable_variants(artifact) if v in CPU_VARIANTS]
+    if "openvino" in available and not openvino_runtime_available():
+        available.remove("openvino")
+    if requested:
+        return [v for v in requested.split(",") if v in available]
+    if mode.all_variants:
+        return available
+    return list(dict.fromkeys([default_variant, "fp32"]))
+
+
+@contextlib.contextmanager
+def triton(artifact, tmp: Path, settings):
+    from embedline.export.repository import build_repository
+    from embedline.server import TritonServer, free_port
+
+    repository = build_repository(artifact, Path(tempfile.mkdtemp(dir=tmp)) / "models", settings)
+    with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
+        yield server
+
+
+# ---- the measurements ------------------------------------------------------------------------------
+
+
+def measure_inprocess(artifact, variants: list[str], workloads, mode: Mode, threads: int, bar) -> tuple[dict, dict]:
+    """(results by engine and workload, engines kept for the scaling curves)."""
+    from embedline.benchmarks import inprocess
+
+    factories = {"sentence-transformers": lambda: inprocess.sentence_transformers_engine(artifact, threads)}
+    for variant in variants:
+        name = "openvino" if variant == "openvino" else f"onnxruntime {variant}"
+        factories[name] = (lambda v=variant: inprocess.openvino_engine(artifact, threads) if v == "openvino"
+                           else inprocess.onnxruntime_engine(artifact, v, threads))
+    results, engines = {}, {}
+    for name, factory in factories.items():
+        bar.set_postfix_str(f"in-process {name}")
+        try:
+            engine = factory()
+        except Exception as exc:  # noqa: BLE001 - record why an engine is missing, measure the rest
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        engines[name] = engine
+        entry = results[name] = {}
+        for workload, key, batch in ((SHORT, "b32", 32), (SHORT, "b1", 1), (MEDIUM, "b32", 32), (MIXED, "b32", 32)):
+            w = workloads[workload]
+            entry.setdefault(workload, {})[key] = inprocess.measure_batches(
+                engine, w.texts, w.tokens, batch, mode.point_seconds)
+        bar.update(1)
+    return results, engines
+
+
+def measure_scaling(engines: dict, workloads, mode: Mode, tokenizer_json: Path, bar) -> dict:
+    from embedline.benchmarks import inprocess
+
+    short = workloads[SHORT]
+    names = [n for n in engines if n != "sentence-transformers" or mode.sentence_transformers_scaling]
+    batch_curves: dict[str, list] = {}
+    sequence_curves: dict[str, list] = {}
+    sequence_batch = 16
+    for name in names:
+        bar.set_postfix_str(f"scaling {name}")
+        engine = engines[name]
+        texts = short.texts * (1 + max(mode.scaling_batch) // len(short.texts))
+        tokens = np.resize(short.tokens, len(texts))
+        batch_curves[name] = _bounded_curve(
+            "batch_size", mode.scaling_batch, mode.scaling_cap_seconds,
+            lambda b: inprocess.measure_batches(engine, texts[: max(b, 256)], tokens, b, mode.scaling_seconds,
+                                                min_batches=2))
+        if engine.run_tokens is not None:
+            sequence_curves[name] = _bounded_curve(
+                "length", mode.scaling_sequence, mode.scaling_cap_seconds,
+                lambda length: inprocess.measure_tokens(engine, inprocess.token_batch(tokenizer_json, sequence_batch, length),
+                                                        mode.scaling_seconds))
+        bar.update(1)
+    return {"batch": batch_curves, "sequence": sequence_curves, "sequence_batch_size": sequence_batch,
+            "note": "batch: real short texts, tokenization included; sequence: fixed-shape token batches, engine only"}
+
+
+def _bounded_curve(key: str, xs: tuple[int, ...], cap_seconds: float, measure) -> list[dict]:
+    """Measure a curve in increasing x; once one batch takes longer than cap_seconds, skip the rest
+    (bounds the run's time on a slow or busy machine; the skipped points are listed as such)."""
+    points: list[dict] = []
+    for x in xs:
+        if points and points[-1].get("p50_ms", 0) / 1000 > cap_seconds:
+            points.append({key: x, "skipped": f"a batch took over {cap_seconds:g} s at the previous point"})
+            continue
+        points.append({key: x, **measure(x)})
+    return points
+
+
+def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
+    from embedline.benchmarks.load import measure_point
+
+    points = []
+    for workload, size, concurrency in combos:
+        w = workloads[workload]
+        point = measure_point(server, w.texts, w.tokens, size, concurrency, mode.point_seconds, mode.warmup_seconds)
+        points.append({"workload": workload, **point})
+        log.info("%s %s-text c%d: %.1f sentences/s, p50 %.2f ms, avg batch %s", workload, size, concurrency,
+                 point["sentences_per_s"], point["p50_ms"], point.get("avg_dynamic_batch"))
+    return points
+
+
+def bracket_reference(engines: dict, variant: str, workloads, mode: Mode, with_st: bool) -> dict:
+    """The in-process numbers a server variant's targets compare with, measured right next to its sweep.
+
+    On a shared machine the load changes by the minute; measuring the reference just before and just
+    after the server (and using the mean) keeps each ratio's two sides under the same conditions.
+    """
+    from embedline.benchmarks import inprocess
+    from embedline.benchmarks.report import inprocess_name
+
+    short = workloads[SHORT]
+    seconds = max(1.0, mode.point_seconds / 2)
+    reference = {}
+    engine = engines.get(inprocess_name(variant))
+    if engine is not None:
+        reference["raw_b32"] = inprocess.measure_batches(engine, short.texts, short.tokens, 32, seconds)
+        reference["raw_b1"] = inprocess.measure_batches(engine, short.texts, short.tokens, 1, seconds)
+    if with_st and "sentence-transformers" in engines:
+        reference["st_b32"] = inprocess.measure_batches(engines["sentence-transformers"], short.texts, short.tokens,
+                                                        32, seconds)
+    return reference
+
+
+def _merge_brackets(before: dict, after: dict) -> dict:
+    """Mean of the before/after measurements (throughput and p50), both kept for the record."""
+    merged = {}
+    for key in before:
+        if key in after:
+            merged[key] = {
+                "sentences_per_s": round((before[key]["sentences_per_s"] + after[key]["sentences_per_s"]) / 2, 1),
+                "p50_ms": round((before[key]["p50_ms"] + after[key]["p50_ms"]) / 2, 3),
+                "before": before[key], "after": after[key],
+            }
+    return merged
+
+
+def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, threads: int, tmp: Path,
+                    engines: dict, bar) -> dict:
+    """Every server configuration: the default variant (+ extra workloads), its two baselines right after
+    it (pad-to-longest, no dynamic batching), then the other variants; in-process references bracket each."""
+    from dataclasses import asdict
+
+    from embedline.export.repository import RepositorySettings
+
+    base = RepositorySettings(intra_op_threads=threads)
+    sweep = [(SHORT, size, c) for size in mode.request_sizes for c in mode.concurrency]
+    extra = [(MEDIUM, 32, 2), (MEDIUM, 1, 16)] + [(MIXED, s, c) for s, c in MIXED_POINTS]
+    if 16 not in mode.concurrency:
+        extra.append((SHORT, 1, 16))
+    # (name, settings, sweep points, extra points, bracket with references)
+    configs = [(default_variant, replace(base, variant=default_variant), sweep, extra, True),
+               (f"{default_variant} length grouping off",
+                replace(base, variant=default_variant, length_grouping=False), [],
+                [(MIXED, s, c) for s, c in MIXED_POINTS], False),
+               (f"{default_variant} dynamic batching off",
+                replace(base, variant=default_variant, dynamic_batching=False), [],
+                [(SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2)], False)]
+    configs += [(v, replace(base, variant=v), sweep, [], True) for v in variants if v != default_variant]
+
+    results: dict[str, Any] = {}
+    for name, settings, sweep_combos, extra_combos, bracket in configs:
+        bar.set_postfix_str(f"triton {name}")
+        entry = results[name] = {"settings": asdict(settings)}
+        try:
+            before = bracket_reference(engines, settings.variant, workloads, mode, name == default_variant) \
+                if bracket else {}
+            with triton(artifact, tmp, settings) as server:
+                entry["sweep"] = sweep_points(server, workloads, sweep_combos, mode)
+                entry["points"] = sweep_points(server, workloads, extra_combos, mode)
+            if bracket:
+                entry["reference"] = _merge_brackets(
+                    before, bracket_reference(engines, settings.variant, workloads, mode, name == default_variant))
+        except Exception as exc:  # noqa: BLE001 - one configuration failing must not lose the others
+            log.exception("server %s failed", name)
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        bar.update(1)
+    return results
+
+
+def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int, tmp: Path) -> dict:
+    from embedline.export.repository import RepositorySettings
+
+    from embedline.benchmarks import perf_analyzer
+
+    try:
+        perf_analyzer.binary()
+        with triton(artifact, tmp, RepositorySettings(variant=variant, intra_op_threads=threads)) as server:
+            points = [perf_analyzer.run(server.grpc_url, workloads[SHORT].texts, c, tmp / "perf_analyzer",
+                                        measurement_ms=int(1000 * max(1.0, mode.point_seconds)))
+                      for c in mode.perf_analyzer_concurrency]
+        return {"variant": variant, "request_size": 1, "workload": SHORT, "points": points}
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
+        return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def measure_infinity(artifact, workloads, mode: Mode, threads: int, venv: Path) -> dict:
+    from embedline.server import free_port
+
+    from embedline.benchmarks.infinity import InfinityServer
+
+    if not mode.infinity_concurrency:
+        return {"error": "skipped in quick mode"}
+    model_dir = Path(artifact.metadata.get("base_model") or artifact.path)
+    server = InfinityServer(model_dir, free_port(), threads, venv=venv)
+    try:
+        with server:
+            w = workloads[SHORT]
+            points = [server.closed_loop(w.texts, w.tokens, 32, c, mode.point_seconds, mode.warmup_seconds)
+                      for c in mode.infinity_concurrency]
+            points.append(server.closed_loop(w.texts, w.tokens, 1, 1, mode.point_seconds, mode.warmup_seconds))
+        return {"version": server.version(), "model_dir": str(model_dir), "engine": "torch", "device": "cpu",
+                "points": points}
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def sts_record(artifact) -> dict | None:
+    """Spearman per variant from the artifact's export, and each variant's loss to fp32."""
+    variants = artifact.parity().get("variants", {})
+    scores = {v: e.get("sts_spearman") for v, e in variants.items() if e.get("sts_spearman") is not None}
+    if "fp32" not in scores:
+        return None
+    sts = artifact.parity().get("sts") or {}
+    return {"spearman": scores, "torch": sts.get("torch_spearman"), "file": sts.get("file"),
+            "loss": {v: round(scores["fp32"] - s, 2) for v, s in scores.items()}}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
+    from embedline.export.variants import choose_variant
+
+    from embedline.benchmarks import report
+    from embedline.benchmarks.gpu import measure_gpu
+
+    started = time.perf_counter()
+    load_before = load_average()
+    artifact = prepare_artifact(args.artifact)
+    default_variant = choose_variant(artifact, "cpu")
+    variants = server_variants(artifact, mode, args.variants, default_variant)
+    if default_variant not in variants:
+        variants.insert(0, default_variant)
+    inprocess_variants = variants
+    workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
+    steps = (1 + len(inprocess_variants)) * 2 + len(variants) + 2 + 2
+    with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
+            tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
+        tmp = Path(tmp_dir)
+        inproc, engines = measure_inprocess(artifact, inprocess_variants, workloads, mode, args.threads, bar)
+        scaling = measure_scaling(engines, workloads, mode, artifact.tokenizer_path, bar)
+        servers = measure_servers(artifact, variants, default_variant, workloads, mode, args.threads, tmp,
+                                  engines, bar)
+        engines.clear()
+        bar.set_postfix_str("perf_analyzer")
+        pa = measure_perf_analyzer(artifact, default_variant, workloads, mode, args.threads, tmp)
+        bar.update(1)
+        bar.set_postfix_str("infinity")
+        infinity = ({"error": "skipped (--no-infinity)"} if args.no_infinity
+                    else measure_infinity(artifact, workloads, mode, args.threads, Path(args.infinity_venv)))
+        bar.update(1)
+        bar.set_postfix_str("gpu")
+        gpu = measure_gpu(artifact, workloads, mode, args.threads, tmp)
+    results = {
+        "suite": "embedline bench",
+        "mode": mode.name,
+        "machine": machine_info(),
+        "conditions": {"threads": args.threads, "load_before": load_before, "load_after": load_average(),
+                       "seconds": round(time.perf_counter() - started, 1), "lock": LOCK_FILE if lock_is_held() else None,
+                       "shared_machine": True},
+        "model": artifact.name,
+        "artifact": str(artifact.path),
+        "default_variant": default_variant,
+        "server_variants": [v for v in variants if "error" not in servers.get(v, {})],
+        "mode_settings": mode.__dict__,
+        "workloads": {name: w.summary() for name, w in workloads.items()},
+        "sts": sts_record(artifact),
+        "inprocess": inproc,
+        "plot_inprocess": [report.inprocess_name(default_variant)],
+        "scaling": scaling,
+        "server": servers,
+        "mixed_points": [list(p) for p in MIXED_POINTS],
+        "perf_analyzer": pa,
+        "infinity": infinity,
+        "gpu": gpu,
+        "export": artifact.metadata.get("export"),
+    }
+    results["targets"] = report.compute_targets(results)
+    return results
+
+
+def write_results(results: dict, args: argparse.Namespace, command: str) -> Path:
+    from embedline.benchmarks import plots, report
+
+    name = "suite" if results["mode"] == "full" else "suite_quick"
+    path = Path(args.output) if args.output else RESULTS / f"{name}.json"
+    results["result_file"] = path.name
+    plot_dir = path.parent / name
+    written = plots.write_all(results, plot_dir, results["default_variant"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if results["mode"] == "full" and not args.no_readme and path.parent == RESULTS:
+        rel = [str(p.relative_to(README.parent)) for p in written]
+        update_readme_section("suite", report.markdown(results, command, rel))
+    return path
+
+
+def print_targets(results: dict) -> None:
+    print(f"\n{'target':<84} {'measured':>9}  {'goal':<10} pass")
+    for t in results["targets"]:
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        verdict = {True: "yes", False: "NO", None: "n/a"}[t["pass"]]
+        print(f"{t['target'][:84]:<84} {measured:>9}  {t['goal']:<10} {verdict}  ({t['detail']})")
+
+
+def run(args: argparse.Namespace) -> int:
+    pin_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the load generator's threads share 2 cores
+    logging.getLogger("embedline").setLevel(logging.WARNING)
+    logging.getLogger("benchmarks").setLevel(logging.WARNING)
+    mode = MODES["quick" if args.quick else "full"]
+    command = "embedline bench" + (" --quick" if args.quick else "")
+    with heavy_lock(not args.no_lock):
+        if args.tune:
+            from embedline.benchmarks import tuning
+
+            path = tuning.run_tuning(args, prepare_artifact(args.artifact), mode)
+            print(f"saved {path}")
+            return 0
+        results = run_suite(args, mode)
+    path = write_results(results, args, command)
+    print_targets(results)
+    print(f"\nsaved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from embedline.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

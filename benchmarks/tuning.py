@@ -1,0 +1,88 @@
+"""`embedline bench --tune`: measure the server settings the defaults in RepositorySettings are chosen from.
+
+One variant (the artifact's default CPU variant), the same closed-loop points for every setting:
+1 short text at concurrency 1 (latency), 1-text requests at concurrency 16 (dynamic batching),
+32-text requests at concurrency 2 (throughput), and mixed lengths in 32-text requests (length grouping).
+Settings varied one at a time from the defaults: instances x threads, queue delay, OpenVINO streams,
+the per-run overhead of the length grouping plan, the largest group. Results:
+benchmarks/results/server_tuning[_quick].json and a README section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from embedline.benchmarks.common import RESULTS, machine_info, markdown_table, update_readme_section
+from embedline.benchmarks.workloads import MIXED, SHORT, build_workloads
+
+POINTS = ((SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2), (MIXED, 32, 2))
+
+
+def candidate_settings(base, variant: str) -> dict[str, object]:
+    """name -> RepositorySettings, each one change away from the defaults."""
+    candidates = {
+        "default": base,
+        "2 instances x 1 thread": replace(base, instances=2, intra_op_threads=1),
+        "ORT threads spin-wait": replace(base, spin_wait=True),
+        "queue delay 0": replace(base, queue_delay_us=0),
+        "queue delay 250 us": replace(base, queue_delay_us=250),
+        "queue delay 3000 us": replace(base, queue_delay_us=3000),
+        "group overhead 16 tokens": replace(base, group_overhead_tokens=16),
+        "group overhead 512 tokens": replace(base, group_overhead_tokens=512),
+        "groups of at most 64": replace(base, length_group_size=64),
+    }
+    if variant == "openvino":
+        candidates["openvino 2 streams x 1 thread"] = replace(base, streams=2)
+    return candidates
+
+
+def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
+    from embedline.export.repository import RepositorySettings
+    from embedline.export.variants import choose_variant
+
+    from embedline.benchmarks.suite import load_average, sweep_points, triton
+
+    variant = args.variants.split(",")[0] if args.variants else choose_variant(artifact, "cpu")
+    base = RepositorySettings(variant=variant, intra_op_threads=args.threads)
+    workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts,
+                                names=(SHORT, MIXED))
+    load_before = load_average()
+    rows, results = [], {}
+    candidates = candidate_settings(base, variant)
+    with tempfile.TemporaryDirectory(prefix="embedline-tune-") as tmp, \
+            tqdm(total=len(candidates), desc="tune", unit="setting") as bar:
+        for name, settings in candidates.items():
+            bar.set_postfix_str(name)
+            try:
+                with triton(artifact, Path(tmp), settings) as server:
+                    points = sweep_points(server, workloads, POINTS, mode)
+            except Exception as exc:  # noqa: BLE001 - one setting failing must not lose the others
+                results[name] = {"settings": asdict(settings), "error": f"{type(exc).__name__}: {exc}"}
+                bar.update(1)
+                continue
+            results[name] = {"settings": asdict(settings), "points": points}
+            by_key = {(p["workload"], p["request_size"], p["concurrency"]): p for p in points}
+            rows.append([name, by_key[(SHORT, 1, 1)]["p50_ms"], by_key[(SHORT, 1, 16)]["sentences_per_s"],
+                         by_key[(SHORT, 1, 16)]["avg_dynamic_batch"], by_key[(SHORT, 32, 2)]["sentences_per_s"],
+                         by_key[(MIXED, 32, 2)]["sentences_per_s"]])
+            bar.update(1)
+    record = {"machine": machine_info(), "mode": mode.name, "variant": variant, "threads": args.threads,
+              "load_before": load_before, "load_after": load_average(), "settings": results}
+    path = RESULTS / ("server_tuning.json" if mode.name == "full" else "server_tuning_quick.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    table = markdown_table(["setting (one change from the defaults)", "1 text c1 p50 ms", "1-text c16 sent/s",
+                            "avg dynamic batch", "32-text c2 sent/s", "mixed 32-text c2 sent/s"], rows)
+    print(table)
+    if mode.name == "full" and not args.no_readme:
+        update_readme_section("server_tuning", (
+            f"## Server tuning ({variant}, {args.threads} threads, short texts unless noted)\n\n{table}\n\n"
+            f"Load average before / after: {load_before} / {record['load_after']} (shared machine). "
+            "Command: `embedline bench --tune`; numbers: `results/server_tuning.json`."))
+    return path

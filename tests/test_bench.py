@@ -1,0 +1,183 @@
+"""The benchmark suite's pieces, on the tiny model: structure of what they measure, never speed.
+
+Workloads, the in-process engines, the closed-loop load generator and Triton metrics against a real
+server, perf_analyzer, and the targets table. Every measurement window here is a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from embedline import artifact as art
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_artifact, tmp_path_factory) -> art.Artifact:
+    from embedline.export.onnx_export import export_fp32
+
+    dest = tmp_path_factory.mktemp("bench-artifact") / "a"
+    shutil.copytree(tiny_artifact.path, dest)
+    artifact = art.load_artifact(dest)
+    export_fp32(artifact)
+    return artifact
+
+
+@pytest.fixture(scope="module")
+def workloads(tiny_fp32):
+    from embedline.benchmarks.workloads import build_workloads
+
+    return build_workloads(tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, n=60)
+
+
+def test_workloads_have_the_three_length_mixes(workloads, tiny_fp32):
+    from embedline.benchmarks.workloads import LONG_FRACTION
+
+    assert set(workloads) == {"short", "medium", "mixed"}
+    short, medium, mixed = workloads["short"], workloads["medium"], workloads["mixed"]
+    assert len(short.texts) == len(mixed.texts) == 60 and len(short.tokens) == 60
+    assert all(isinstance(t, str) and t for t in short.texts)
+    assert medium.tokens.mean() > short.tokens.mean()
+    # 10% of the mixed texts are long (here cut to the tiny model's max_seq_length).
+    longest = int(round(len(mixed.texts) * LONG_FRACTION))
+    assert (mixed.tokens == tiny_fp32.max_seq_length).sum() >= longest
+    summary = mixed.summary()
+    assert {"texts", "source", "mean_tokens", "p90_tokens", "max_tokens"} <= set(summary)
+
+
+def test_workloads_are_reproducible(tiny_fp32, workloads):
+    from embedline.benchmarks.workloads import build_workloads
+
+    again = build_workloads(tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, n=60)
+    assert again["mixed"].texts == workloads["mixed"].texts
+
+
+def test_inprocess_engine_measurements(tiny_fp32, workloads):
+    from embedline.benchmarks import inprocess
+
+    engine = inprocess.onnxruntime_engine(tiny_fp32, "fp32", threads=1)
+    short = workloads["short"]
+    result = inprocess.measure_batches(engine, short.texts, short.tokens, 8, seconds=0.05)
+    assert result["sentences_per_s"] > 0 and result["tokens_per_s"] > result["sentences_per_s"]
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["batches"] >= 3
+    tokens = inprocess.measure_tokens(engine, inprocess.token_batch(tiny_fp32.tokenizer_path, 4, 16), seconds=0.05)
+    assert tokens["tokens_per_s"] == pytest.approx(16 * tokens["sentences_per_s"], rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def served(start_server, tiny_fp32):
+    return start_server(tiny_fp32, variant="fp32", max_batch_size=32)
+
+
+def test_closed_loop_against_the_real_server(served, workloads):
+    from embedline.benchmarks.load import measure_point
+
+    short = workloads["short"]
+    point = measure_point(served.server, short.texts, short.tokens, request_size=1, concurrency=4,
+                          seconds=0.4, warmup=0.1)
+    assert point["requests"] >= 5 and point["errors"] == 0
+    assert point["sentences_per_s"] > 0 and point["p50_ms"] <= point["p99_ms"]
+    assert point["avg_dynamic_batch"] is not None and point["avg_dynamic_batch"] >= 1.0
+    assert point["server_rss_mb"] > 0
+    big = measure_point(served.server, short.texts, short.tokens, request_size=8, concurrency=2, seconds=0.3,
+                        warmup=0.1)
+    assert big["sentences_per_s"] == pytest.approx(8 * big["requests_per_s"], rel=0.01)
+
+
+def test_perf_analyzer_runs_against_the_server(served, workloads, tmp_path):
+    from embedline.benchmarks import perf_analyzer
+
+    try:
+        perf_analyzer.binary()
+    except perf_analyzer.PerfAnalyzerUnavailable as exc:
+        pytest.skip(str(exc))
+    result = perf_analyzer.run(served.grpc_url, workloads["short"].texts[:20], concurrency=2, workdir=tmp_path,
+                               measurement_ms=300, timeout_s=60)
+    assert "error" not in result, result
+    assert result["sentences_per_s"] > 0 and result["p50_ms"] > 0
+
+
+def _synthetic_results() -> dict:
+    def point(size, conc, rate, p50=2.0, workload="short"):
+        return {"workload": workload, "request_size": size, "concurrency": conc, "sentences_per_s": rate,
+                "p50_ms": p50, "avg_dynamic_batch": 4.0}
+
+    def ref(rate, p50=1.0):
+        return {"sentences_per_s": rate, "p50_ms": p50}
+
+    return {
+        "default_variant": "int8",
+        "server_variants": ["int8", "fp32"],
+        "inprocess": {"sentence-transformers": {"short": {"b32": ref(100)}},
+                      "onnxruntime int8": {"short": {"b32": ref(500), "b1": ref(400, 1.0)}},
+                      "onnxruntime fp32": {"short": {"b32": ref(300)}}},
+        "server": {
+            "int8": {"sweep": [point(32, 2, 490), point(1, 16, 460), point(1, 1, 300, p50=2.0)],
+                     "points": [point(32, 2, 400, workload="mixed")],
+                     "reference": {"raw_b32": ref(500), "raw_b1": ref(400, 1.0), "st_b32": ref(90)}},
+            "int8 length grouping off": {"points": [point(32, 2, 250, workload="mixed")]},
+            "int8 dynamic batching off": {"points": [point(1, 16, 120)]},
+            "fp32": {"sweep": [point(32, 2, 280)]},
+        },
+        "mixed_points": [[32, 2]],
+        "sts": {"loss": {"int8": 0.27}},
+        "infinity": {"error": "not installed"},
+        "gpu": {"measured": False, "reason": "no GPU"},
+    }
+
+
+def test_targets_from_one_run():
+    from embedline.benchmarks.report import compute_targets
+
+    targets = {t["target"]: t for t in compute_targets(_synthetic_results())}
+    assert all({"target", "measured", "goal", "pass", "detail"} <= set(t) for t in targets.values())
+    by_start = {name.split(":")[0]: t for name, t in targets.items()}
+    assert math.isclose(by_start["32-text requests, int8"]["measured"], 0.98) and by_start["32-text requests, int8"]["pass"]
+    dyn = next(t for n, t in targets.items() if "dynamic batching on / off" in n)
+    assert dyn["measured"] == pytest.approx(460 / 120, abs=1e-3) and dyn["pass"]
+    latency = next(t for n, t in targets.items() if n.startswith("1 short text c1"))
+    assert latency["measured"] == pytest.approx(1.0) and latency["pass"]
+    mixed = next(t for n, t in targets.items() if n.startswith("mixed lengths"))
+    assert mixed["measured"] == pytest.approx(1.6) and mixed["pass"]
+    st = next(t for n, t in targets.items() if "sentence-transformers" in n)
+    assert st["measured"] == pytest.approx(490 / 90, abs=1e-3)  # the bracketed reference, not the early one
+    infinity = next(t for n, t in targets.items() if "Infinity" in n)
+    assert infinity["pass"] is None and "not installed" in infinity["detail"]
+    gpu = next(t for n, t in targets.items() if n.startswith("GPU"))
+    assert gpu["pass"] is None
+
+
+def test_markdown_summary_renders(tmp_path):
+    from embedline.benchmarks.report import compute_targets, markdown
+
+    results = _synthetic_results()
+    results.update({
+        "mode": "quick", "model": "tiny", "result_file": "suite_quick.json", "perf_analyzer": {},
+        "machine": {"cpu_count": 2, "processor": "", "git_revision": "abc", "date": "today"},
+        "conditions": {"threads": 2, "load_before": [1, 1, 1], "load_after": [1, 1, 1], "seconds": 10.0},
+        "workloads": {"short": {"texts": 10, "mean_tokens": 12.0, "p90_tokens": 20}},
+    })
+    results["targets"] = compute_targets(results)
+    text = markdown(results, "embedline bench --quick", ["suite_quick/scaling.png"])
+    assert "### Targets" in text and "| target |" in text and "embedline bench --quick" in text
+
+
+def test_plots_are_written(tmp_path):
+    from embedline.benchmarks import plots
+
+    results = _synthetic_results()
+    for server in results["server"].values():
+        for p in server.get("sweep", []):
+            p.update({"p95_ms": 3.0, "p99_ms": 4.0})
+    results["scaling"] = {"batch": {"onnxruntime int8": [{"batch_size": 1, "sentences_per_s": 10, "p50_ms": 1.0},
+                                                         {"batch_size": 8, "sentences_per_s": 40, "p50_ms": 2.0}]},
+                          "sequence": {"onnxruntime int8": [{"length": 16, "tokens_per_s": 100, "p50_ms": 1.0},
+                                                            {"length": 64, "tokens_per_s": 90, "p50_ms": 5.0}]},
+                          "sequence_batch_size": 16}
+    written = plots.write_all(results, tmp_path, "int8")
+    assert [p.name for p in written] == ["throughput_vs_concurrency.png", "latency_vs_concurrency.png", "scaling.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert np.frombuffer(written[0].read_bytes()[:8], dtype=np.uint8).tolist()[1:4] == list(b"PNG")

@@ -1,0 +1,281 @@
+"""Few-shot text classification the SetFit way (Tunstall et al. 2022); the `embedline train-classifier` verb.
+
+    embedline train-classifier --train-file train.tsv --output my-classifier [--model DIR]
+                               [--shots 8] [--seed 42] [--frozen-body] [--loss contrastive|triplet|sup]
+
+Stage 1, body (skipped with --frozen-body): contrastive fine-tuning of the encoder on examples drawn
+from the labels (`pairs.py`: positives from the same label, negatives from other labels, a share of
+them hard negatives mined with the starting encoder, positives and negatives balanced). The examples are
+written to `<output>/run/pairs.csv` and trained by the SimCSE trainer (`trainer.train`, objective
+`contrastive`, `triplet` or `sup`): the same loop, losses, schedule, logging and artifact writer.
+Stage 2, head: multinomial logistic regression on the normalized embeddings of the training texts
+(`head.py`), stored as `<output>/head/head.onnx` + `labels.json`, with the training embeddings and
+labels for neighbour look-ups. The result is one artifact that serves `embed` and `classify`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedline import artifact as art
+from embedline.errors import EmbedlineError
+from embedline.training.data import TrainingData
+from embedline.training.labeled_data import LabeledData, read_labeled, sample_shots
+from embedline.training.pairs import PairSettings, make_pairs, make_triples
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("contrastive", "triplet", "sup")
+PAIRS_FILE = "pairs.csv"
+
+
+class ClassifierConfigError(EmbedlineError):
+    """An inconsistent classifier-training setting."""
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything a classifier run depends on; recorded in the artifact's embedline.json."""
+
+    train_file: str
+    output: str
+    model: str = ""  # artifact or sentence-transformers directory; "" = the bundled all-MiniLM-L6-v2
+    name: str = ""  # artifact name; "" = the output directory's name
+    shots: int = 0  # > 0: sample this many examples per class with `seed`; 0 = every row
+    seed: int = 42
+
+    # Stage 1: contrastive body fine-tuning.
+    frozen_body: bool = False
+    loss: str = "contrastive"  # contrastive: pairs (a, b, y); triplet / sup (InfoNCE): (anchor, pos, neg)
+    iterations: int = 20  # SetFit's R: rounds of one positive + one negative per example
+    max_pairs: int = 0  # cap on pairs/triples; 0 = iterations x examples x 2
+    hard_fraction: float = 0.5
+    hard_pool: int = 3
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    # Contrastive / triplet margin on the cosine distance. 1.0 keeps every negative pair with cos > 0 in the
+    # loss, as SetFit's cosine-similarity loss (target cos 0) does; with 0.5 most random negatives of a
+    # sentence model (cos ~0.1-0.3) give no gradient and the positives' pull alone reshapes the space.
+    margin: float = 1.0
+    temperature: float = 0.05  # sup (InfoNCE)
+    max_seq_length: int = 64  # training truncation (the artifact keeps the base model's for inference)
+    device: str = "auto"
+
+    # Stage 2: head.
+    # Inverse L2 strength of the logistic regression (scikit-learn's C). 10 beat SetFit's 1 on the emotion
+    # validation split for both frozen and fine-tuned bodies (benchmarks/README.md, few-shot section).
+    head_c: float = 10.0
+    class_weight: bool = True  # "balanced" class weights
+    neighbours: int = 5  # k nearest training examples served with each prediction; 0 = keep none
+
+    def validate(self) -> ClassifierConfig:
+        checks = [
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
+            (self.shots >= 0, "--shots must be >= 0"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 2, "--batch-size must be >= 2"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.head_c > 0, "--head-c must be > 0"),
+            (self.neighbours >= 0, "--neighbours must be >= 0"),
+            (self.max_seq_length >= 2, "--max-seq-length must be >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ClassifierConfigError(message)
+        PairSettings(self.iterations, self.max_pairs, self.hard_fraction, self.hard_pool)  # checks its own
+        return self
+
+    @property
+    def pair_settings(self) -> PairSettings:
+        return PairSettings(self.iterations, self.max_pairs, self.hard_fraction, self.hard_pool)
+
+
+def load_examples(config: ClassifierConfig) -> LabeledData:
+    """The training examples: the whole file, or `shots` per class sampled with `seed`."""
+    data = read_labeled(config.train_file)
+    if config.shots:
+        data = sample_shots(data, config.shots, config.seed)
+    log.info("training on %d examples: %s", len(data), json.dumps(data.counts()))
+    return data
+
+
+def _write_examples(path: Path, examples: TrainingData) -> Path:
+    """The stage-1 examples as the trainer's CSV: sent0, sent1 and label (pairs) or hard_neg (triples)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labelled = examples.labels is not None
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*examples.column_names, "label"] if labelled else list(examples.column_names))
+        for i, row in enumerate(zip(*examples.columns)):
+            writer.writerow([*row, f"{examples.labels[i]:g}"] if labelled else list(row))
+    return path
+
+
+def _embed(encoder, tokenizer_json: Path, max_seq_length: int, texts: list[str]) -> np.ndarray:
+    """(n, dim) float32 normalized embeddings with a torch encoder."""
+    from embedline.tokenization import load_tokenizer
+    from embedline.training.evaluate import embed_texts
+
+    tokenizer = load_tokenizer(tokenizer_json, max_seq_length)
+    return embed_texts(encoder, tokenizer, texts, batch_size=64).numpy()
+
+
+def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.Artifact:
+    """Stage 1: mine examples with the starting encoder, then run the SimCSE trainer on them."""
+    from embedline.training.config import TrainConfig
+    from embedline.training.evaluate import load_any_encoder
+    from embedline.training.trainer import train
+
+    encoder, tokenizer_json, _ = load_any_encoder(base)
+    embeddings = _embed(encoder, tokenizer_json, config.max_seq_length, list(data.texts))
+    del encoder
+    texts, labels = list(data.texts), list(data.labels)
+    if config.loss == "contrastive":
+        examples = make_pairs(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
+    else:
+        examples = make_triples(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
+    if len(examples) < 2:
+        raise ClassifierConfigError(f"{data.path}: too few examples for contrastive training ({len(examples)}); "
+                                    "add examples or use --frozen-body")
+    pairs_csv = _write_examples(Path(config.output) / "run" / PAIRS_FILE, examples)
+    batch_size = min(config.batch_size, len(examples))
+    base_pooling = (art.load_artifact(base).pooling if (base / art.METADATA_FILE).is_file()
+                    else art.describe_model_dir(base)["pooling"])
+    train_config = TrainConfig(
+        objective=config.loss,
+        model=str(base), train_file=str(pairs_csv), output=config.output, name=config.name,
+        # [CLS] models train without SimCSE's MLP: the classifier uses the served embedding as is.
+        pooling="cls_no_mlp" if base_pooling == "cls" else base_pooling,
+        temperature=config.temperature, margin=config.margin, lr=config.lr, batch_size=batch_size,
+        epochs=config.epochs, warmup_ratio=config.warmup_ratio, max_seq_length=config.max_seq_length,
+        seed=config.seed, device=config.device, log_steps=5, checkpoint_steps=0,
+    )
+    log.info("stage 1: %d %s examples, batch %d, %d epoch(s)", len(examples), config.loss, batch_size, config.epochs)
+    return train(train_config).artifact
+
+
+def copy_body(config: ClassifierConfig, base: Path) -> art.Artifact:
+    """Frozen body: the output artifact is the starting model as it is (its ONNX export kept)."""
+    output = Path(config.output)
+    if (base / art.METADATA_FILE).is_file():
+        output.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(base, output, dirs_exist_ok=True, ignore=shutil.ignore_patterns(art.HEAD_DIR, "run"))
+        meta = dict(art.load_artifact(output).metadata)
+        meta.update(name=config.name or output.name, base_model=str(base))
+        art.write_json(output / art.METADATA_FILE, meta)
+        return art.load_artifact(output)
+    return art.import_model_dir(base, output, name=config.name or output.name)
+
+
+def train_head(config: ClassifierConfig, data: LabeledData, body: art.Artifact) -> dict[str, Any]:
+    """Stage 2: fit the head on the body's embeddings and write <artifact>/head/. Returns its record."""
+    from embedline.encoder import load_encoder
+    from embedline.training.head import fit_head, save_head
+
+    embeddings = _embed(load_encoder(body), body.tokenizer_path, body.max_seq_length, list(data.texts))
+    head = fit_head(embeddings, list(data.labels), data.classes, c=config.head_c, class_weight=config.class_weight)
+    train_accuracy = float(np.mean(np.array(head.predict(embeddings)) == np.array(data.labels)))
+    record = {"c": config.head_c, "class_weight": "balanced" if config.class_weight else None,
+              "train_accuracy": train_accuracy, "train_examples": len(data), "class_counts": data.counts(),
+              "neighbours": config.neighbours}
+    keep = config.neighbours > 0
+    save_head(head, body.head_dir, train_embeddings=embeddings if keep else None,
+              train_labels=list(data.labels) if keep else None, record=record)
+    log.info("stage 2: head with %d labels, training accuracy %.3f", len(head.labels), train_accuracy)
+    return record
+
+
+def train_classifier(config: ClassifierConfig) -> art.Artifact:
+    """Both stages; returns the artifact (serves `embed` and `classify`)."""
+    config = config.validate()
+    output = Path(config.output).expanduser().resolve()
+    config = dataclasses.replace(config, output=str(output), name=config.name or output.name)
+    if (output / art.METADATA_FILE).exists():
+        raise ClassifierConfigError(f"{output}: already holds an artifact; choose another --output")
+    base, _ = art.resolve_model_source(config.model or None)
+    data = load_examples(config)
+    started = time.perf_counter()
+    body = copy_body(config, base) if config.frozen_body else train_body(config, data, base)
+    body_seconds = time.perf_counter() - started
+    head_record = train_head(config, data, body)
+    return art.update_metadata(body.path, {"classifier": {
+        "config": {**dataclasses.asdict(config), "model": str(base)},
+        "labels": list(data.classes),
+        "body_seconds": round(body_seconds, 1),
+        "head": head_record,
+    }})
+
+
+# --- the `embedline train-classifier` verb ----------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ClassifierConfig) if f.default is not dataclasses.MISSING}
+    parser.add_argument("--train-file", required=True,
+                        help="TSV or CSV (optionally .gz) with columns text and label (string labels)")
+    parser.add_argument("--output", required=True, help="artifact directory to write")
+    parser.add_argument("--model", default="",
+                        help="artifact or sentence-transformers directory to start from (default: bundled MiniLM)")
+    parser.add_argument("--name", default="", help="artifact name (default: the output directory's name)")
+    parser.add_argument("--shots", type=int, default=0, help="sample N examples per class (default: all rows)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"])
+    body = parser.add_argument_group("stage 1: contrastive body fine-tuning")
+    body.add_argument("--frozen-body", action="store_true", help="skip stage 1: head on the starting encoder")
+    body.add_argument("--loss", choices=LOSSES, default=defaults["loss"],
+                      help="contrastive: balanced labelled pairs; triplet / sup (InfoNCE): (anchor, pos, neg)")
+    body.add_argument("--iterations", type=int, default=defaults["iterations"],
+                      help="rounds of one positive + one negative per example (SetFit's R)")
+    body.add_argument("--max-pairs", type=int, default=defaults["max_pairs"], help="cap on pairs (0: none)")
+    body.add_argument("--hard-fraction", type=float, default=defaults["hard_fraction"],
+                      help="share of negatives drawn among the closest other-label examples")
+    body.add_argument("--hard-pool", type=int, default=defaults["hard_pool"])
+    body.add_argument("--epochs", type=int, default=defaults["epochs"])
+    body.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    body.add_argument("--lr", type=float, default=defaults["lr"])
+    body.add_argument("--warmup-ratio", type=float, default=defaults["warmup_ratio"])
+    body.add_argument("--margin", type=float, default=defaults["margin"])
+    body.add_argument("--temperature", type=float, default=defaults["temperature"])
+    body.add_argument("--max-seq-length", type=int, default=defaults["max_seq_length"])
+    body.add_argument("--device", default=defaults["device"])
+    head = parser.add_argument_group("stage 2: head")
+    head.add_argument("--head-c", type=float, default=defaults["head_c"],
+                      help="inverse L2 regularization strength of the logistic regression")
+    head.add_argument("--no-class-weight", action="store_true", help="do not balance the classes' weights")
+    head.add_argument("--neighbours", type=int, default=defaults["neighbours"],
+                      help="k nearest training examples returned with each prediction (0: store none)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ClassifierConfig(
+        train_file=args.train_file, output=args.output, model=args.model, name=args.name, shots=args.shots,
+        seed=args.seed, frozen_body=args.frozen_body, loss=args.loss, iterations=args.iterations,
+        max_pairs=args.max_pairs, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio, margin=args.margin,
+        temperature=args.temperature, max_seq_length=args.max_seq_length, device=args.device,
+        head_c=args.head_c, class_weight=not args.no_class_weight, neighbours=args.neighbours,
+    )
+    artifact = train_classifier(config)
+    record = artifact.metadata["classifier"]
+    print(f"artifact: {artifact.path}")
+    print(f"labels: {', '.join(record['labels'])}")
+    print(f"head training accuracy: {record['head']['train_accuracy']:.3f}")
+    print(f"serve it: embedline serve --artifact {artifact.path}")
+    return 0

@@ -1,0 +1,80 @@
+"""The `embedline train` verb.
+
+    embedline train --objective unsup|sup|triplet|contrastive --model DIR --train-file FILE
+                    [--dev-file FILE] --output DIR [--resume] [--key=value ...]
+
+Every field of `TrainConfig` is an option (`--batch_size=128` or `--batch-size=128`); an unknown key is
+an error listing the valid ones. Multi-GPU: `torchrun --nproc_per_node=N -m embedline.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import NoReturn
+
+from embedline.training.config import TrainConfig, apply_overrides, field_names
+
+_DEST = "config__"  # argparse dest prefix of config fields
+_PRIMARY_HELP = {
+    "objective": "unsup (default), sup, triplet or contrastive",
+    "model": "artifact or sentence-transformers / HF model directory (default: bundled all-MiniLM-L6-v2)",
+    "train_file": "unsup: text, one sentence a line (.txt/.txt.gz); others: CSV with sent0,sent1[,hard_neg|label]",
+    "dev_file": "STS TSV evaluated every --eval_steps (e.g. stsb_dev.tsv.gz); the best step is kept",
+    "output": "artifact directory to write (run/ inside it holds metrics, plot, checkpoints)",
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False  # --temp must not silently mean --temperature
+    parser.epilog = "Training-config keys (--key=value): " + ", ".join(field_names())
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --output from its checkpoint")
+    defaults = TrainConfig()
+    types = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flags = [f"--{field.name}"]
+        if "_" in field.name:
+            flags.append(f"--{field.name.replace('_', '-')}")
+        kind = getattr(types[field.name], "__name__", str(types[field.name]))
+        help_text = _PRIMARY_HELP.get(field.name, f"{kind}, default {getattr(defaults, field.name)!r}")
+        parser.add_argument(*flags, dest=_DEST + field.name, default=None, metavar="VALUE", help=help_text)
+    original_error = parser.error
+
+    def error(message: str) -> NoReturn:
+        if "unrecognized arguments" in message:
+            message += "; valid training-config keys: " + ", ".join(field_names())
+        original_error(message)
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    from embedline.training import checkpoint as ckpt
+    from embedline.training.config import from_dict
+    from embedline.training.trainer import TrainingInterrupted, train
+
+    overrides = {
+        name[len(_DEST):]: value for name, value in vars(args).items()
+        if name.startswith(_DEST) and value is not None
+    }
+    base = TrainConfig()
+    if args.resume:
+        if "output" not in overrides:
+            raise ckpt.CheckpointError("--resume needs --output, the directory of the interrupted run")
+        saved = ckpt.load_config(ckpt.RunPaths(Path(overrides["output"]).expanduser().resolve()))
+        base = from_dict(saved)
+    config = apply_overrides(base, overrides)
+    try:
+        result = train(config, resume=args.resume)
+    except TrainingInterrupted as exc:
+        print(f"embedline train: {exc}", file=sys.stderr)
+        return 130
+    print(f"artifact: {result.artifact.path}", file=sys.stderr)
+    for key in ("dev_spearman_start", "dev_spearman", "best_step", "train_loss"):
+        if key in result.metrics:
+            print(f"{key}: {result.metrics[key]}", file=sys.stderr)
+    return 0

@@ -1,0 +1,222 @@
+"""The training configuration: one frozen dataclass, `--key=value` overrides, resolution of "auto" values.
+
+Every field can be set from the command line (`embedline train --lr=1e-4`); an unknown key is an error
+listing the valid ones. `resolve_config` turns the "auto" defaults into concrete values (the base
+model's pooling, the paper's learning rate for the objective, the device and precision), and that
+resolved config is what checkpoints and the final artifact's `embedline.json` record.
+
+Defaults follow SimCSE (Gao, Yao & Chen, EMNLP 2021): temperature 0.05, max_seq_length 32, batch 64,
+lr 3e-5 unsupervised / 5e-5 supervised, one epoch, no warmup, [CLS] with an MLP during training for
+plain BERT models. The paper's supervised runs used batch 512: `--batch_size=512 --mini_batch_size=64`
+does that in fixed memory with the cached loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embedline import artifact as art
+from embedline.errors import EmbedlineError
+
+OBJECTIVES = ("unsup", "sup", "triplet", "contrastive")
+# cls = [CLS] + SimCSE's MLP during training only; cls_no_mlp = [CLS] throughout; auto = the base model's.
+POOLINGS = ("auto", "cls", "cls_no_mlp", "mean")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Objectives whose negatives are the other examples of the batch (they need >= 2 distinct sentences).
+IN_BATCH_OBJECTIVES = ("unsup", "sup")
+PAPER_LR = {"unsup": 3e-5, "sup": 5e-5, "triplet": 5e-5, "contrastive": 5e-5}
+
+
+class ConfigError(EmbedlineError):
+    """An unknown key, a value of the wrong type, or an inconsistent combination of settings."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Empty strings and None mean "auto" until resolved."""
+
+    # Data, model and output.
+    objective: str = "unsup"
+    model: str = ""  # artifact or sentence-transformers / HF directory; "" = bundled all-MiniLM-L6-v2
+    train_file: str = ""
+    dev_file: str = ""  # STS TSV (score + two sentences); "" = no evaluation during training
+    output: str = ""  # the artifact directory written at the end (its run/ folder holds logs, checkpoints)
+    name: str = ""  # artifact name; "" = the output directory's name
+
+    # Model.
+    pooling: str = "auto"
+    dropout: float | None = None  # None = the model's own (0.1 for BERT); the positive pair's only noise in unsup
+    random_layers: bool = False  # fresh transformer layers, pretrained word embeddings kept
+    layers_config: str = ""  # config.json (or its directory) for the random layers; "" = the base model's
+    num_layers: int = 0  # override num_hidden_layers of the random layers; 0 = the config's
+    freeze_word_embeddings: bool = False  # keep the word embeddings fixed (with random_layers: the only knowledge)
+
+    # Objective.
+    temperature: float = 0.05  # InfoNCE: scale = 1 / temperature
+    margin: float = 0.5  # triplet and contrastive losses (cosine distance)
+    hard_negatives: bool = True  # sup: use the hard_neg column when the file has one
+
+    # Optimization.
+    lr: float | None = None  # None = 3e-5 unsup, 5e-5 otherwise (the paper's)
+    batch_size: int = 64  # global: examples per optimizer step summed over all processes
+    mini_batch_size: int = 0  # > 0: cached (GradCache) loss, encoding this many texts at a time
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps instead of `epochs`
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    max_seq_length: int = 32  # training truncation; the artifact keeps the base model's inference length
+    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU
+    seed: int = 42
+    device: str = "auto"
+
+    # Evaluation, logging, checkpoints.
+    eval_steps: int = 125  # evaluate on dev_file every this many steps (and at the start and the end)
+    eval_batch_size: int = 128
+    log_steps: int = 10
+    checkpoint_steps: int = 500  # 0 = checkpoint only when interrupted
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _parse_value(key: str, raw: Any) -> Any:
+    """Convert one override (a string from the command line, or a Python value) to the field's type."""
+    kind = _TYPES[key]
+    optional = type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "auto", "")):
+            return None
+    if not isinstance(raw, str):
+        raw_ok = isinstance(raw, kind) or (kind is float and isinstance(raw, int) and not isinstance(raw, bool))
+        if not raw_ok:
+            raise ConfigError(f"--{key}: expected {kind.__name__}, got {raw!r}")
+        return kind(raw)
+    text = raw.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{key}={raw}: expected {kind.__name__}") from None
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A copy of `config` with `overrides` ({key: value}, values may be strings) applied and checked."""
+    valid = field_names()
+    unknown = sorted(k for k in overrides if k.replace("-", "_") not in valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown training config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
+        )
+    values = {k.replace("-", "_"): _parse_value(k.replace("-", "_"), v) for k, v in overrides.items()}
+    return validate(dataclasses.replace(config, **values))
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """["--lr=1e-4", "--batch_size", "32"] -> {"lr": "1e-4", "batch_size": "32"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = args[i + 1], i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Reject values that cannot work, with the key in the message."""
+    checks = [
+        (config.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}"),
+        (config.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}"),
+        (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+        (config.temperature > 0, "--temperature must be > 0"),
+        (config.margin >= 0, "--margin must be >= 0"),
+        (config.dropout is None or 0.0 <= config.dropout < 1.0, "--dropout must be in [0, 1)"),
+        (config.lr is None or config.lr > 0, "--lr must be > 0"),
+        (config.batch_size >= 1, "--batch_size must be >= 1"),
+        (config.mini_batch_size >= 0, "--mini_batch_size must be >= 0"),
+        (config.epochs >= 1, "--epochs must be >= 1"),
+        (config.max_steps >= 0, "--max_steps must be >= 0"),
+        (0.0 <= config.warmup_ratio < 1.0, "--warmup_ratio must be in [0, 1)"),
+        (config.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (config.max_seq_length >= 2, "--max_seq_length must be >= 2 ([CLS] and [SEP])"),
+        (config.num_layers >= 0, "--num_layers must be >= 0"),
+        (config.eval_steps >= 1 and config.log_steps >= 1, "--eval_steps and --log_steps must be >= 1"),
+        (config.eval_batch_size >= 1, "--eval_batch_size must be >= 1"),
+        (config.checkpoint_steps >= 0, "--checkpoint_steps must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.objective in IN_BATCH_OBJECTIVES and config.batch_size < 2:
+        raise ConfigError(f"--batch_size must be >= 2 for {config.objective}: the other examples are the negatives")
+    return config
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill every "auto" value, so the config alone describes the run. Pure: reads files, loads no model."""
+    import torch
+
+    validate(config)
+    if not config.output:
+        raise ConfigError("--output is required (the artifact directory to write)")
+    if not config.train_file:
+        raise ConfigError("--train_file is required")
+    model_path, is_artifact = art.resolve_model_source(config.model or None)
+    if is_artifact:
+        base_pooling = art.load_artifact(model_path).pooling
+    else:
+        base_pooling = art.describe_model_dir(model_path)["pooling"]
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = config.precision
+    if precision == "auto":
+        if device.startswith("cuda"):
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    output = Path(config.output).expanduser().resolve()
+    return dataclasses.replace(
+        config,
+        model=str(model_path),
+        train_file=str(Path(config.train_file).expanduser().resolve()),
+        dev_file=str(Path(config.dev_file).expanduser().resolve()) if config.dev_file else "",
+        output=str(output),
+        name=config.name or output.name,
+        pooling=base_pooling if config.pooling == "auto" else config.pooling,
+        lr=config.lr if config.lr is not None else PAPER_LR[config.objective],
+        device=device,
+        precision=precision,
+    )
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """The inverse of `to_dict` (e.g. a checkpoint's config); unknown keys are an error."""
+    return apply_overrides(TrainConfig(), values)

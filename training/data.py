@@ -1,0 +1,267 @@
+"""Readers for training and evaluation files, and the deterministic batch order.
+
+Formats:
+  * text (`.txt`, `.txt.gz`, anything not CSV/TSV): one sentence per line (unsupervised SimCSE).
+  * CSV (`.csv`, `.csv.gz`, RFC 4180 quoting): header with `sent0, sent1` and optionally `hard_neg`
+    (SimCSE's nli_for_simcse.csv layout) or `label` (1 = similar, 0 = dissimilar, for the contrastive loss).
+  * STS TSV (`.tsv`, `.tsv.gz`, no quoting): header with a score column and two sentence columns
+    (STS-B: score, sentence1, sentence2; SICK: relatedness_score, sentence_A, sentence_B).
+
+Blank lines are skipped and counted; a malformed row is a `DataError` naming file:line.
+Training data is column-major (`columns[c][i]`) so a batch of any objective is a list of text columns
+plus optional labels: the shape the losses (and the few-shot classifier trainer) consume.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embedline.errors import EmbedlineError
+
+log = logging.getLogger(__name__)
+
+STS_SCORE_COLUMNS = ("score", "relatedness_score", "similarity")
+STS_SENTENCE_COLUMNS = (("sentence1", "sentence2"), ("sentence_A", "sentence_B"), ("sent0", "sent1"))
+
+
+class DataError(EmbedlineError):
+    """A training or evaluation file that is missing, malformed or too small for the configuration."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Examples as text columns: unsup (sentence,); sup/triplet (sent0, sent1[, hard_neg]); contrastive (a, b)."""
+
+    path: Path
+    column_names: tuple[str, ...]
+    columns: tuple[tuple[str, ...], ...]
+    labels: tuple[float, ...] | None  # contrastive pairs only
+    skipped_empty: int
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's examples: `columns[c]` is a list of texts; `labels` (batch,) for labelled pairs."""
+
+    columns: list[list[str]]
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+@dataclass(frozen=True)
+class StsData:
+    """Sentence pairs with gold similarity scores."""
+
+    path: Path
+    sentences1: tuple[str, ...]
+    sentences2: tuple[str, ...]
+    scores: tuple[float, ...]
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    return "csv" if name.endswith(".csv") else "tsv" if name.endswith(".tsv") else "text"
+
+
+def read_sentences(path: str | os.PathLike) -> TrainingData:
+    """One sentence per line; blank lines skipped and counted."""
+    path = Path(path)
+    sentences: list[str] = []
+    skipped = 0
+    try:
+        with _open_text(path) as f:
+            for line in f:
+                text = line.strip()
+                if text:
+                    sentences.append(text)
+                else:
+                    skipped += 1
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from exc
+    return TrainingData(path, ("sentence",), (tuple(sentences),), None, skipped)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-header CSV row; blank rows yield an empty list."""
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f, strict=True)
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except csv.Error as exc:
+                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 CSV ({exc})") from exc
+
+
+def read_pairs_csv(path: str | os.PathLike, objective: str, hard_negatives: bool = True) -> TrainingData:
+    """sent0/sent1[/hard_neg|label] rows for the sup, triplet and contrastive objectives.
+
+    contrastive: a `label` column gives each pair's label; without one, triples become two labelled
+    pairs, (sent0, sent1, 1) and (sent0, hard_neg, 0).
+    """
+    path = Path(path)
+    rows = _csv_rows(path)
+    header_line, header = next(rows, (1, []))
+    header = [h.strip() for h in header]
+    missing = [c for c in ("sent0", "sent1") if c not in header]
+    use_hard_neg = "hard_neg" in header and (hard_negatives or objective != "sup")
+    if objective == "triplet" and "hard_neg" not in header:
+        missing.append("hard_neg")
+    if objective == "contrastive" and "label" not in header and "hard_neg" not in header:
+        missing.append("label or hard_neg")
+    if missing:
+        raise DataError(
+            f"{path}:{header_line}: header {header} lacks column(s) {', '.join(missing)} "
+            f"(the {objective} objective reads sent0, sent1 and hard_neg or label)"
+        )
+    wanted = ["sent0", "sent1"] + (["hard_neg"] if use_hard_neg else [])
+    use_label = objective == "contrastive" and "label" in header
+    index = {name: header.index(name) for name in header}
+    columns: list[list[str]] = [[] for _ in wanted]
+    labels: list[float] = []
+    skipped = 0
+    for line, row in rows:
+        if not row or all(not field.strip() for field in row):
+            skipped += 1
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
+        values = [row[index[name]].strip() for name in wanted]
+        for name, value in zip(wanted, values):
+            if not value:
+                hint = "; pass --hard_negatives=false to ignore that column" if name == "hard_neg" else ""
+                raise DataError(f"{path}:{line}: empty {name}{hint}")
+        if use_label:
+            raw = row[index["label"]].strip()
+            try:
+                label = float(raw)
+            except ValueError:
+                raise DataError(f"{path}:{line}: label {raw!r} is not a number (1 = similar, 0 = dissimilar)") from None
+            if not 0.0 <= label <= 1.0:
+                raise DataError(f"{path}:{line}: label {raw!r} is outside [0, 1]")
+            labels.append(label)
+        for column, value in zip(columns, values):
+            column.append(value)
+
+    if objective == "contrastive" and not use_label:
+        # Triples -> labelled pairs: (anchor, positive, 1) then (anchor, hard negative, 0).
+        anchors, positives, negatives = columns
+        columns = [anchors + anchors, positives + negatives]
+        labels = [1.0] * len(anchors) + [0.0] * len(anchors)
+        wanted = ["sent0", "sent1"]
+    return TrainingData(
+        path,
+        tuple(wanted),
+        tuple(tuple(c) for c in columns),
+        tuple(labels) if objective == "contrastive" else None,
+        skipped,
+    )
+
+
+def load_training_data(path: str | os.PathLike, objective: str, hard_negatives: bool = True) -> TrainingData:
+    """The training file for `objective`, checked for enough distinct sentences."""
+    path = Path(path)
+    kind = _kind(path)
+    if objective == "unsup":
+        if kind != "text":
+            raise DataError(f"{path}: the unsup objective reads a text file with one sentence per line")
+        data = read_sentences(path)
+    else:
+        if kind != "csv":
+            raise DataError(f"{path}: the {objective} objective reads a CSV file with columns sent0, sent1, ...")
+        data = read_pairs_csv(path, objective, hard_negatives)
+    if len(data) == 0:
+        raise DataError(f"{path}: no examples (blank lines skipped: {data.skipped_empty})")
+    if len(set(data.columns[0])) < 2 and objective in ("unsup", "sup"):
+        raise DataError(f"{path}: fewer than 2 distinct sentences; in-batch negatives need at least 2")
+    log.info("%s: %d examples (%s), %d blank lines skipped", path, len(data), ", ".join(data.column_names),
+             data.skipped_empty)
+    return data
+
+
+def read_sts(path: str | os.PathLike) -> StsData:
+    """An STS TSV (header, score + two sentence columns, no quoting)."""
+    path = Path(path)
+    sentences1: list[str] = []
+    sentences2: list[str] = []
+    scores: list[float] = []
+    try:
+        with _open_text(path) as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+            score_col = next((header.index(c) for c in STS_SCORE_COLUMNS if c in header), None)
+            pair = next((p for p in STS_SENTENCE_COLUMNS if p[0] in header and p[1] in header), None)
+            if score_col is None or pair is None:
+                raise DataError(
+                    f"{path}:1: header {header} needs a score column ({' / '.join(STS_SCORE_COLUMNS)}) and two "
+                    f"sentence columns ({' / '.join('+'.join(p) for p in STS_SENTENCE_COLUMNS)})"
+                )
+            col1, col2 = header.index(pair[0]), header.index(pair[1])
+            for line_no, line in enumerate(f, start=2):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                if len(fields) != len(header):
+                    raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, found {len(fields)}")
+                try:
+                    score = float(fields[score_col])
+                except ValueError:
+                    raise DataError(f"{path}:{line_no}: score {fields[score_col]!r} is not a number") from None
+                sentences1.append(fields[col1].strip())
+                sentences2.append(fields[col2].strip())
+                scores.append(score)
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 TSV ({exc})") from exc
+    if len(scores) < 2:
+        raise DataError(f"{path}: fewer than 2 scored pairs; a correlation needs more")
+    return StsData(path, tuple(sentences1), tuple(sentences2), tuple(scores))
+
+
+# --- Batch order -----------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch: the last partial batch is dropped (every step sees batch_size negatives)."""
+    return num_examples // batch_size
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The example indices of global optimizer step `step`: a pure function of (seed, step), so resuming
+    at any step replays exactly the batches an uninterrupted run would have seen."""
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_examples, generator=generator)
+    return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def make_batch(data: TrainingData, indices: list[int]) -> Batch:
+    columns = [[column[i] for i in indices] for column in data.columns]
+    labels = None
+    if data.labels is not None:
+        labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.float32)
+    return Batch(columns, labels)

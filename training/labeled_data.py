@@ -1,0 +1,133 @@
+"""Labelled texts for the few-shot classifier: read a `text`/`label` TSV or CSV, check it, sample N shots.
+
+Formats (optionally gzip'd):
+  * `.tsv`: header line, fields separated by one TAB, no quoting (the shared data's format);
+  * `.csv`: RFC 4180 quoting.
+Both need a `text` and a `label` column (labels are strings; other columns are ignored). Blank lines are
+skipped. Every problem is a `DataError` naming the file (and the line where there is one): a missing
+column, an empty text or label, a single class, a class with fewer examples than the requested shots.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedline.training.data import DataError
+
+log = logging.getLogger(__name__)
+
+TEXT_COLUMN = "text"
+LABEL_COLUMN = "label"
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Texts and their string labels, in file order (or class order after `sample_shots`)."""
+
+    path: Path
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The distinct labels, sorted: the head's output order and labels.json."""
+        return tuple(sorted(set(self.labels)))
+
+    def counts(self) -> dict[str, int]:
+        counts = Counter(self.labels)
+        return {label: counts[label] for label in self.classes}
+
+
+def _open(path: Path) -> io.TextIOBase:
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every line of a TSV or CSV file, the header included."""
+    name = path.name.lower().removesuffix(".gz")
+    if not name.endswith((".tsv", ".csv")):
+        raise DataError(f"{path}: expected a .tsv or .csv file (optionally .gz) with columns text and label")
+    try:
+        with _open(path) as f:
+            if name.endswith(".tsv"):
+                for number, line in enumerate(f, start=1):
+                    yield number, line.rstrip("\r\n").split("\t")
+            else:
+                reader = csv.reader(f, strict=True)
+                try:
+                    for row in reader:
+                        yield reader.line_num, row
+                except csv.Error as exc:
+                    raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from exc
+
+
+def read_labeled(path: str | os.PathLike) -> LabeledData:
+    """All rows of a text/label file, checked: non-empty texts and labels, at least two classes."""
+    path = Path(path).expanduser().resolve()
+    rows = _rows(path)
+    header_line, header = next(rows, (1, []))
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    missing = [c for c in (TEXT_COLUMN, LABEL_COLUMN) if c not in header]
+    if missing:
+        raise DataError(f"{path}:{header_line}: missing column(s) {', '.join(missing)} "
+                        f"(header is {header}; the classifier reads 'text' and 'label')")
+    text_at, label_at = header.index(TEXT_COLUMN), header.index(LABEL_COLUMN)
+    texts: list[str] = []
+    labels: list[str] = []
+    for line, fields in rows:
+        if all(not field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
+        text, label = fields[text_at].strip(), fields[label_at].strip()
+        if not text:
+            raise DataError(f"{path}:{line}: empty text (label {label!r})")
+        if not label:
+            raise DataError(f"{path}:{line}: empty label")
+        texts.append(text)
+        labels.append(label)
+    data = LabeledData(path, tuple(texts), tuple(labels))
+    if len(data.classes) < 2:
+        found = f"only the label {data.classes[0]!r}" if data.classes else "no examples"
+        raise DataError(f"{path}: the label column has {found}; a classifier needs at least 2 classes")
+    log.info("%s: %d examples, %d classes", path, len(data), len(data.classes))
+    return data
+
+
+def sample_shots(data: LabeledData, shots: int, seed: int) -> LabeledData:
+    """`shots` examples of every class, drawn without replacement with `seed` (grouped by class).
+
+    Classes are visited in sorted order with one seeded generator, so the sample depends only on
+    (file contents, shots, seed), not on the file's row order within a class.
+    """
+    if shots < 1:
+        raise DataError(f"{data.path}: --shots must be >= 1, got {shots}")
+    counts = data.counts()
+    short = {label: n for label, n in counts.items() if n < shots}
+    if short:
+        listed = ", ".join(f"{label!r} has {n}" for label, n in sorted(short.items()))
+        raise DataError(f"{data.path}: --shots {shots} needs {shots} examples per class, but {listed}")
+    rng = random.Random(seed)
+    by_class: dict[str, list[int]] = {label: [] for label in counts}
+    for i, label in enumerate(data.labels):
+        by_class[label].append(i)
+    chosen = [i for label in data.classes for i in sorted(rng.sample(by_class[label], shots))]
+    return LabeledData(data.path, tuple(data.texts[i] for i in chosen), tuple(data.labels[i] for i in chosen))

@@ -1,0 +1,124 @@
+"""Contrastive losses over sentence embeddings: InfoNCE (SimCSE), triplet and pairwise contrastive.
+
+Each loss is a plain function of embedding tensors (and labels), so any loop can use it: the SimCSE
+trainer here, or a few-shot classifier trainer that feeds SetFit-style labelled pairs. `make_loss`
+binds an objective's hyperparameters into an `ObjectiveLoss`: (embedding columns, labels) -> scalar,
+where the columns are the per-column embeddings of a `data.Batch`.
+
+All similarities are cosine; embeddings need not be normalized beforehand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# (embedding columns, each (batch, dim); labels (batch,) or None) -> scalar loss
+ObjectiveLoss = Callable[[Sequence[torch.Tensor], torch.Tensor | None], torch.Tensor]
+# Gathers a (local_batch, dim) tensor from every process -> (world * local_batch, dim), plus the offset of
+# this process's rows in the result. Identity (offset 0) in a single process.
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def _no_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return tensor, 0
+
+
+def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, dim), (m, dim) -> (n, m) cosine similarities."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+def info_nce_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float = 0.05,
+    positive_offset: int = 0,
+) -> torch.Tensor:
+    """InfoNCE / NT-Xent over cosine similarities (SimCSE, Gao, Yao & Chen, EMNLP 2021, eq. 1 and 5).
+
+    anchors (n, dim); candidates (m, dim) with m >= n, where `candidates[positive_offset + i]` is anchor
+    i's positive and every other candidate is a negative. The loss is the mean over anchors of
+
+        -log( exp(cos(h_i, h_i+) * scale) / sum_j exp(cos(h_i, h_j) * scale) ),   scale = 1 / temperature
+
+    (scale = 20 for the paper's temperature 0.05, as sentence-transformers' MultipleNegativesRankingLoss).
+    """
+    scores = cosine_similarity_matrix(anchors, candidates) / temperature  # (n, m)
+    targets = torch.arange(anchors.shape[0], device=anchors.device) + positive_offset
+    return F.cross_entropy(scores, targets)
+
+
+def simcse_loss(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    hard_negatives: torch.Tensor | None = None,
+    temperature: float = 0.05,
+    gather: Gather = _no_gather,
+) -> torch.Tensor:
+    """SimCSE's loss (Gao, Yao & Chen, EMNLP 2021), scale = 1 / temperature.
+
+    Unsupervised: anchors and positives are two encodings of the same sentences under independent
+    dropout masks. Supervised: (premise, entailment) pairs, and each premise's contradiction hypothesis
+    as a hard negative; the candidates are all positives followed by all hard negatives (eq. 5).
+    With several processes, `gather` collects the candidates of every process so the negatives include
+    the whole global batch; this process's anchors' positives then start at its offset.
+    """
+    candidates, offset = gather(positives)  # (global_batch, dim)
+    if hard_negatives is not None:
+        gathered_negatives, _ = gather(hard_negatives)
+        candidates = torch.cat([candidates, gathered_negatives])  # (2 * global_batch, dim)
+    return info_nce_loss(anchors, candidates, temperature, positive_offset=offset)
+
+
+def triplet_loss(
+    anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, margin: float = 0.5
+) -> torch.Tensor:
+    """Triplet margin loss (Schroff et al., FaceNet, CVPR 2015; Reimers & Gurevych 2019 for sentences)
+    with cosine distance d = 1 - cos:  mean( max(0, d(a, p) - d(a, n) + margin) ). No temperature."""
+    d_pos = 1.0 - F.cosine_similarity(anchors, positives, dim=-1)
+    d_neg = 1.0 - F.cosine_similarity(anchors, negatives, dim=-1)
+    return F.relu(d_pos - d_neg + margin).mean()
+
+
+def contrastive_loss(
+    embeddings_a: torch.Tensor, embeddings_b: torch.Tensor, labels: torch.Tensor, margin: float = 0.5
+) -> torch.Tensor:
+    """Pairwise contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006) with cosine distance d = 1 - cos:
+
+        mean( 0.5 * [ y * d^2 + (1 - y) * max(0, margin - d)^2 ] ),   y = 1 similar, 0 dissimilar
+
+    (the form of sentence-transformers' ContrastiveLoss). Labels may be soft, in [0, 1].
+    """
+    distances = 1.0 - F.cosine_similarity(embeddings_a, embeddings_b, dim=-1)
+    labels = labels.to(distances.dtype)
+    losses = labels * distances.pow(2) + (1.0 - labels) * F.relu(margin - distances).pow(2)
+    return 0.5 * losses.mean()
+
+
+def make_loss(objective: str, temperature: float = 0.05, margin: float = 0.5,
+              gather: Gather = _no_gather) -> ObjectiveLoss:
+    """The loss of a training objective, taking a batch's embedding columns (and labels).
+
+    unsup: columns (view1, view2) of the same sentences; sup: (anchor, positive[, hard_negative]);
+    triplet: (anchor, positive, negative); contrastive: (a, b) with labels.
+    """
+
+    def unsup_or_sup(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        hard_negatives = columns[2] if len(columns) > 2 else None
+        return simcse_loss(columns[0], columns[1], hard_negatives, temperature, gather)
+
+    def triplet(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        return triplet_loss(columns[0], columns[1], columns[2], margin)
+
+    def contrastive(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("the contrastive loss needs labels")
+        return contrastive_loss(columns[0], columns[1], labels, margin)
+
+    losses = {"unsup": unsup_or_sup, "sup": unsup_or_sup, "triplet": triplet, "contrastive": contrastive}
+    if objective not in losses:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(losses)}")
+    return losses[objective]

@@ -1,0 +1,164 @@
+"""Contrastive examples from class labels (SetFit, Tunstall et al. 2022), with hard negatives.
+
+From a handful of labelled texts, stage 1 of the few-shot classifier builds:
+  * pairs (a, b, y): y = 1 for two texts of the same label, y = 0 for different labels, as many
+    positives as negatives (SetFit's balanced sampling), for the pairwise contrastive loss; or
+  * triples (anchor, positive, negative) for the triplet and InfoNCE losses.
+Each round visits every example once as an anchor (in a fresh random order) and draws one positive and
+one negative for it; `iterations` rounds are SetFit's R. A `hard_fraction` of the negatives are hard:
+drawn among the `hard_pool` different-label examples that the current encoder places closest to the
+anchor (cosine on `embeddings`); the rest are uniform over the other labels, which keeps the easy,
+clearly-separable structure in the loss too. `max_pairs` caps the total for many-class sets (banking77
+has 77 x 8 anchors).
+
+The result is a `training.data.TrainingData`, the shape the SimCSE trainer's loop consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedline.training.data import DataError, TrainingData
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("sent0", "sent1")
+TRIPLE_COLUMNS = ("sent0", "sent1", "hard_neg")
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """How many examples to draw and how hard the negatives are."""
+
+    iterations: int = 20  # rounds over the anchors (SetFit's R)
+    max_pairs: int = 0  # cap on pairs (or triples) in all; 0 = no cap
+    hard_fraction: float = 0.5  # share of negatives drawn among the closest different-label examples
+    hard_pool: int = 3  # how many closest different-label examples a hard negative is drawn from
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise DataError(f"iterations must be >= 1, got {self.iterations}")
+        if self.max_pairs < 0:
+            raise DataError(f"max_pairs must be >= 0, got {self.max_pairs}")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise DataError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
+        if self.hard_pool < 1:
+            raise DataError(f"hard_pool must be >= 1, got {self.hard_pool}")
+
+
+class _Sampler:
+    """Draws positives and (hard or uniform) negatives for anchors, from labels and embeddings.
+
+    Memory stays O(n * hard_pool) (no n x n matrices kept), so a full training file works as well as a
+    few-shot sample.
+    """
+
+    def __init__(self, labels: list[str], embeddings: np.ndarray | None, settings: PairSettings, seed: int):
+        classes, self.codes = np.unique(np.asarray(labels), return_inverse=True)
+        self.members = [np.flatnonzero(self.codes == c) for c in range(len(classes))]
+        self.settings = settings
+        self.rng = np.random.default_rng(seed)
+        self.hard: np.ndarray | None = None  # (n, pool) closest other-label examples, nearest first
+        if embeddings is not None and settings.hard_fraction > 0:
+            if embeddings.shape[0] != len(labels):
+                raise DataError(f"{embeddings.shape[0]} embeddings for {len(labels)} examples")
+            self.hard = self._closest_other_label(embeddings, settings.hard_pool)
+
+    def _closest_other_label(self, embeddings: np.ndarray, pool: int, block: int = 1024) -> np.ndarray:
+        unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        n = len(unit)
+        pool = min(pool, n - max(len(m) for m in self.members))  # every anchor has that many negatives
+        out = np.empty((n, pool), dtype=np.int64)
+        for start in range(0, n, block):
+            rows = slice(start, min(start + block, n))
+            similarity = unit[rows] @ unit.T  # (block, n)
+            similarity[self.codes[rows, None] == self.codes[None, :]] = -np.inf  # never a same-label negative
+            top = np.argpartition(-similarity, pool - 1, axis=1)[:, :pool]
+            order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1, kind="stable")
+            out[rows] = np.take_along_axis(top, order, axis=1)
+        return out
+
+    def positive(self, anchor: int) -> int | None:
+        members = self.members[self.codes[anchor]]
+        if len(members) < 2:
+            return None
+        while True:
+            candidate = int(self.rng.choice(members))
+            if candidate != anchor:
+                return candidate
+
+    def negative(self, anchor: int) -> int:
+        if self.hard is not None and self.rng.random() < self.settings.hard_fraction:
+            return int(self.rng.choice(self.hard[anchor]))
+        while True:  # uniform over the other labels' examples (rejection: at least 2 classes exist)
+            candidate = int(self.rng.integers(len(self.codes)))
+            if self.codes[candidate] != self.codes[anchor]:
+                return candidate
+
+    def rounds(self):
+        """Anchor orders, one shuffled permutation per round."""
+        for _ in range(self.settings.iterations):
+            yield self.rng.permutation(len(self.codes))
+
+
+def _check(texts: list[str], labels: list[str]) -> None:
+    if len(texts) != len(labels):
+        raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+    if len(set(labels)) < 2:
+        raise DataError("contrastive pairs need at least 2 classes")
+    if all(count < 2 for count in np.unique(labels, return_counts=True)[1]):
+        raise DataError("contrastive pairs need a class with at least 2 examples (a positive pair)")
+
+
+def make_pairs(texts: list[str], labels: list[str], embeddings: np.ndarray | None = None,
+               settings: PairSettings = PairSettings(), seed: int = 0,
+               source: Path = Path("<labelled texts>")) -> TrainingData:
+    """Balanced labelled pairs: columns (sent0, sent1), labels 1.0 (same class) / 0.0 (different).
+
+    Anchors of a single-example class have no positive; they are skipped, so the balance holds.
+    """
+    _check(texts, labels)
+    sampler = _Sampler(labels, embeddings, settings, seed)
+    first: list[str] = []
+    second: list[str] = []
+    targets: list[float] = []
+    cap = settings.max_pairs or None
+    for order in sampler.rounds():
+        for anchor in order:
+            if cap is not None and len(targets) + 2 > cap:
+                break
+            positive = sampler.positive(anchor)
+            if positive is None:
+                continue
+            negative = sampler.negative(anchor)
+            first += [texts[anchor], texts[anchor]]
+            second += [texts[positive], texts[negative]]
+            targets += [1.0, 0.0]
+    log.info("%d pairs (%d positive, %d negative) from %d examples", len(targets), len(targets) // 2,
+             len(targets) // 2, len(texts))
+    return TrainingData(source, PAIR_COLUMNS, (tuple(first), tuple(second)), tuple(targets), 0)
+
+
+def make_triples(texts: list[str], labels: list[str], embeddings: np.ndarray | None = None,
+                 settings: PairSettings = PairSettings(), seed: int = 0,
+                 source: Path = Path("<labelled texts>")) -> TrainingData:
+    """(anchor, positive, negative) triples: columns (sent0, sent1, hard_neg), no labels."""
+    _check(texts, labels)
+    sampler = _Sampler(labels, embeddings, settings, seed)
+    columns: tuple[list[str], list[str], list[str]] = ([], [], [])
+    cap = settings.max_pairs or None
+    for order in sampler.rounds():
+        for anchor in order:
+            if cap is not None and len(columns[0]) >= cap:
+                break
+            positive = sampler.positive(anchor)
+            if positive is None:
+                continue
+            for column, index in zip(columns, (anchor, positive, sampler.negative(anchor))):
+                column.append(texts[index])
+    log.info("%d triples from %d examples", len(columns[0]), len(texts))
+    return TrainingData(source, TRIPLE_COLUMNS, tuple(tuple(c) for c in columns), None, 0)
