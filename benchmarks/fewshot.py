@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    data_dir, markdown_table, pin_threads, save_results, update_readme_section,
+    RESULTS, data_dir, markdown_table, pin_threads, save_results, update_readme_section,
 )
 
 log = logging.getLogger("fewshot")
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="fewshot", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in results/NAME.json and do only the missing ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -180,7 +182,12 @@ def main() -> None:
     from embedline.training.labeled_data import read_labeled, sample_shots
 
     root = data_dir() / "classification"
-    results = {"settings": {**vars(args), "command": " ".join(sys.argv)}, "runs": {}}
+    command = " ".join(arg for arg in sys.argv if arg != "--resume")
+    results = {"settings": {**vars(args), "command": command}, "runs": {}}
+    previous = RESULTS / f"{args.name}.json"
+    if args.resume and previous.is_file():
+        results["runs"] = json.loads(previous.read_text())["runs"]
+        log.info("resuming: %d runs kept from %s", sum(len(e["seeds"]) for e in results["runs"].values()), previous)
     main_c = f"{args.head_c[0]:g}"
     for model_name, base in model_dirs(args).items():
         embed_base = Embedder(base, args.eval_batch_size)
@@ -196,6 +203,8 @@ def main() -> None:
                 key = f"{model_name}/{dataset}/{method}"
                 entry = results["runs"].setdefault(key, {"seeds": {}})
                 for seed in range(args.seeds):
+                    if str(seed) in entry["seeds"]:
+                        continue
                     started = time.perf_counter()
                     if method == "frozen":
                         if test_x_base is None:
@@ -219,7 +228,7 @@ def main() -> None:
     if not args.no_readme:
         update_readme_section(args.name, (
             f"## Few-shot classification ({args.shots} examples per class, {args.split} split)\n\n{table}\n\n"
-            f"Command: `flock /tmp/embedline-heavy.lock .venv/bin/python {' '.join(sys.argv)}`; "
+            f"Command: `flock /tmp/embedline-heavy.lock .venv/bin/python {command}`; "
             f"per-seed numbers in `results/{args.name}.json`."
         ))
     print(f"saved {path}")

@@ -26,8 +26,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-
-import numpy as np
 from pathlib import Path
 from typing import Any
 
@@ -178,70 +176,42 @@ def triton(artifact, tmp: Path, settings):
 # ---- the measurements ------------------------------------------------------------------------------
 
 
-def measure_inprocess(artifact, variants: list[str], workloads, mode: Mode, threads: int, bar) -> tuple[dict, dict]:
-    """(results by engine and workload, engines kept for the scaling curves)."""
-    from embedline.benchmarks import inprocess
+def engine_names(variants: list[str]) -> list[str]:
+    from embedline.benchmarks.report import inprocess_name
 
-    factories = {"sentence-transformers": lambda: inprocess.sentence_transformers_engine(artifact, threads)}
-    for variant in variants:
-        name = "openvino" if variant == "openvino" else f"onnxruntime {variant}"
-        factories[name] = (lambda v=variant: inprocess.openvino_engine(artifact, threads) if v == "openvino"
-                           else inprocess.onnxruntime_engine(artifact, v, threads))
-    results, engines = {}, {}
-    for name, factory in factories.items():
-        bar.set_postfix_str(f"in-process {name}")
-        try:
-            engine = factory()
-        except Exception as exc:  # noqa: BLE001 - record why an engine is missing, measure the rest
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            continue
-        engines[name] = engine
-        entry = results[name] = {}
-        for workload, key, batch in ((SHORT, "b32", 32), (SHORT, "b1", 1), (MEDIUM, "b32", 32), (MIXED, "b32", 32)):
-            w = workloads[workload]
-            entry.setdefault(workload, {})[key] = inprocess.measure_batches(
-                engine, w.texts, w.tokens, batch, mode.point_seconds)
-        bar.update(1)
-    return results, engines
+    return ["sentence-transformers", *[inprocess_name(v) for v in variants]]
 
 
-def measure_scaling(engines: dict, workloads, mode: Mode, tokenizer_json: Path, bar) -> dict:
-    from embedline.benchmarks import inprocess
+def measure_inprocess(artifact, names: list[str], workloads_file: Path, mode: Mode, threads: int,
+                      bar) -> tuple[dict, dict]:
+    """(results by engine and workload, scaling curves), each engine alone in its own process."""
+    from embedline.benchmarks.engine_process import EngineProcess
 
-    short = workloads[SHORT]
-    names = [n for n in engines if n != "sentence-transformers" or mode.sentence_transformers_scaling]
+    results: dict[str, Any] = {}
     batch_curves: dict[str, list] = {}
     sequence_curves: dict[str, list] = {}
-    sequence_batch = 16
     for name in names:
-        bar.set_postfix_str(f"scaling {name}")
-        engine = engines[name]
-        texts = short.texts * (1 + max(mode.scaling_batch) // len(short.texts))
-        tokens = np.resize(short.tokens, len(texts))
-        batch_curves[name] = _bounded_curve(
-            "batch_size", mode.scaling_batch, mode.scaling_cap_seconds,
-            lambda b: inprocess.measure_batches(engine, texts[: max(b, 256)], tokens, b, mode.scaling_seconds,
-                                                min_batches=2))
-        if engine.run_tokens is not None:
-            sequence_curves[name] = _bounded_curve(
-                "length", mode.scaling_sequence, mode.scaling_cap_seconds,
-                lambda length: inprocess.measure_tokens(engine, inprocess.token_batch(tokenizer_json, sequence_batch, length),
-                                                        mode.scaling_seconds))
+        bar.set_postfix_str(f"in-process {name}")
+        try:
+            with EngineProcess(artifact.path, name, threads, workloads_file) as engine:
+                entry = results[name] = {}
+                for workload, key, batch in ((SHORT, "b32", 32), (SHORT, "b1", 1), (MEDIUM, "b32", 32),
+                                             (MIXED, "b32", 32)):
+                    entry.setdefault(workload, {})[key] = engine.batches(workload, batch, mode.point_seconds)
+                if name != "sentence-transformers" or mode.sentence_transformers_scaling:
+                    bar.set_postfix_str(f"scaling {name}")
+                    batch_curves[name] = engine.curve("batch", mode.scaling_batch, mode.scaling_seconds,
+                                                      mode.scaling_cap_seconds)
+                    sequence_curves[name] = engine.curve("sequence", mode.scaling_sequence, mode.scaling_seconds,
+                                                         mode.scaling_cap_seconds)
+        except Exception as exc:  # noqa: BLE001 - record why an engine is missing, measure the rest
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         bar.update(1)
-    return {"batch": batch_curves, "sequence": sequence_curves, "sequence_batch_size": sequence_batch,
-            "note": "batch: real short texts, tokenization included; sequence: fixed-shape token batches, engine only"}
-
-
-def _bounded_curve(key: str, xs: tuple[int, ...], cap_seconds: float, measure) -> list[dict]:
-    """Measure a curve in increasing x; once one batch takes longer than cap_seconds, skip the rest
-    (bounds the run's time on a slow or busy machine; the skipped points are listed as such)."""
-    points: list[dict] = []
-    for x in xs:
-        if points and points[-1].get("p50_ms", 0) / 1000 > cap_seconds:
-            points.append({key: x, "skipped": f"a batch took over {cap_seconds:g} s at the previous point"})
-            continue
-        points.append({key: x, **measure(x)})
-    return points
+    scaling = {"batch": batch_curves, "sequence": {k: v for k, v in sequence_curves.items() if v},
+               "sequence_batch_size": 16,
+               "note": "batch: real short texts, tokenization included; sequence: fixed-shape token batches, "
+                       "engine only; each engine in its own process"}
+    return results, scaling
 
 
 def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
@@ -257,25 +227,23 @@ def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
     return points
 
 
-def bracket_reference(engines: dict, variant: str, workloads, mode: Mode, with_st: bool) -> dict:
+def bracket_reference(engines: dict, variant: str, mode: Mode, with_st: bool) -> dict:
     """The in-process numbers a server variant's targets compare with, measured right next to its sweep.
 
     On a shared machine the load changes by the minute; measuring the reference just before and just
     after the server (and using the mean) keeps each ratio's two sides under the same conditions.
+    `engines`: name -> a running EngineProcess (idle while the server is measured).
     """
-    from embedline.benchmarks import inprocess
     from embedline.benchmarks.report import inprocess_name
 
-    short = workloads[SHORT]
     seconds = max(1.0, mode.point_seconds / 2)
     reference = {}
     engine = engines.get(inprocess_name(variant))
     if engine is not None:
-        reference["raw_b32"] = inprocess.measure_batches(engine, short.texts, short.tokens, 32, seconds)
-        reference["raw_b1"] = inprocess.measure_batches(engine, short.texts, short.tokens, 1, seconds)
+        reference["raw_b32"] = engine.batches(SHORT, 32, seconds)
+        reference["raw_b1"] = engine.batches(SHORT, 1, seconds)
     if with_st and "sentence-transformers" in engines:
-        reference["st_b32"] = inprocess.measure_batches(engines["sentence-transformers"], short.texts, short.tokens,
-                                                        32, seconds)
+        reference["st_b32"] = engines["sentence-transformers"].batches(SHORT, 32, seconds)
     return reference
 
 
@@ -293,7 +261,7 @@ def _merge_brackets(before: dict, after: dict) -> dict:
 
 
 def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, threads: int, tmp: Path,
-                    engines: dict, bar) -> dict:
+                    workloads_file: Path, bar) -> dict:
     """Every server configuration: the default variant (+ extra workloads), its two baselines right after
     it (pad-to-longest, no dynamic batching), then the other variants; in-process references bracket each."""
     from dataclasses import asdict
@@ -315,19 +283,28 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
                 [(SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2)], False)]
     configs += [(v, replace(base, variant=v), sweep, [], True) for v in variants if v != default_variant]
 
+    from embedline.benchmarks.engine_process import EngineProcess
+    from embedline.benchmarks.report import inprocess_name
+
     results: dict[str, Any] = {}
     for name, settings, sweep_combos, extra_combos, bracket in configs:
         bar.set_postfix_str(f"triton {name}")
         entry = results[name] = {"settings": asdict(settings)}
+        with_st = name == default_variant
         try:
-            before = bracket_reference(engines, settings.variant, workloads, mode, name == default_variant) \
-                if bracket else {}
-            with triton(artifact, tmp, settings) as server:
-                entry["sweep"] = sweep_points(server, workloads, sweep_combos, mode)
-                entry["points"] = sweep_points(server, workloads, extra_combos, mode)
-            if bracket:
-                entry["reference"] = _merge_brackets(
-                    before, bracket_reference(engines, settings.variant, workloads, mode, name == default_variant))
+            with contextlib.ExitStack() as stack:
+                engines = {}
+                if bracket:
+                    for engine in [inprocess_name(settings.variant)] + (["sentence-transformers"] if with_st else []):
+                        engines[engine] = stack.enter_context(
+                            EngineProcess(artifact.path, engine, threads, workloads_file))
+                before = bracket_reference(engines, settings.variant, mode, with_st) if bracket else {}
+                with triton(artifact, tmp, settings) as server:
+                    entry["sweep"] = sweep_points(server, workloads, sweep_combos, mode)
+                    entry["points"] = sweep_points(server, workloads, extra_combos, mode)
+                if bracket:
+                    entry["reference"] = _merge_brackets(before, bracket_reference(engines, settings.variant, mode,
+                                                                                   with_st))
         except Exception as exc:  # noqa: BLE001 - one configuration failing must not lose the others
             log.exception("server %s failed", name)
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -401,15 +378,17 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         variants.insert(0, default_variant)
     inprocess_variants = variants
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
-    steps = (1 + len(inprocess_variants)) * 2 + len(variants) + 2 + 2
+    steps = (1 + len(inprocess_variants)) + len(variants) + 2 + 2
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
-        inproc, engines = measure_inprocess(artifact, inprocess_variants, workloads, mode, args.threads, bar)
-        scaling = measure_scaling(engines, workloads, mode, artifact.tokenizer_path, bar)
+        from embedline.benchmarks.engine_process import write_workloads
+
+        workloads_file = write_workloads(workloads, tmp / "workloads.json")
+        inproc, scaling = measure_inprocess(artifact, engine_names(inprocess_variants), workloads_file, mode,
+                                            args.threads, bar)
         servers = measure_servers(artifact, variants, default_variant, workloads, mode, args.threads, tmp,
-                                  engines, bar)
-        engines.clear()
+                                  workloads_file, bar)
         bar.set_postfix_str("perf_analyzer")
         pa = measure_perf_analyzer(artifact, default_variant, workloads, mode, args.threads, tmp)
         bar.update(1)

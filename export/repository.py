@@ -35,15 +35,18 @@ class RepositorySettings:
     """How the server runs the models (dynamic batching, instances, threads, length grouping).
 
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning"):
-    one instance using both cores beats two single-thread instances, and a short queue delay is enough
-    for the dynamic batcher to gather concurrent 1-text requests into one engine run.
+    one instance using both cores beats two single-thread instances; no queue delay; workers that do not
+    spin; length groups of at most 32 texts with a per-run cost of 64 padded tokens.
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
     layout: str = "python"
     device: str = "cpu"  # cpu | gpu: where model instances run
     max_batch_size: int = 64  # most texts in one request, and in one dynamic batch
-    queue_delay_us: int = 1000  # how long the dynamic batcher waits to fill a batch
+    # How long the dynamic batcher waits to fill a batch. 0 measured best on CPU (benchmarks/README.md,
+    # "Server tuning"): with one busy instance, requests that arrive during a run queue up and form the next
+    # batch anyway, and a lone request no longer waits for company.
+    queue_delay_us: int = 0
     instances: int = 1
     intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
     length_group_size: int = 32  # most texts in one engine run inside a dynamic batch

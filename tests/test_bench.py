@@ -181,3 +181,19 @@ def test_plots_are_written(tmp_path):
     assert [p.name for p in written] == ["throughput_vs_concurrency.png", "latency_vs_concurrency.png", "scaling.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     assert np.frombuffer(written[0].read_bytes()[:8], dtype=np.uint8).tolist()[1:4] == list(b"PNG")
+
+
+def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
+    from embedline.benchmarks.engine_process import EngineProcess, EngineUnavailable, write_workloads
+
+    path = write_workloads(workloads, tmp_path / "workloads.json")
+    with EngineProcess(tiny_fp32.path, "onnxruntime fp32", 1, path) as engine:
+        result = engine.batches("short", 8, seconds=0.05)
+        assert result["sentences_per_s"] > 0 and result["batches"] >= 3
+        curve = engine.curve("sequence", (8, 16, 32), seconds=0.02, cap_seconds=60)
+        assert [p["length"] for p in curve] == [8, 16, 32] and all("tokens_per_s" in p for p in curve)
+        skipped = engine.curve("batch", (1, 2), seconds=0.02, cap_seconds=0.0)
+        assert "skipped" in skipped[1]
+    with pytest.raises(EngineUnavailable, match="int8"):
+        with EngineProcess(tiny_fp32.path, "onnxruntime int8", 1, path):
+            pass

@@ -132,6 +132,14 @@ def test_head_matches_scikit_learn_and_class_weights_help_the_rare_class(blobs):
     assert weighted > unweighted
 
 
+def test_knn_agreement_counts_same_label_neighbours():
+    from embedline.training.plot_space import knn_agreement
+
+    points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert knn_agreement(points, ("a", "a", "b", "b"), k=1) == 1.0
+    assert knn_agreement(points, ("a", "b", "a", "b"), k=1) == 0.0
+
+
 def test_nearest_labels_are_ordered_by_similarity():
     train = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     assert nearest_labels(np.array([[1.0, 0.1]]), train, ["x", "y", "z"], k=2) == [["x", "z"]]
@@ -201,4 +209,5 @@ def test_plot_space_draws_before_and_after(tiny_classifier, tmp_path, capsys):
     assert embedline_main(argv) == 0
     printed = capsys.readouterr().out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "before: model: silhouette" in printed and f"after: {tiny_classifier.name}: silhouette" in printed
+    assert "before: model: 10-NN label agreement" in printed
+    assert f"after: {tiny_classifier.name}: 10-NN label agreement" in printed

@@ -19,13 +19,6 @@ from typing import NoReturn
 from embedline.training.config import TrainConfig, apply_overrides, field_names
 
 _DEST = "config__"  # argparse dest prefix of config fields
-_PRIMARY_HELP = {
-    "objective": "unsup (default), sup, triplet or contrastive",
-    "model": "artifact or sentence-transformers / HF model directory (default: bundled all-MiniLM-L6-v2)",
-    "train_file": "unsup: text, one sentence a line (.txt/.txt.gz); others: CSV with sent0,sent1[,hard_neg|label]",
-    "dev_file": "STS TSV evaluated every --eval_steps (e.g. stsb_dev.tsv.gz); the best step is kept",
-    "output": "artifact directory to write (run/ inside it holds metrics, plot, checkpoints)",
-}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if "_" in field.name:
             flags.append(f"--{field.name.replace('_', '-')}")
         kind = getattr(types[field.name], "__name__", str(types[field.name]))
-        help_text = _PRIMARY_HELP.get(field.name, f"{kind}, default {getattr(defaults, field.name)!r}")
+        help_text = f"{field.metadata['help']} ({kind}, default {getattr(defaults, field.name)!r})"
         parser.add_argument(*flags, dest=_DEST + field.name, default=None, metavar="VALUE", help=help_text)
     original_error = parser.error
 

@@ -35,50 +35,55 @@ class ConfigError(EmbedlineError):
     """An unknown key, a value of the wrong type, or an inconsistent combination of settings."""
 
 
+def _field(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `embedline train --help`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on. Empty strings and None mean "auto" until resolved."""
 
     # Data, model and output.
-    objective: str = "unsup"
-    model: str = ""  # artifact or sentence-transformers / HF directory; "" = bundled all-MiniLM-L6-v2
-    train_file: str = ""
-    dev_file: str = ""  # STS TSV (score + two sentences); "" = no evaluation during training
-    output: str = ""  # the artifact directory written at the end (its run/ folder holds logs, checkpoints)
-    name: str = ""  # artifact name; "" = the output directory's name
+    objective: str = _field("unsup", "unsup, sup, triplet or contrastive")
+    model: str = _field("", "artifact or sentence-transformers / HF directory; '' = bundled all-MiniLM-L6-v2")
+    train_file: str = _field("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label]")
+    dev_file: str = _field("", "STS TSV (score + two sentences) evaluated every eval_steps; '' = none")
+    output: str = _field("", "the artifact directory to write; its run/ folder holds metrics, plot, checkpoints")
+    name: str = _field("", "artifact name; '' = the output directory's name")
 
     # Model.
-    pooling: str = "auto"
-    dropout: float | None = None  # None = the model's own (0.1 for BERT); the positive pair's only noise in unsup
-    random_layers: bool = False  # fresh transformer layers, pretrained word embeddings kept
-    layers_config: str = ""  # config.json (or its directory) for the random layers; "" = the base model's
-    num_layers: int = 0  # override num_hidden_layers of the random layers; 0 = the config's
-    freeze_word_embeddings: bool = False  # keep the word embeddings fixed (with random_layers: the only knowledge)
+    pooling: str = _field("auto", "cls ([CLS] + SimCSE's train-only MLP), cls_no_mlp, mean; auto = the base model's")
+    dropout: float | None = _field(None, "dropout p; none = the model's own (0.1): the positive pair's noise in unsup")
+    random_layers: bool = _field(False, "fresh transformer layers, pretrained word embeddings kept")
+    layers_config: str = _field("", "config.json (or its directory) for the random layers; '' = the base model's")
+    num_layers: int = _field(0, "num_hidden_layers of the random layers; 0 = the config's")
+    freeze_word_embeddings: bool = _field(False, "keep the word embeddings fixed (with random_layers: all it knows)")
 
     # Objective.
-    temperature: float = 0.05  # InfoNCE: scale = 1 / temperature
-    margin: float = 0.5  # triplet and contrastive losses (cosine distance)
-    hard_negatives: bool = True  # sup: use the hard_neg column when the file has one
+    temperature: float = _field(0.05, "InfoNCE temperature: scale = 1 / temperature")
+    margin: float = _field(0.5, "margin of the triplet and contrastive losses (cosine distance)")
+    hard_negatives: bool = _field(True, "sup: use the CSV's hard_neg column when it has one")
 
     # Optimization.
-    lr: float | None = None  # None = 3e-5 unsup, 5e-5 otherwise (the paper's)
-    batch_size: int = 64  # global: examples per optimizer step summed over all processes
-    mini_batch_size: int = 0  # > 0: cached (GradCache) loss, encoding this many texts at a time
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps instead of `epochs`
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    max_seq_length: int = 32  # training truncation; the artifact keeps the base model's inference length
-    precision: str = "auto"  # auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU
-    seed: int = 42
-    device: str = "auto"
+    lr: float | None = _field(None, "peak learning rate; none = 3e-5 unsup, 5e-5 otherwise (the paper's)")
+    batch_size: int = _field(64, "examples per optimizer step, summed over all processes")
+    mini_batch_size: int = _field(0, "> 0: cached (GradCache) loss encoding this many texts at a time")
+    epochs: int = _field(1, "passes over the training file (the last partial batch is dropped)")
+    max_steps: int = _field(0, "> 0: this many optimizer steps instead of epochs")
+    warmup_ratio: float = _field(0.0, "share of the steps with linear warmup (then linear decay to 0)")
+    weight_decay: float = _field(0.0, "AdamW weight decay on weight matrices")
+    max_grad_norm: float = _field(1.0, "gradient clipping norm; <= 0 disables it")
+    max_seq_length: int = _field(32, "training truncation; the artifact keeps the base model's inference length")
+    precision: str = _field("auto", "fp32, bf16 or fp16 autocast; auto = bf16 (else fp16) on GPU, fp32 on CPU")
+    seed: int = _field(42, "seeds initialization, dropout and the batch order")
+    device: str = _field("auto", "cpu, cuda, cuda:N; auto = cuda when available")
 
     # Evaluation, logging, checkpoints.
-    eval_steps: int = 125  # evaluate on dev_file every this many steps (and at the start and the end)
-    eval_batch_size: int = 128
-    log_steps: int = 10
-    checkpoint_steps: int = 500  # 0 = checkpoint only when interrupted
+    eval_steps: int = _field(125, "evaluate on dev_file every this many steps (and at the start and the end)")
+    eval_batch_size: int = _field(128, "texts per batch when evaluating")
+    log_steps: int = _field(10, "write loss, lr and sentences/s to run/metrics.jsonl every this many steps")
+    checkpoint_steps: int = _field(500, "save a resumable checkpoint every this many steps; 0 = only when stopped")
 
 
 def field_names() -> list[str]:

@@ -6,9 +6,11 @@
 The labelled texts (a text/label TSV or CSV, e.g. the test split) are embedded by the starting encoder
 ("before": --before, by default the base model recorded in the classifier artifact) and by the
 artifact's encoder ("after"), each projected to 2-D (t-SNE from scikit-learn, or UMAP when umap-learn
-is installed) and drawn side by side. Each panel's title gives the silhouette score of the labels in
-the original embedding space (cosine; -1..1, higher = better separated classes), so the picture comes
-with a number that does not depend on the projection.
+is installed) and drawn side by side. Each panel's title gives two numbers measured in the original
+embedding space, so the picture comes with numbers that do not depend on the projection:
+  * 10-NN agreement: the share of each text's 10 nearest neighbours (cosine) that carry its label,
+    averaged (what the served `neighbour_labels` show per text; chance = the label distribution);
+  * silhouette (cosine, -1..1): how far apart whole classes are relative to their spread.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class SpacePanel:
     title: str
     points: np.ndarray  # (n, 2)
     silhouette: float
+    knn_agreement: float
 
 
 def subsample(data: LabeledData, max_points: int, seed: int) -> LabeledData:
@@ -80,6 +83,28 @@ def silhouette(embeddings: np.ndarray, labels: tuple[str, ...]) -> float:
     return float(silhouette_score(embeddings, np.array(labels), metric="cosine"))
 
 
+def knn_agreement(embeddings: np.ndarray, labels: tuple[str, ...], k: int = 10) -> float:
+    """Mean share of each text's k nearest other texts (cosine) with the same label."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T  # (n, n)
+    np.fill_diagonal(similarity, -np.inf)
+    k = min(k, len(labels) - 1)
+    nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    label_array = np.array(labels)
+    return float((label_array[nearest] == label_array[:, None]).mean())
+
+
+def display_name(source: str | os.PathLike) -> str:
+    """A short name for a model directory (the bundled model's directory is just called `model`)."""
+    path = Path(source)
+    try:
+        if path.resolve() == art.bundled_model_dir().resolve():
+            return "all-MiniLM-L6-v2 (bundled)"
+    except art.ArtifactError:
+        pass
+    return path.name
+
+
 def embed(source: str | os.PathLike, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """(n, dim) embeddings of `texts` by an artifact's or a model directory's torch encoder."""
     from embedline.tokenization import load_tokenizer
@@ -106,7 +131,8 @@ def draw(panels: list[SpacePanel], labels: tuple[str, ...], output: str | os.Pat
             at = label_array == label
             axis.scatter(panel.points[at, 0], panel.points[at, 1], s=6, alpha=0.7, label=label,
                          color=colours(i / max(1, len(classes) - 1)) if len(classes) > 20 else colours(i))
-        axis.set_title(f"{panel.title}\nsilhouette (cosine, {panel.points.shape[0]} texts): {panel.silhouette:.3f}")
+        axis.set_title(f"{panel.title}\n10-NN label agreement {100 * panel.knn_agreement:.1f}%, "
+                       f"silhouette {panel.silhouette:.3f} ({panel.points.shape[0]} texts)")
         axis.set_xticks([])
         axis.set_yticks([])
     if len(classes) <= 20:
@@ -135,12 +161,14 @@ def plot_space(artifact_dir: str | os.PathLike, data_file: str | os.PathLike, ou
     artifact = art.load_artifact(artifact_dir)
     data = subsample(read_labeled(data_file), max_points, seed)
     before = before or default_before(artifact)
-    sources = ([("before: " + Path(before).name, before)] if before else []) + [("after: " + artifact.name, str(artifact.path))]
+    sources = ([("before: " + display_name(before), before)] if before else []) + [
+        ("after: " + artifact.name, str(artifact.path))]
     panels = []
     for title, source in sources:
         embeddings = embed(source, list(data.texts))
-        panels.append(SpacePanel(title, project(embeddings, method, seed), silhouette(embeddings, data.labels)))
-        log.info("%s: silhouette %.3f", title, panels[-1].silhouette)
+        panels.append(SpacePanel(title, project(embeddings, method, seed), silhouette(embeddings, data.labels),
+                                 knn_agreement(embeddings, data.labels)))
+        log.info("%s: 10-NN agreement %.3f, silhouette %.3f", title, panels[-1].knn_agreement, panels[-1].silhouette)
     draw(panels, data.labels, output, f"{Path(data_file).name}: {method.upper()} of the embeddings, by label")
     return panels
 
@@ -167,6 +195,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     panels = plot_space(args.artifact, args.data, args.output, args.before, args.method, args.max_points, args.seed)
     for panel in panels:
-        print(f"{panel.title}: silhouette {panel.silhouette:.3f}")
+        print(f"{panel.title}: 10-NN label agreement {panel.knn_agreement:.3f}, silhouette {panel.silhouette:.3f}")
     print(f"wrote {args.output}")
     return 0
