@@ -131,6 +131,15 @@ def compute_targets(results: dict) -> list[dict]:
     return targets
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux); the report runs on the measured machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    except OSError:
+        return "CPU"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -151,7 +160,7 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
         "variant is measured just before and just after its load sweep (mean of the two), so both sides of a "
         "ratio see the same machine load. In-process ONNX Runtime uses the server's session options.",
         "",
-        f"Machine: {results['machine']['cpu_count']} cores, {results['machine']['processor'] or 'CPU'}; "
+        f"Machine: {results['machine']['cpu_count']} cores, {results['machine']['processor'] or _cpu_model()}; "
         f"git {results['machine']['git_revision']}; {results['machine']['date']}. Threads pinned to "
         f"{cond['threads']} everywhere. Load average before / after: {cond['load_before']} / {cond['load_after']} "
         f"(a shared machine: other work ran beside this one). Run time {cond['seconds']:.0f} s.",

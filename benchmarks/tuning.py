@@ -27,16 +27,16 @@ POINTS = ((SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2), (MIXED, 32, 2))
 def candidate_settings(base, variant: str) -> dict[str, object]:
     """name -> RepositorySettings, each one change away from the defaults."""
     candidates = {
-        "default": base,
+        f"defaults (queue delay {base.queue_delay_us} us)": base,
         "2 instances x 1 thread": replace(base, instances=2, intra_op_threads=1),
         "ORT threads spin-wait": replace(base, spin_wait=True),
-        "queue delay 0": replace(base, queue_delay_us=0),
-        "queue delay 250 us": replace(base, queue_delay_us=250),
-        "queue delay 3000 us": replace(base, queue_delay_us=3000),
         "group overhead 16 tokens": replace(base, group_overhead_tokens=16),
         "group overhead 512 tokens": replace(base, group_overhead_tokens=512),
         "groups of at most 64": replace(base, length_group_size=64),
     }
+    for delay in (0, 250, 1000, 3000):
+        if delay != base.queue_delay_us:
+            candidates[f"queue delay {delay} us"] = replace(base, queue_delay_us=delay)
     if variant == "openvino":
         candidates["openvino 2 streams x 1 thread"] = replace(base, streams=2)
     return candidates
