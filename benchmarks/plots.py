@@ -94,7 +94,8 @@ def scaling(results: dict, dest: Path) -> Path:
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x_label)
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         axes[row][1].set_yscale("log")
     seq_batch = results.get("scaling", {}).get("sequence_batch_size")
     axes[1][0].set_title(f"in-process, batch of {seq_batch}" if seq_batch else "")
