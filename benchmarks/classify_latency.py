@@ -8,7 +8,8 @@ look-up).
 
     flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/classify_latency.py [--requests 200]
 
-Writes benchmarks/results/classify_latency.json and a table in benchmarks/README.md.
+Writes benchmarks/results/classify_latency.json and a table in benchmarks/README.md. The suite
+(`embedline bench`) runs the same measurement (`measure_classify_latency`) beside its embed numbers.
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from embedline.benchmarks.common import (
     data_dir, markdown_table, pin_threads, read_tsv, save_results, update_readme_section,
 )
 
@@ -75,6 +73,47 @@ def summary(ms: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ms), 2), "requests": len(ms)}
 
 
+def emotion_texts() -> list[str]:
+    """Real short texts (the emotion test split) for the requests."""
+    return [row["text"] for row in read_tsv(data_dir() / "classification" / "emotion_test.tsv.gz")]
+
+
+def measure_classify_latency(artifact, variant: str, threads: int, requests: int, texts: list[str], tmp: Path,
+                             echo: bool = False) -> tuple[dict[str, dict], int]:
+    """Serve `artifact` (which has a head) and time embed vs classify with 1- and 32-text requests.
+
+    Returns ({"embed x1": summary, "classify x1": ..., ...}, number of labels)."""
+    from embedline.client import EmbeddingClient
+    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.server import TritonServer, free_port
+
+    results: dict[str, dict] = {}
+    repository = build_repository(artifact, tmp / "classify-models",
+                                  RepositorySettings(variant=variant, intra_op_threads=threads))
+    with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server, \
+            EmbeddingClient(server.grpc_url, timeout=60) as client:
+        labels = len(client.info().labels)
+        for size in SIZES:
+            batches = [texts[i : i + size] for i in range(0, len(texts) - size + 1, size)]
+            measured = paired_latencies({"embed": client.embed, "classify": client.classify}, batches, requests)
+            for name, ms in measured.items():
+                results[f"{name} x{size}"] = summary(ms)
+                if echo:
+                    print(f"{name:8s} {size:2d} texts: {results[f'{name} x{size}']}", flush=True)
+    return results, labels
+
+
+def latency_table(results: dict[str, dict]) -> str:
+    """Markdown: embed vs classify p50/p95 per request size."""
+    rows = []
+    for size in SIZES:
+        embed, classify = results[f"embed x{size}"], results[f"classify x{size}"]
+        rows.append([size, embed["p50_ms"], embed["p95_ms"], classify["p50_ms"], classify["p95_ms"],
+                     f"{classify['p50_ms'] - embed['p50_ms']:+.2f}"])
+    return markdown_table(["texts / request", "embed p50 ms", "embed p95 ms", "classify p50 ms", "classify p95 ms",
+                           "classify - embed (p50)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", default=None, help="classifier artifact (default: a frozen MiniLM emotion head)")
@@ -85,42 +124,20 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     pin_threads(args.threads)
 
-    from embedline.client import EmbeddingClient
-    from embedline.export.repository import RepositorySettings, build_repository
-    from embedline.server import TritonServer, free_port
-
-    texts = [row["text"] for row in read_tsv(data_dir() / "classification" / "emotion_test.tsv.gz")]
-    results: dict[str, dict] = {}
+    texts = emotion_texts()
     with tempfile.TemporaryDirectory(prefix="embedline-latency-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        artifact = classifier_artifact(args.artifact, tmp, args.variant)
-        repository = build_repository(artifact, tmp / "models",
-                                      RepositorySettings(variant=args.variant, intra_op_threads=args.threads))
-        with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server, \
-                EmbeddingClient(server.grpc_url, timeout=60) as client:
-            info = client.info()
-            for size in SIZES:
-                batches = [texts[i : i + size] for i in range(0, len(texts) - size + 1, size)]
-                measured = paired_latencies({"embed": client.embed, "classify": client.classify}, batches,
-                                            args.requests)
-                for name, ms in measured.items():
-                    results[f"{name} x{size}"] = summary(ms)
-                    print(f"{name:8s} {size:2d} texts: {results[f'{name} x{size}']}", flush=True)
+        artifact = classifier_artifact(args.artifact, Path(tmp_dir), args.variant)
+        results, labels = measure_classify_latency(artifact, args.variant, args.threads, args.requests, texts,
+                                                   Path(tmp_dir), echo=True)
 
-    rows = []
-    for size in SIZES:
-        embed, classify = results[f"embed x{size}"], results[f"classify x{size}"]
-        rows.append([size, embed["p50_ms"], embed["p95_ms"], classify["p50_ms"], classify["p95_ms"],
-                     f"{classify['p50_ms'] - embed['p50_ms']:+.2f}"])
     payload = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                "workload": {"texts": "emotion test sentences", "sizes": list(SIZES), "requests": args.requests,
                             "in_flight": 1, "threads": args.threads, "variant": args.variant,
-                            "labels": len(info.labels), "artifact": str(artifact.path) if args.artifact else
+                            "labels": labels, "artifact": str(artifact.path) if args.artifact else
                             "all-MiniLM-L6-v2 + emotion head (8 shots, frozen body)"},
                "latency": results}
     path = save_results("classify_latency", payload)
-    table = markdown_table(["texts / request", "embed p50 ms", "embed p95 ms", "classify p50 ms", "classify p95 ms",
-                            "classify - embed (p50)"], rows)
+    table = latency_table(results)
     update_readme_section("classify_latency", (
         f"## Classification latency through the server ({args.variant}, {args.threads} threads, "
         f"one request in flight, {args.requests} requests each)\n\n{table}\n\n"

@@ -219,6 +219,15 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
             if "error" not in p else f"c{p['concurrency']} error: {p['error']}" for p in pa["points"]) + ".", ""]
     elif pa.get("error"):
         lines += [f"perf_analyzer: {pa['error']}", ""]
+    classify = results.get("classify", {})
+    if classify.get("latency"):
+        from embedline.benchmarks.classify_latency import latency_table
+
+        lines += [f"### `classify` beside `embed` ({classify['variant']}, a {classify['labels']}-label emotion head, "
+                  f"one request in flight, {classify['requests']} requests each)", "",
+                  latency_table(classify["latency"]), ""]
+    elif classify.get("error"):
+        lines += [f"classify latency: {classify['error']}", ""]
     lines += [" ".join(f"![{p}]({p})" for p in plots), "",
               f"Command: `{command}`. Everything measured: `results/{results['result_file']}`."]
     return "\n".join(lines)

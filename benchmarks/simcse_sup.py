@@ -54,6 +54,7 @@ def run_one(args: argparse.Namespace, hard_negatives: bool, data: Path) -> dict:
         objective="sup", train_file=str(data / "nli" / "nli_triples.csv.gz"),
         dev_file=str(data / "sts" / "stsb_dev.tsv.gz"), output=str(output), name=f"simcse-sup-minilm-{tag}",
         hard_negatives=hard_negatives, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+        mini_batch_size=args.mini_batch_size,
         max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
         max_seq_length=args.max_seq_length, temperature=args.temperature, eval_steps=args.eval_steps,
         log_steps=10, checkpoint_steps=0, seed=args.seed, device="cpu",
@@ -63,7 +64,7 @@ def run_one(args: argparse.Namespace, hard_negatives: bool, data: Path) -> dict:
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     records = read_metrics(output / "run" / "metrics.jsonl")
     curve = [{"step": r["step"], "dev_spearman": round(r["dev_spearman"], 2)} for r in records if "dev_spearman" in r]
-    shutil.copy(output / "run" / "metrics.png", RESULTS / f"simcse_sup_{tag}.png")
+    shutil.copy(output / "run" / "metrics.png", RESULTS / f"{args.name}_{tag}.png")
     after = evaluate(str(output), data)
     return {
         "hard_negatives": hard_negatives,
@@ -84,6 +85,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mini-batch-size", type=int, default=0,
+                        help="> 0: cached loss encoding this many texts at a time (the paper's batch 512 in fixed memory)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
     parser.add_argument("--max-steps", type=int, default=0, help="> 0: stop early (pilots)")

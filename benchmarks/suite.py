@@ -60,18 +60,21 @@ class Mode:
     infinity_concurrency: tuple[int, ...]
     sentence_transformers_scaling: bool
     scaling_cap_seconds: float
+    classify_requests: int  # timed requests per (embed|classify, request size) in the classification stage
 
 
 MODES = {
     "quick": Mode("quick", texts=320, point_seconds=1.0, warmup_seconds=0.3, concurrency=(1, 16),
                   request_sizes=(1, 32), all_variants=False, scaling_batch=(1, 32, 128),
                   scaling_sequence=(16, 128, 512), scaling_seconds=0.3, perf_analyzer_concurrency=(16,),
-                  infinity_concurrency=(), sentence_transformers_scaling=False, scaling_cap_seconds=0.5),
+                  infinity_concurrency=(), sentence_transformers_scaling=False, scaling_cap_seconds=0.5,
+                  classify_requests=30),
     "full": Mode("full", texts=1000, point_seconds=3.0, warmup_seconds=0.5, concurrency=(1, 2, 4, 8, 16, 32, 64),
                  request_sizes=(1, 32), all_variants=True, scaling_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                  scaling_sequence=(16, 32, 64, 128, 256, 512), scaling_seconds=1.0,
                  perf_analyzer_concurrency=(1, 4, 16, 64), infinity_concurrency=(1, 4),
-                 sentence_transformers_scaling=True, scaling_cap_seconds=2.0),
+                 sentence_transformers_scaling=True, scaling_cap_seconds=2.0,
+                 classify_requests=200),
 }
 # (request size, concurrency) of the mixed-length comparison (length grouping on vs off).
 MIXED_POINTS = ((32, 2), (1, 32))
@@ -349,6 +352,20 @@ def measure_infinity(artifact, workloads, mode: Mode, threads: int, venv: Path) 
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def measure_classify(mode: Mode, threads: int, tmp: Path) -> dict:
+    """`classify` vs `embed` latency through the server: the bundled model + a frozen-body emotion head (fp32)."""
+    from embedline.benchmarks.classify_latency import classifier_artifact, emotion_texts, measure_classify_latency
+
+    try:
+        artifact = classifier_artifact(None, tmp / "classifier", "fp32")
+        latency, labels = measure_classify_latency(artifact, "fp32", threads, mode.classify_requests,
+                                                   emotion_texts(), tmp)
+    except Exception as exc:  # a missing extra (scikit-learn) or data must not lose the rest of the run
+        log.warning("classification latency not measured: %s", exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"variant": "fp32", "labels": labels, "requests": mode.classify_requests, "latency": latency}
+
+
 def sts_record(artifact) -> dict | None:
     """Spearman per variant from the artifact's export, and each variant's loss to fp32."""
     variants = artifact.parity().get("variants", {})
@@ -378,7 +395,7 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         variants.insert(0, default_variant)
     inprocess_variants = variants
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
-    steps = (1 + len(inprocess_variants)) + len(variants) + 2 + 2
+    steps = (1 + len(inprocess_variants)) + len(variants) + 2 + 2 + 2  # ..., gpu, classify
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
@@ -398,6 +415,10 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         bar.update(1)
         bar.set_postfix_str("gpu")
         gpu = measure_gpu(artifact, workloads, mode, args.threads, tmp)
+        bar.update(1)
+        bar.set_postfix_str("classify")
+        classify = measure_classify(mode, args.threads, tmp)
+        bar.update(1)
     results = {
         "suite": "embedline bench",
         "mode": mode.name,
@@ -420,6 +441,7 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         "perf_analyzer": pa,
         "infinity": infinity,
         "gpu": gpu,
+        "classify": classify,
         "export": artifact.metadata.get("export"),
     }
     results["targets"] = report.compute_targets(results)

@@ -239,13 +239,13 @@ def prepare_artifact(artifact_dir: str | None):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from embedline import artifact as art
     from embedline.export.repository import RepositorySettings
+    from embedline.export.variants import SERVABLE_VARIANTS
 
     parser.add_argument("--artifact", default=None,
                         help="artifact directory (default: the bundled all-MiniLM-L6-v2); exported first if needed")
-    parser.add_argument("--variant", choices=art.VARIANTS, default=None,
-                        help="ONNX variant (default: fp16 on GPU; on CPU the fastest within tolerance)")
+    parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
+                        help="ONNX variant, or openvino (default: fp16 on GPU; on CPU the fastest within tolerance)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to expose)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])

@@ -197,3 +197,25 @@ def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
     with pytest.raises(EngineUnavailable, match="int8"):
         with EngineProcess(tiny_fp32.path, "onnxruntime int8", 1, path):
             pass
+
+
+def test_classify_latency_stage_against_the_real_server(tiny_classifier, tmp_path):
+    from embedline.benchmarks.classify_latency import latency_table, measure_classify_latency
+    from embedline.benchmarks.report import markdown
+
+    texts = [f"the song is good number {i}" for i in range(70)]
+    latency, labels = measure_classify_latency(tiny_classifier, "fp32", 1, 3, texts, tmp_path)
+    assert labels == 3
+    assert set(latency) == {"embed x1", "classify x1", "embed x32", "classify x32"}
+    assert all(entry["requests"] == 3 and 0 < entry["p50_ms"] <= entry["p95_ms"] for entry in latency.values())
+    assert "| texts / request |" in latency_table(latency)
+
+    results = _synthetic_results()
+    results.update({
+        "mode": "quick", "model": "tiny", "result_file": "suite_quick.json", "perf_analyzer": {}, "targets": [],
+        "machine": {"cpu_count": 2, "processor": "", "git_revision": "abc", "date": "today"},
+        "conditions": {"threads": 2, "load_before": [1, 1, 1], "load_after": [1, 1, 1], "seconds": 10.0},
+        "workloads": {"short": {"texts": 10, "mean_tokens": 12.0, "p90_tokens": 20}},
+        "classify": {"variant": "fp32", "labels": labels, "requests": 3, "latency": latency},
+    })
+    assert "### `classify` beside `embed`" in markdown(results, "embedline bench --quick", [])

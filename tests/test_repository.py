@@ -106,6 +106,16 @@ def test_onnxruntime_layout_for_stock_gpu_container(exported_tiny, tmp_path):
     assert_self_contained(repo)
 
 
+def test_onnxruntime_layout_follows_batching_settings(exported_tiny, tmp_path):
+    settings = RepositorySettings(layout="onnxruntime", queue_delay_us=250)
+    repo = build_repository(exported_tiny, tmp_path / "on", settings)
+    for name in ("tokenize", "encoder"):
+        config = read_config(repo / name / "config.pbtxt")
+        assert config.dynamic_batching.max_queue_delay_microseconds == 250
+    off = build_repository(exported_tiny, tmp_path / "off", RepositorySettings(layout="onnxruntime", dynamic_batching=False))
+    assert not any(read_config(off / name / "config.pbtxt").HasField("dynamic_batching") for name in ("tokenize", "encoder"))
+
+
 def test_missing_variant_is_clear_error(exported_tiny, tmp_path):
     from embedline.artifact import ArtifactError
 

@@ -65,15 +65,21 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def pair_embeddings(
+    encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsData, batch_size: int = 128, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unique sentences' normalized embeddings, left, right (pairs, dim)): each sentence is encoded once."""
+    unique = sorted(set(data.sentences1) | set(data.sentences2))
+    position = {text: i for i, text in enumerate(unique)}
+    embeddings = torch.nn.functional.normalize(embed_texts(encoder, tokenizer, unique, batch_size, progress), dim=-1)
+    return embeddings, embeddings[[position[t] for t in data.sentences1]], embeddings[[position[t] for t in data.sentences2]]
+
+
 def sts_metrics(
     encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsData, batch_size: int = 128, progress: bool = False
 ) -> dict[str, float]:
     """{"spearman" (x100), "alignment", "uniformity", "pairs"} of `encoder` on an STS set."""
-    unique = sorted(set(data.sentences1) | set(data.sentences2))
-    position = {text: i for i, text in enumerate(unique)}
-    embeddings = torch.nn.functional.normalize(embed_texts(encoder, tokenizer, unique, batch_size, progress), dim=-1)
-    left = embeddings[[position[t] for t in data.sentences1]]  # (pairs, dim)
-    right = embeddings[[position[t] for t in data.sentences2]]
+    embeddings, left, right = pair_embeddings(encoder, tokenizer, data, batch_size, progress)
     cosine = (left * right).sum(dim=-1).numpy()
     scores = np.asarray(data.scores)
     positive = scores >= POSITIVE_SCORE
