@@ -30,6 +30,21 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory):
     return art.import_model_dir(tiny_model_dir, tmp_path_factory.mktemp("tiny-artifact") / "a", name="tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_artifact, tmp_path_factory):
+    """A copy of the tiny artifact with its fp32 ONNX exported (read-only for the tests that share it)."""
+    import shutil
+
+    from embedline import artifact as art
+    from embedline.export.onnx_export import export_fp32
+
+    dest = tmp_path_factory.mktemp("tiny-fp32") / "a"
+    shutil.copytree(tiny_artifact.path, dest)
+    artifact = art.load_artifact(dest)
+    export_fp32(artifact)
+    return artifact
+
+
 def _cuda_available() -> bool:
     try:
         import onnxruntime

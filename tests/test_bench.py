@@ -7,23 +7,9 @@ server, perf_analyzer, and the targets table. Every measurement window here is a
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
-
-from embedline import artifact as art
-
-
-@pytest.fixture(scope="module")
-def tiny_fp32(tiny_artifact, tmp_path_factory) -> art.Artifact:
-    from embedline.export.onnx_export import export_fp32
-
-    dest = tmp_path_factory.mktemp("bench-artifact") / "a"
-    shutil.copytree(tiny_artifact.path, dest)
-    artifact = art.load_artifact(dest)
-    export_fp32(artifact)
-    return artifact
 
 
 @pytest.fixture(scope="module")

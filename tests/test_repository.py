@@ -5,7 +5,6 @@ are validated structurally: parsed with Triton's own ModelConfig protobuf, ensem
 tensor by tensor, and the encoder's declared inputs/outputs checked against the ONNX graph.
 """
 
-import shutil
 from pathlib import Path
 
 import onnx
@@ -24,20 +23,6 @@ def tensors(entries):
     return {entry.name: entry for entry in entries}
 
 
-@pytest.fixture(scope="module")
-def exported_tiny(tiny_artifact, tmp_path_factory):
-    from embedline import artifact as art
-    from embedline.export.onnx_export import export_fp32
-
-
-
-    dest = tmp_path_factory.mktemp("repo-artifact") / "a"
-    shutil.copytree(tiny_artifact.path, dest)
-    artifact = art.load_artifact(dest)
-    export_fp32(artifact)
-    return artifact
-
-
 def assert_self_contained(repository: Path) -> None:
     for path in repository.rglob("*"):
         assert not path.is_symlink(), f"{path} links outside its model directory"
@@ -46,8 +31,8 @@ def assert_self_contained(repository: Path) -> None:
         assert ".." not in source.replace("...", ""), f"{model_py} refers to a parent directory"
 
 
-def test_python_layout_matches_wire_contract(exported_tiny, tmp_path):
-    repo = build_repository(exported_tiny, tmp_path / "models", RepositorySettings(max_batch_size=16))
+def test_python_layout_matches_wire_contract(tiny_fp32, tmp_path):
+    repo = build_repository(tiny_fp32, tmp_path / "models", RepositorySettings(max_batch_size=16))
     assert sorted(p.name for p in repo.iterdir()) == ["embed"]
     config = read_config(repo / "embed" / "config.pbtxt")
     assert config.backend == "python" and config.max_batch_size == 16
@@ -56,19 +41,19 @@ def test_python_layout_matches_wire_contract(exported_tiny, tmp_path):
     assert list(inputs) == ["text"] and inputs["text"].data_type == mc.TYPE_STRING
     assert list(inputs["text"].dims) == [1]
     assert outputs["sentence_embedding"].data_type == mc.TYPE_FP32
-    assert list(outputs["sentence_embedding"].dims) == [exported_tiny.dim]
+    assert list(outputs["sentence_embedding"].dims) == [tiny_fp32.dim]
     assert outputs["truncated"].data_type == mc.TYPE_BOOL
     params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params["dim"] == str(exported_tiny.dim) and params["variant"] == "fp32"
-    assert params["max_seq_length"] == str(exported_tiny.max_seq_length)
+    assert params["dim"] == str(tiny_fp32.dim) and params["variant"] == "fp32"
+    assert params["max_seq_length"] == str(tiny_fp32.max_seq_length)
     version = repo / "embed" / "1"
     assert {p.name for p in version.iterdir()} >= {"model.py", "text_batch.py", "tokenizer.json", "model.onnx"}
     assert_self_contained(repo)
 
 
-def test_onnxruntime_layout_for_stock_gpu_container(exported_tiny, tmp_path):
+def test_onnxruntime_layout_for_stock_gpu_container(tiny_fp32, tmp_path):
     settings = RepositorySettings(layout="onnxruntime", device="gpu", max_batch_size=32)
-    repo = build_repository(exported_tiny, tmp_path / "models", settings)
+    repo = build_repository(tiny_fp32, tmp_path / "models", settings)
     configs = {p.name: read_config(p / "config.pbtxt") for p in repo.iterdir()}
     assert set(configs) == {"embed", "tokenize", "encoder"}
     assert all(c.name == name for name, c in configs.items())
@@ -106,18 +91,18 @@ def test_onnxruntime_layout_for_stock_gpu_container(exported_tiny, tmp_path):
     assert_self_contained(repo)
 
 
-def test_onnxruntime_layout_follows_batching_settings(exported_tiny, tmp_path):
+def test_onnxruntime_layout_follows_batching_settings(tiny_fp32, tmp_path):
     settings = RepositorySettings(layout="onnxruntime", queue_delay_us=250)
-    repo = build_repository(exported_tiny, tmp_path / "on", settings)
+    repo = build_repository(tiny_fp32, tmp_path / "on", settings)
     for name in ("tokenize", "encoder"):
         config = read_config(repo / name / "config.pbtxt")
         assert config.dynamic_batching.max_queue_delay_microseconds == 250
-    off = build_repository(exported_tiny, tmp_path / "off", RepositorySettings(layout="onnxruntime", dynamic_batching=False))
+    off = build_repository(tiny_fp32, tmp_path / "off", RepositorySettings(layout="onnxruntime", dynamic_batching=False))
     assert not any(read_config(off / name / "config.pbtxt").HasField("dynamic_batching") for name in ("tokenize", "encoder"))
 
 
-def test_missing_variant_is_clear_error(exported_tiny, tmp_path):
+def test_missing_variant_is_clear_error(tiny_fp32, tmp_path):
     from embedline.artifact import ArtifactError
 
     with pytest.raises(ArtifactError, match="variant 'int8' is not exported"):
-        build_repository(exported_tiny, tmp_path / "m", RepositorySettings(variant="int8"))
+        build_repository(tiny_fp32, tmp_path / "m", RepositorySettings(variant="int8"))

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedline import artifact as art
 
 TEXTS = [
     "hi",
@@ -28,17 +27,6 @@ TEXTS = [
     "she reads a book in the park every morning",
     "the children play music " * 10,
 ] * 3
-
-
-@pytest.fixture(scope="module")
-def tiny_fp32(tiny_artifact, tmp_path_factory) -> art.Artifact:
-    from embedline.export.onnx_export import export_fp32
-
-    dest = tmp_path_factory.mktemp("settings-artifact") / "a"
-    shutil.copytree(tiny_artifact.path, dest)
-    artifact = art.load_artifact(dest)
-    export_fp32(artifact)
-    return artifact
 
 
 def embed_concurrently(url: str, texts: list[str]) -> np.ndarray:

@@ -72,7 +72,8 @@ class StsData:
     scores: tuple[float, ...]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def open_text(path: Path) -> io.TextIOBase:
+    """A UTF-8 text file, gzip'd or not (newline='' as the csv module wants); a missing file is a DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
     if path.name.endswith(".gz"):
@@ -91,7 +92,7 @@ def read_sentences(path: str | os.PathLike) -> TrainingData:
     sentences: list[str] = []
     skipped = 0
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for line in f:
                 text = line.strip()
                 if text:
@@ -103,16 +104,21 @@ def read_sentences(path: str | os.PathLike) -> TrainingData:
     return TrainingData(path, ("sentence",), (tuple(sentences),), None, skipped)
 
 
+def csv_records(f: io.TextIOBase, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each record of an open CSV file; a malformed one is a DataError naming the line."""
+    reader = csv.reader(f, strict=True)
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of each non-header CSV row; blank rows yield an empty list."""
     try:
-        with _open_text(path) as f:
-            reader = csv.reader(f, strict=True)
-            try:
-                for row in reader:
-                    yield reader.line_num, row
-            except csv.Error as exc:
-                raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+        with open_text(path) as f:
+            yield from csv_records(f, path)
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 CSV ({exc})") from exc
 
@@ -210,7 +216,7 @@ def read_sts(path: str | os.PathLike) -> StsData:
     sentences2: list[str] = []
     scores: list[float] = []
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             header = f.readline().rstrip("\r\n").split("\t")
             score_col = next((header.index(c) for c in STS_SCORE_COLUMNS if c in header), None)
             pair = next((p for p in STS_SENTENCE_COLUMNS if p[0] in header and p[1] in header), None)

@@ -10,9 +10,6 @@ column, an empty text or label, a single class, a class with fewer examples than
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import logging
 import os
 import random
@@ -21,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedline.training.data import DataError
+from embedline.training.data import DataError, csv_records, open_text
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +47,18 @@ class LabeledData:
         return {label: counts[label] for label in self.classes}
 
 
-def _open(path: Path) -> io.TextIOBase:
-    if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of every line of a TSV or CSV file, the header included."""
     name = path.name.lower().removesuffix(".gz")
     if not name.endswith((".tsv", ".csv")):
         raise DataError(f"{path}: expected a .tsv or .csv file (optionally .gz) with columns text and label")
     try:
-        with _open(path) as f:
+        with open_text(path) as f:
             if name.endswith(".tsv"):
                 for number, line in enumerate(f, start=1):
                     yield number, line.rstrip("\r\n").split("\t")
             else:
-                reader = csv.reader(f, strict=True)
-                try:
-                    for row in reader:
-                        yield reader.line_num, row
-                except csv.Error as exc:
-                    raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from exc
+                yield from csv_records(f, path)
     except (UnicodeDecodeError, OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from exc
 

@@ -42,9 +42,16 @@ def plot_metrics(metrics_jsonl: str | os.PathLike, png: str | os.PathLike, title
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png, dpi=100)
+
+
+def save_figure(figure, path: str | os.PathLike, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return path

@@ -26,6 +26,7 @@ import numpy as np
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
 from embedline.training.labeled_data import LabeledData, read_labeled
+from embedline.training.plot import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,7 @@ def draw(panels: list[SpacePanel], labels: tuple[str, ...], output: str | os.Pat
     if len(classes) <= 20:
         axes[0][-1].legend(markerscale=3, fontsize=8, loc="best")
     figure.suptitle(title)
-    figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return output
+    return save_figure(figure, output, dpi=110)
 
 
 def default_before(artifact: art.Artifact) -> str | None:
