@@ -68,6 +68,19 @@ def throughput(n_items: int, seconds: list[float]) -> dict[str, float]:
     }
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector extensions that decide int8/bf16 kernel speed (VNNI, AMX), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in VECTOR_FLAGS if flag in flags]
+
+
 def machine_info() -> dict[str, Any]:
     try:
         revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -79,6 +92,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "processor": platform.processor(),
+        "cpu_flags": cpu_flags(),
         "git_revision": revision,
         "versions": library_versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

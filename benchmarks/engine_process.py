@@ -30,7 +30,8 @@ def write_workloads(workloads: dict, path: Path) -> Path:
 
 
 class EngineProcess:
-    """A worker process holding one engine ("sentence-transformers", "onnxruntime <variant>", "openvino")."""
+    """A worker process holding one engine ("sentence-transformers", "onnxruntime <variant>", "openvino",
+    "openvino fp32")."""
 
     def __init__(self, artifact_path: Path, engine: str, threads: int, workloads_file: Path):
         self.args = {"artifact": str(artifact_path), "engine": engine, "threads": threads,
@@ -60,9 +61,10 @@ class EngineProcess:
         self.process.stdin.flush()
         return self._reply()["result"]
 
-    def batches(self, workload: str, batch_size: int, seconds: float, min_batches: int = 3) -> dict:
+    def batches(self, workload: str, batch_size: int, seconds: float, min_batches: int = 3,
+                sort_by_length: bool = False) -> dict:
         return self.request({"op": "batches", "workload": workload, "batch_size": batch_size, "seconds": seconds,
-                             "min_batches": min_batches})
+                             "min_batches": min_batches, "sort_by_length": sort_by_length})
 
     def curve(self, kind: str, xs: tuple[int, ...], seconds: float, cap_seconds: float,
               sequence_batch: int = 16) -> list[dict]:
@@ -103,8 +105,8 @@ def _load_engine(args: dict):
     name, threads = args["engine"], int(args["threads"])
     if name == "sentence-transformers":
         return artifact, inprocess.sentence_transformers_engine(artifact, threads)
-    if name == "openvino":
-        return artifact, inprocess.openvino_engine(artifact, threads)
+    if name in ("openvino", "openvino fp32"):
+        return artifact, inprocess.openvino_engine(artifact, threads, fp32=name == "openvino fp32")
     if name.startswith("onnxruntime "):
         return artifact, inprocess.onnxruntime_engine(artifact, name.split(" ", 1)[1], threads)
     raise ValueError(f"unknown engine {name!r}")
@@ -125,7 +127,7 @@ def _serve(args: dict, send) -> None:
         if job["op"] == "batches":
             texts, tokens = workloads[job["workload"]]
             result = inprocess.measure_batches(engine, texts, tokens, job["batch_size"], job["seconds"],
-                                               job["min_batches"])
+                                               job["min_batches"], job.get("sort_by_length", False))
         elif job["op"] == "curve" and job["kind"] == "batch":
             texts, tokens = workloads["short"]
             reps = 1 + max(job["xs"]) // len(texts)

@@ -60,15 +60,17 @@ def _tokenizer(artifact):
 
 def onnxruntime_session(path, threads: int, provider: str = "CPUExecutionProvider"):
     """An ORT session with the server's options (model_repository/python/embed/1/engines.py): pinned
-    intra-op threads, one inter-op thread, workers that sleep instead of spinning when idle. The same
-    options make the in-process number the ceiling the server can approach on the same engine."""
+    intra-op threads, one inter-op thread, the server's default spin-wait. The same options make the
+    in-process number the ceiling the server can approach on the same engine."""
     import onnxruntime as ort
+
+    from embedline.export.repository import RepositorySettings
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if RepositorySettings.spin_wait else "0")
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 
@@ -85,14 +87,16 @@ def onnxruntime_engine(artifact, variant: str, threads: int, provider: str = "CP
     return InProcessEngine(f"onnxruntime {variant}", lambda texts: run_tokens(encode(tokenizer, texts)), run_tokens)
 
 
-def openvino_engine(artifact, threads: int) -> InProcessEngine:
+def openvino_engine(artifact, threads: int, fp32: bool = False) -> InProcessEngine:
+    """The NNCF int8 IR on OpenVINO CPU, or with fp32=True the fp32 ONNX graph (OpenVINO reads it directly)."""
     from embedline.export.openvino_int8 import runner
     from embedline.export.variants import openvino_files
     from embedline.tokenization import encode
 
-    run_tokens = runner(openvino_files(artifact)[0], threads)
+    run_tokens = runner(artifact.onnx_path("fp32") if fp32 else openvino_files(artifact)[0], threads)
     tokenizer = _tokenizer(artifact)
-    return InProcessEngine("openvino", lambda texts: run_tokens(encode(tokenizer, texts)), run_tokens)
+    name = "openvino fp32" if fp32 else "openvino"
+    return InProcessEngine(name, lambda texts: run_tokens(encode(tokenizer, texts)), run_tokens)
 
 
 def _summarise(latencies: list[float], items: int, elapsed: float, tokens: int) -> dict:
@@ -112,12 +116,15 @@ def _summarise(latencies: list[float], items: int, elapsed: float, tokens: int) 
 
 
 def measure_batches(engine: InProcessEngine, texts: list[str], tokens: np.ndarray, batch_size: int,
-                    seconds: float, min_batches: int = 3) -> dict:
+                    seconds: float, min_batches: int = 3, sort_by_length: bool = False) -> dict:
     """Run consecutive batch_size-text batches of `texts` (wrapping around) for about `seconds`.
 
     One untimed warm-up batch first. Throughput counts all timed batches; latency is per batch.
+    sort_by_length: cut the batches from the texts ordered by token count, the least padding a batch can
+    have (what `SentenceTransformer.encode` does with a list); otherwise in workload order, as requests come.
     """
-    batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+    order = np.argsort(tokens[: len(texts)], kind="stable") if sort_by_length else np.arange(len(texts))
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(texts), batch_size)]
     engine.encode([texts[i] for i in batches[0]])
     latencies, items, token_count, k = [], 0, 0, 0
     started = time.perf_counter()

@@ -155,6 +155,41 @@ def closed_loop(url: str, texts: list[str], tokens: np.ndarray, request_size: in
     return asyncio.run(_closed_loop(url, make_requests(texts, tokens, request_size), concurrency, seconds, warmup))
 
 
+def sequential_latency(url: str, texts: list[str], tokens: np.ndarray, seconds: float,
+                       warmup: float = 0.5) -> dict:
+    """One 1-text request at a time through the SDK's blocking client, the way a service that embeds a
+    query before answering calls it.
+
+    This is the latency number: the asyncio closed loop above is built to keep many requests in flight
+    from one thread, and at concurrency 1 its event loop added 0-1 ms of client time per call on 2 shared
+    cores (against the blocking client on the same server, varying from run to run); that time is not the
+    server's.
+    """
+    from embedline.client import EmbeddingClient, EmbeddingClientError
+
+    requests = make_requests(texts, tokens, 1)
+    completions: list[Completion] = []
+    with EmbeddingClient(url, timeout=120.0) as client:
+        client.embed(requests[0][0])  # channel + config look-up, outside the timed window
+        warm_until = time.perf_counter() + warmup
+        k = 0
+        while time.perf_counter() < warm_until:
+            client.embed(requests[k % len(requests)][0])
+            k += 1
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(completions) < min_requests(1):
+            batch, count = requests[k % len(requests)]
+            k += 1
+            started = time.perf_counter()
+            try:
+                client.embed(batch)
+                ok = True
+            except EmbeddingClientError:
+                ok = False
+            completions.append(Completion(started, time.perf_counter(), 1, count, ok))
+    return {"client": "sync", **summarise(completions, (start, time.perf_counter()), 1, 1)}
+
+
 def measure_point(server, texts: list[str], tokens: np.ndarray, request_size: int, concurrency: int,
                   seconds: float, warmup: float = 0.5) -> dict:
     """One load point with the server's view of it: avg dynamic batch, RSS, GPU memory."""

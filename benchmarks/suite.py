@@ -230,6 +230,16 @@ def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
     return points
 
 
+def sequential_point(server, workloads, mode: Mode) -> dict:
+    """1 short text at a time through the SDK's blocking client: the latency the c1 target reads."""
+    from embedline.benchmarks.load import sequential_latency
+
+    w = workloads[SHORT]
+    point = sequential_latency(server.grpc_url, w.texts, w.tokens, mode.point_seconds, mode.warmup_seconds)
+    log.info("short 1-text sequential (sync client): p50 %.2f ms", point["p50_ms"])
+    return {"workload": SHORT, **point}
+
+
 def bracket_reference(engines: dict, variant: str, mode: Mode, with_st: bool) -> dict:
     """The in-process numbers a server variant's targets compare with, measured right next to its sweep.
 
@@ -305,6 +315,8 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
                 with triton(artifact, tmp, settings) as server:
                     entry["sweep"] = sweep_points(server, workloads, sweep_combos, mode)
                     entry["points"] = sweep_points(server, workloads, extra_combos, mode)
+                    if bracket:
+                        entry["sequential"] = sequential_point(server, workloads, mode)
                 if bracket:
                     entry["reference"] = _merge_brackets(before, bracket_reference(engines, settings.variant, mode,
                                                                                    with_st))

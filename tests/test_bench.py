@@ -53,6 +53,21 @@ def test_inprocess_engine_measurements(tiny_fp32, workloads):
     assert tokens["tokens_per_s"] == pytest.approx(16 * tokens["sentences_per_s"], rel=1e-3)
 
 
+def test_length_sorted_batches_pad_the_least():
+    from embedline.benchmarks import inprocess
+
+    seen = []
+    engine = inprocess.InProcessEngine("recorder", lambda texts: seen.append(texts))
+    texts = [f"t{i}" for i in range(6)]
+    tokens = np.array([9, 3, 7, 1, 5, 2])
+    inprocess.measure_batches(engine, texts, tokens, 2, seconds=0.0, min_batches=3, sort_by_length=True)
+    # warm-up, then the three batches in token-count order: (1, 2), (3, 5), (7, 9)
+    assert seen[1:4] == [["t3", "t5"], ["t1", "t4"], ["t2", "t0"]]
+    seen.clear()
+    inprocess.measure_batches(engine, texts, tokens, 2, seconds=0.0, min_batches=3)
+    assert seen[1:4] == [["t0", "t1"], ["t2", "t3"], ["t4", "t5"]]
+
+
 @pytest.fixture(scope="module")
 def served(start_server, tiny_fp32):
     return start_server(tiny_fp32, variant="fp32", max_batch_size=32)
@@ -71,6 +86,18 @@ def test_closed_loop_against_the_real_server(served, workloads):
     big = measure_point(served.server, short.texts, short.tokens, request_size=8, concurrency=2, seconds=0.3,
                         warmup=0.1)
     assert big["sentences_per_s"] == pytest.approx(8 * big["requests_per_s"], rel=0.01)
+
+
+def test_sequential_latency_with_the_blocking_client(served, workloads):
+    from embedline.benchmarks.load import sequential_latency
+
+    short = workloads["short"]
+    point = sequential_latency(served.server.grpc_url, short.texts, short.tokens, seconds=0.3, warmup=0.05)
+    assert point["client"] == "sync" and point["concurrency"] == 1 and point["request_size"] == 1
+    assert point["requests"] >= 5 and point["errors"] == 0
+    assert 0 < point["p50_ms"] <= point["p99_ms"]
+    # one request in flight: the rate is the inverse of the mean latency
+    assert point["requests_per_s"] == pytest.approx(1000 / point["mean_ms"], rel=0.2)
 
 
 def test_perf_analyzer_runs_against_the_server(served, workloads, tmp_path):
@@ -124,6 +151,7 @@ def test_targets_from_one_run():
     assert math.isclose(by_start["32-text requests, int8"]["measured"], 0.98) and by_start["32-text requests, int8"]["pass"]
     dyn = next(t for n, t in targets.items() if "dynamic batching on / off" in n)
     assert dyn["measured"] == pytest.approx(460 / 120, abs=1e-3) and dyn["pass"]
+    assert "batch 32 / batch 1: 500.0 / 400.0 = 1.25" in dyn["detail"]  # the engine's own batching headroom
     latency = next(t for n, t in targets.items() if n.startswith("1 short text c1"))
     assert latency["measured"] == pytest.approx(1.0) and latency["pass"]
     mixed = next(t for n, t in targets.items() if n.startswith("mixed lengths"))
@@ -134,6 +162,17 @@ def test_targets_from_one_run():
     assert infinity["pass"] is None and "not installed" in infinity["detail"]
     gpu = next(t for n, t in targets.items() if n.startswith("GPU"))
     assert gpu["pass"] is None
+
+
+def test_latency_target_reads_the_blocking_client_point():
+    from embedline.benchmarks.report import compute_targets
+
+    results = _synthetic_results()
+    results["server"]["int8"]["sequential"] = {"client": "sync", "request_size": 1, "concurrency": 1,
+                                               "p50_ms": 3.0}
+    latency = next(t for t in compute_targets(results) if t["target"].startswith("1 short text c1"))
+    assert latency["measured"] == pytest.approx(2.0) and latency["pass"] is False
+    assert "sync client" in latency["detail"] and "asyncio closed loop c1 p50 2.00" in latency["detail"]
 
 
 def test_markdown_summary_renders(tmp_path):
@@ -176,6 +215,7 @@ def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
     with EngineProcess(tiny_fp32.path, "onnxruntime fp32", 1, path) as engine:
         result = engine.batches("short", 8, seconds=0.05)
         assert result["sentences_per_s"] > 0 and result["batches"] >= 3
+        assert engine.batches("short", 8, seconds=0.05, sort_by_length=True)["batches"] >= 3
         curve = engine.curve("sequence", (8, 16, 32), seconds=0.02, cap_seconds=60)
         assert [p["length"] for p in curve] == [8, 16, 32] and all("tokens_per_s" in p for p in curve)
         skipped = engine.curve("batch", (1, 2), seconds=0.02, cap_seconds=0.0)
@@ -205,3 +245,32 @@ def test_classify_latency_stage_against_the_real_server(tiny_classifier, tmp_pat
         "classify": {"variant": "fp32", "labels": labels, "requests": 3, "latency": latency},
     })
     assert "### `classify` beside `embed`" in markdown(results, "embedline bench --quick", [])
+
+
+def test_tuning_takes_the_median_of_each_point_over_rounds():
+    from embedline.benchmarks.tuning import median_points
+
+    def point(concurrency, rate, p50):
+        return {"workload": "short", "request_size": 1, "concurrency": concurrency, "sentences_per_s": rate,
+                "p50_ms": p50, "avg_dynamic_batch": None}
+
+    rounds = [[point(1, 100, 5.0), point(16, 300, 50.0)],
+              [point(1, 180, 3.0), point(16, 200, 70.0)],
+              [point(1, 150, 4.0), point(16, 250, 60.0)]]
+    merged = median_points(rounds)
+    assert [(p["concurrency"], p["sentences_per_s"], p["p50_ms"]) for p in merged] == [(1, 150, 4.0), (16, 250, 60.0)]
+    assert merged[0]["workload"] == "short" and merged[0]["avg_dynamic_batch"] is None
+
+
+def test_tuning_candidates_change_one_setting_each():
+    from dataclasses import asdict
+
+    from embedline.benchmarks.tuning import candidate_settings
+    from embedline.export.repository import RepositorySettings
+
+    base = RepositorySettings(variant="int8")
+    candidates = candidate_settings(base, "int8")
+    assert "ORT threads spin-wait off" in candidates and not candidates["ORT threads spin-wait off"].spin_wait
+    for name, settings in candidates.items():
+        changed = {k for k, v in asdict(settings).items() if asdict(base)[k] != v}
+        assert len(changed) <= 2, (name, changed)  # instances x threads move together

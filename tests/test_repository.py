@@ -101,6 +101,22 @@ def test_onnxruntime_layout_follows_batching_settings(tiny_fp32, tmp_path):
     assert not any(read_config(off / name / "config.pbtxt").HasField("dynamic_batching") for name in ("tokenize", "encoder"))
 
 
+def test_spin_wait_is_on_by_default_and_off_with_the_cli_flag(tiny_fp32, tmp_path):
+    import argparse
+
+    from embedline.export.repository import configure, settings_from_args
+
+    def spin_param(argv, dest):
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        args = parser.parse_args(["--artifact", str(tiny_fp32.path), "--output", str(dest), "--variant", "fp32", *argv])
+        repo = build_repository(tiny_fp32, dest, settings_from_args(args, tiny_fp32, "cpu"))
+        return read_config(repo / "embed" / "config.pbtxt").parameters["spin_wait"].string_value
+
+    assert spin_param([], tmp_path / "default") == "true"
+    assert spin_param(["--no-spin-wait"], tmp_path / "off") == "false"
+
+
 def test_missing_variant_is_clear_error(tiny_fp32, tmp_path):
     from embedline.artifact import ArtifactError
 
