@@ -40,14 +40,10 @@ def bench_sentence_transformers(artifact, sentences, rounds):
 
 
 def bench_onnxruntime(artifact, variant, sentences, rounds, threads):
-    import onnxruntime as ort
-
+    from embedline.benchmarks.inprocess import onnxruntime_session
     from embedline.tokenization import encode, load_tokenizer
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(artifact.onnx_path(variant)), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(artifact.onnx_path(variant), threads)  # the server's session options
     tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
     batches = chunks(sentences, BATCH)
 
