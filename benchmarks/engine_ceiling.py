@@ -27,7 +27,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from embedline.benchmarks.common import machine_info, markdown_table, save_results, update_readme_section
+from embedline.benchmarks.common import cpu_flags, markdown_table, pin_threads, save_results, update_readme_section
 
 ENGINES = ("sentence-transformers", "onnxruntime fp32", "onnxruntime int8", "openvino", "openvino fp32")
 ORDERS = {"request order": False, "length-sorted": True}
@@ -77,7 +77,6 @@ def main() -> int:
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
 
-    from embedline.benchmarks.common import pin_threads
     from embedline.benchmarks.engine_process import write_workloads
     from embedline.benchmarks.suite import prepare_artifact
     from embedline.benchmarks.workloads import SHORT, build_workloads
@@ -95,10 +94,9 @@ def main() -> int:
                             "request order / ST", "length-sorted / ST", "note"], ratio_rows(results))
     print(table)
     if not args.no_readme:
-        info = machine_info()
         update_readme_section("engine_ceiling", (
             f"## Engine ceiling (short texts, {args.threads} threads, CPU vector extensions: "
-            f"{', '.join(info['cpu_flags']) or 'none reported'})\n\n{table}\n\n"
+            f"{', '.join(cpu_flags()) or 'none reported'})\n\n{table}\n\n"
             f"Ratios are to sentence-transformers in request order (the suite's reference). Median of "
             f"{args.rounds} interleaved rounds of {args.seconds:g} s. Command: "
             f"`benchmarks/engine_ceiling.py`; numbers: `results/{path.name}`."))

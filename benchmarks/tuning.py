@@ -50,12 +50,15 @@ def candidate_settings(base, variant: str) -> dict[str, object]:
 
 def median_points(rounds: list[list[dict]]) -> list[dict]:
     """Point by point over the rounds (same points, same order): the median of every number."""
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     merged = []
     for same_point in zip(*rounds):
-        point = dict(same_point[0])
-        for key, value in same_point[0].items():
-            values = [p[key] for p in same_point if isinstance(p.get(key), (int, float)) and not isinstance(p[key], bool)]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and len(values) == len(same_point):
+        point = dict(same_point[0])  # labels (workload, client) and missing values (None) from the first round
+        for key in point:
+            values = [p.get(key) for p in same_point]
+            if all(is_number(v) for v in values):
                 point[key] = round(statistics.median(values), 3)
         merged.append(point)
     return merged
