@@ -129,6 +129,30 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_model_dir, corpus, tmp_p
     assert log(tmp_path / "resumed") == log(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("when", ["after the last step", "while the artifact is written"])
+def test_a_stop_after_the_last_step_still_writes_the_artifact(tiny_model_dir, corpus, tmp_path, monkeypatch, when):
+    """Ctrl-C once the steps are done must not lose the run: there is nothing to resume, so it finishes."""
+    from embedline.training import trainer
+
+    on_step = None
+    if when == "after the last step":
+        def on_step(step: int, loss: float) -> None:
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+    else:
+        real_save = trainer.save_artifact
+
+        def save_artifact(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # without the handler in place: KeyboardInterrupt mid-save
+            return real_save(*args, **kwargs)
+
+        monkeypatch.setattr(trainer, "save_artifact", save_artifact)
+    result = train(_config(tiny_model_dir, corpus, tmp_path / "out", checkpoint_steps=0), on_step=on_step)
+    assert result.steps == 6 and result.artifact.metadata["metrics"]["steps"] == 6
+    assert not (tmp_path / "out/run/checkpoint").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tiny_model_dir, corpus, tmp_path):
     config = _config(tiny_model_dir, corpus, tmp_path / "out")
     with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
@@ -167,16 +191,18 @@ def test_eval_sts_verb(tiny_artifact, corpus, capsys):
 def test_cli_sigint_saves_checkpoint_and_resumes(tiny_model_dir, corpus, tmp_path):
     """`embedline train` in a real process: SIGINT -> checkpoint, exit 130; `--resume` finishes the run."""
     out = tmp_path / "out"
+    # Enough steps (~100/s here) that the signal lands mid-run even when this machine is slow to poll.
+    steps = 200
     command = [sys.executable, "-m", "embedline.cli", "train", "--model", str(tiny_model_dir),
-               "--train-file", str(corpus / "train.txt"), "--output", str(out), "--batch_size=8", "--max_steps=20",
-               "--log_steps=1", "--device=cpu", "--checkpoint_steps=0"]
+               "--train-file", str(corpus / "train.txt"), "--output", str(out), "--batch_size=8",
+               f"--max_steps={steps}", "--log_steps=1", "--device=cpu", "--checkpoint_steps=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "run/metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert process.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.2)
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -184,4 +210,4 @@ def test_cli_sigint_saves_checkpoint_and_resumes(tiny_model_dir, corpus, tmp_pat
     resumed = subprocess.run([sys.executable, "-m", "embedline.cli", "train", "--resume", "--output", str(out)],
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert art.load_artifact(out).metadata["metrics"]["steps"] == 20
+    assert art.load_artifact(out).metadata["metrics"]["steps"] == steps

@@ -6,7 +6,8 @@ Read top to bottom, `train` does:
   3. loop over optimizer steps: a batch (a pure function of seed and step, so resume is exact),
      `train_step` (plain or cached loss, gradient clipping, optimizer and schedule), logging, dev
      evaluation with the best weights kept, periodic checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
-  4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json).
+  4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json);
+     a stop signal that arrives once every step is done waits for the artifact instead of losing it.
 
 `train_step` is public so other trainers (e.g. a SetFit-style classifier body on labelled pairs) can run
 any `losses.ObjectiveLoss` on any `data.Batch` with the same mechanics.
@@ -150,7 +151,8 @@ class StopSignal:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+        log.warning("received %s: finishing this step, then stopping (a second Ctrl-C aborts at once)",
+                    signal.Signals(signum).name)
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -299,72 +301,82 @@ def train(
     window_seconds, window_examples = 0.0, 0  # training time only: evaluations and checkpoints excluded
     bar = tqdm(total=total_steps, initial=step, desc=f"{config.objective} SimCSE" if views == 2 else config.objective,
                disable=not env.is_main, dynamic_ncols=True)
-    with StopSignal() as stop, bar:
-        while step < total_steps:
-            step_start = time.perf_counter()
-            indices = batch_indices(len(data), config.batch_size, config.seed, step)
-            batch = make_batch(data, indices[env.rank * local : (env.rank + 1) * local])
-            if config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
-                raise DataError(f"{config.train_file}: the batch of step {step} has fewer than 2 distinct sentences")
-            loss = train_step(
-                trained, batch, tokenizer, loss_fn, optimizer, scheduler, views=views,
-                mini_batch_size=config.mini_batch_size, max_grad_norm=config.max_grad_norm,
-                autocast=autocast, scaler=scaler,
-            )
-            step += 1
-            step_seconds = time.perf_counter() - step_start
-            train_seconds += step_seconds
-            pending_losses.append(loss)
-            window_seconds += step_seconds
-            window_examples += config.batch_size
-            if step % config.log_steps == 0 or step == total_steps:
-                record = {
-                    "step": step, "epoch": step / steps_per_epoch(len(data), config.batch_size),
-                    "loss": sum(pending_losses) / len(pending_losses), "lr": scheduler.get_last_lr()[0],
-                    "sentences_per_s": window_examples / window_seconds if window_seconds > 0 else None,
-                }
-                metrics_log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                sent_s=f"{record['sentences_per_s'] or 0:.0f}")
-                pending_losses, window_seconds, window_examples = [], 0.0, 0
-            bar.update(1)
-
-            if dev is not None and (step % config.eval_steps == 0 or step == total_steps):
-                result = last_eval = evaluate(step)
-                if env.is_main and (best is None or result["spearman"] > best["spearman"]):
-                    best = {"step": step, **result}
-                    ckpt.save_best(paths, model.state_dict())
-            if on_step is not None:
-                on_step(step, loss)
-            stopping = distributed.any_process(stop.received is not None)
-            if stopping or (config.checkpoint_steps and step % config.checkpoint_steps == 0 and step < total_steps):
-                save_checkpoint()
-            if stopping:
-                raise TrainingInterrupted(
-                    f"stopped at step {step} of {total_steps}; checkpoint saved in {paths.checkpoint}; "
-                    f"continue with: embedline train --resume --output {paths.output}"
+    # The stop handler stays in place until the artifact is written: a signal after the last step lets the
+    # run finish (there is nothing left to checkpoint) instead of killing it halfway through the save.
+    with StopSignal() as stop:
+        with bar:
+            while step < total_steps:
+                step_start = time.perf_counter()
+                indices = batch_indices(len(data), config.batch_size, config.seed, step)
+                batch = make_batch(data, indices[env.rank * local : (env.rank + 1) * local])
+                if config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
+                    raise DataError(
+                        f"{config.train_file}: the batch of step {step} has fewer than 2 distinct sentences"
+                    )
+                loss = train_step(
+                    trained, batch, tokenizer, loss_fn, optimizer, scheduler, views=views,
+                    mini_batch_size=config.mini_batch_size, max_grad_norm=config.max_grad_norm,
+                    autocast=autocast, scaler=scaler,
                 )
+                step += 1
+                step_seconds = time.perf_counter() - step_start
+                train_seconds += step_seconds
+                pending_losses.append(loss)
+                window_seconds += step_seconds
+                window_examples += config.batch_size
+                if step % config.log_steps == 0 or step == total_steps:
+                    record = {
+                        "step": step, "epoch": step / steps_per_epoch(len(data), config.batch_size),
+                        "loss": sum(pending_losses) / len(pending_losses), "lr": scheduler.get_last_lr()[0],
+                        "sentences_per_s": window_examples / window_seconds if window_seconds > 0 else None,
+                    }
+                    metrics_log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    sent_s=f"{record['sentences_per_s'] or 0:.0f}")
+                    pending_losses, window_seconds, window_examples = [], 0.0, 0
+                bar.update(1)
 
-    # 4. The artifact: the best dev weights (or the last ones without a dev file).
-    metrics: dict[str, Any] = {"steps": step, "train_examples": len(data), "skipped_empty_lines": data.skipped_empty,
-                               "train_seconds": round(train_seconds, 1)}
-    if env.is_main:
-        last = [r for r in (json.loads(line) for line in paths.metrics.read_text().splitlines()) if "loss" in r]
-        metrics["train_loss"] = last[-1]["loss"] if last else None
-        if best is not None:
-            model.load_state_dict(ckpt.load_best(paths))
-            metrics.update({"dev_file": config.dev_file, "best_step": best["step"], "dev_spearman": best["spearman"],
-                            "dev_alignment": best["alignment"], "dev_uniformity": best["uniformity"]})
-        if start_metrics is not None:
-            metrics["dev_spearman_start"] = start_metrics["spearman"]
-        if last_eval is not None:
-            metrics["dev_spearman_last"] = last_eval["spearman"]
-        save_artifact(
-            model.encoder.cpu(), config.output, tokenizer_dir=base.path, name=config.name, base_model=config.model,
-            max_seq_length=base.inference_max_seq_length, training=to_dict(config), metrics=metrics,
-        )
-        plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
-        ckpt.clean_up(paths)
-        log.info("artifact written to %s: %s", config.output, json.dumps(metrics))
+                if dev is not None and (step % config.eval_steps == 0 or step == total_steps):
+                    result = last_eval = evaluate(step)
+                    if env.is_main and (best is None or result["spearman"] > best["spearman"]):
+                        best = {"step": step, **result}
+                        ckpt.save_best(paths, model.state_dict())
+                if on_step is not None:
+                    on_step(step, loss)
+                # After the last step there is nothing to resume: the run goes on to write its artifact.
+                stopping = distributed.any_process(stop.received is not None) and step < total_steps
+                if stopping or (config.checkpoint_steps and step % config.checkpoint_steps == 0 and step < total_steps):
+                    save_checkpoint()
+                if stopping:
+                    raise TrainingInterrupted(
+                        f"stopped at step {step} of {total_steps}; checkpoint saved in {paths.checkpoint}; "
+                        f"continue with: embedline train --resume --output {paths.output}"
+                    )
+
+        # 4. The artifact: the best dev weights (or the last ones without a dev file).
+        if stop.received is not None:
+            log.warning("all %d steps were done when the stop arrived: writing the artifact", total_steps)
+        metrics: dict[str, Any] = {"steps": step, "train_examples": len(data),
+                                   "skipped_empty_lines": data.skipped_empty,
+                                   "train_seconds": round(train_seconds, 1)}
+        if env.is_main:
+            last = [r for r in (json.loads(line) for line in paths.metrics.read_text().splitlines()) if "loss" in r]
+            metrics["train_loss"] = last[-1]["loss"] if last else None
+            if best is not None:
+                model.load_state_dict(ckpt.load_best(paths))
+                metrics.update({"dev_file": config.dev_file, "best_step": best["step"],
+                                "dev_spearman": best["spearman"], "dev_alignment": best["alignment"],
+                                "dev_uniformity": best["uniformity"]})
+            if start_metrics is not None:
+                metrics["dev_spearman_start"] = start_metrics["spearman"]
+            if last_eval is not None:
+                metrics["dev_spearman_last"] = last_eval["spearman"]
+            save_artifact(
+                model.encoder.cpu(), config.output, tokenizer_dir=base.path, name=config.name, base_model=config.model,
+                max_seq_length=base.inference_max_seq_length, training=to_dict(config), metrics=metrics,
+            )
+            plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
+            ckpt.clean_up(paths)
+            log.info("artifact written to %s: %s", config.output, json.dumps(metrics))
     distributed.barrier()
     return TrainResult(art.load_artifact(config.output), metrics, step)
