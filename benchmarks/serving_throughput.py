@@ -2,7 +2,8 @@
 
 Engines: sentence-transformers (torch) in-process; raw ONNX Runtime in-process for each exported variant
 (tokenization included, the same path the server runs); the Triton server for each variant through the
-embedline client (one request in flight, and two). Threads are pinned to the same count everywhere.
+embedline client (one request in flight, and two). Every engine sees the same 32-text requests in the
+same order, and threads are pinned to the same count everywhere.
 
     .venv/bin/python benchmarks/serving_throughput.py [--rounds 3] [--threads 2] [--artifact DIR]
 
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from embedline.benchmarks.common import (
     markdown_table, pin_threads, save_results, sts_sentences, throughput, timed_rounds, update_readme_section,
 )
+from embedline.benchmarks.inprocess import onnxruntime_engine, sentence_transformers_engine
 
 BATCH = 32
 CPU_VARIANTS = ("fp32", "fused", "int8")  # fp16 is the GPU variant
@@ -32,26 +31,12 @@ def chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def bench_sentence_transformers(artifact, sentences, rounds):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(artifact.path), device="cpu")
-    return timed_rounds(lambda: model.encode(sentences, batch_size=BATCH, show_progress_bar=False), rounds)
-
-
-def bench_onnxruntime(artifact, variant, sentences, rounds, threads):
-    from embedline.benchmarks.inprocess import onnxruntime_session
-    from embedline.tokenization import encode, load_tokenizer
-
-    session = onnxruntime_session(artifact.onnx_path(variant), threads)  # the server's session options
-    tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
+def bench_inprocess(engine, sentences, rounds):
+    """Each 32-text request encoded in turn, as a hand-rolled server sees them. (Handing
+    sentence-transformers all 1,000 at once would let it sort the whole corpus by length, a
+    head start no server gets from its requests.)"""
     batches = chunks(sentences, BATCH)
-
-    def run():
-        for batch in batches:
-            session.run(["sentence_embedding"], encode(tokenizer, batch))
-
-    return timed_rounds(run, rounds)
+    return timed_rounds(lambda: [engine.encode(batch) for batch in batches], rounds)
 
 
 def bench_server(url, sentences, rounds, concurrency):
@@ -114,10 +99,10 @@ def main() -> None:
             print(f"{name:28s} {engines[name]['best']:8.1f} sentences/s (median {engines[name]['median']})",
                   flush=True)
 
-        record("sentence-transformers", bench_sentence_transformers(artifact, sentences, args.rounds))
-        for variant in variants:
-            record(f"onnxruntime {variant}",
-                   bench_onnxruntime(artifact, variant, sentences, args.rounds, args.threads))
+        engines_in_process = [sentence_transformers_engine(artifact, args.threads)]
+        engines_in_process += [onnxruntime_engine(artifact, variant, args.threads) for variant in variants]
+        for engine in engines_in_process:
+            record(engine.name, bench_inprocess(engine, sentences, args.rounds))
         for variant in variants:
             with start_server(artifact, variant, args.threads) as server:
                 for concurrency in (1, 2):
@@ -146,7 +131,9 @@ def main() -> None:
     update_readme_section("serving_throughput", (
         "## Serving throughput (sentences/s, 1,000 STS-B sentences, 32-text requests, "
         f"{args.threads} threads)\n\n"
-        f"sentence-transformers (torch, in-process): **{st}** sentences/s.\n\n{table}\n\n"
+        f"sentence-transformers (torch, in-process): **{st}** sentences/s. Every engine encodes the same "
+        "32-text requests in the same order.\n\n"
+        f"{table}\n\n"
         "Command: `.venv/bin/python benchmarks/serving_throughput.py` "
         f"(best of {args.rounds} rounds; full numbers in `results/serving_throughput.json`)."
     ))
