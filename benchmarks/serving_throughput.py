@@ -31,19 +31,17 @@ def chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def bench_inprocess(engine, sentences, rounds):
+def bench_inprocess(engine, batches, rounds):
     """Each 32-text request encoded in turn, as a hand-rolled server sees them. (Handing
     sentence-transformers all 1,000 at once would let it sort the whole corpus by length, a
     head start no server gets from its requests.)"""
-    batches = chunks(sentences, BATCH)
     return timed_rounds(lambda: [engine.encode(batch) for batch in batches], rounds)
 
 
-def bench_server(url, sentences, rounds, concurrency):
-    """Send the sentences as 32-text requests, `concurrency` of them in flight."""
+def bench_server(url, batches, rounds, concurrency):
+    """Send the 32-text requests, `concurrency` of them in flight."""
     from embedline.client import EmbeddingClient
 
-    batches = chunks(sentences, BATCH)
     with EmbeddingClient(url) as client, ThreadPoolExecutor(concurrency) as pool:
         return timed_rounds(lambda: list(pool.map(client.embed, batches)), rounds)
 
@@ -87,6 +85,7 @@ def main() -> None:
     pin_threads(args.threads)
 
     sentences = sts_sentences(args.sentences)
+    requests = chunks(sentences, BATCH)  # what every engine is given, in this order
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         artifact = prepare_artifact(args.artifact, tmp)
@@ -102,12 +101,12 @@ def main() -> None:
         engines_in_process = [sentence_transformers_engine(artifact, args.threads)]
         engines_in_process += [onnxruntime_engine(artifact, variant, args.threads) for variant in variants]
         for engine in engines_in_process:
-            record(engine.name, bench_inprocess(engine, sentences, args.rounds))
+            record(engine.name, bench_inprocess(engine, requests, args.rounds))
         for variant in variants:
             with start_server(artifact, variant, args.threads) as server:
                 for concurrency in (1, 2):
                     record(f"triton {variant} c{concurrency}",
-                           bench_server(server.grpc_url, sentences, args.rounds, concurrency))
+                           bench_server(server.grpc_url, requests, args.rounds, concurrency))
 
     st = engines["sentence-transformers"]["best"]
     rows = []

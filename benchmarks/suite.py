@@ -407,7 +407,9 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         variants.insert(0, default_variant)
     inprocess_variants = variants
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
-    steps = (1 + len(inprocess_variants)) + len(variants) + 2 + 2 + 2  # ..., gpu, classify
+    # progress steps: the in-process engines (sentence-transformers + variants); the server configurations
+    # (each variant, + dynamic batching off, + pad-to-longest); perf_analyzer, Infinity, GPU, classify
+    steps = (1 + len(inprocess_variants)) + (len(variants) + 2) + 4
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
