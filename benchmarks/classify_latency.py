@@ -84,8 +84,8 @@ def measure_classify_latency(artifact, variant: str, threads: int, requests: int
 
     Returns ({"embed x1": summary, "classify x1": ..., ...}, number of labels)."""
     from embedline.client import EmbeddingClient
-    from embedline.export.repository import RepositorySettings, build_repository
-    from embedline.server import TritonServer, free_port
+    from embedline.serving.repository import RepositorySettings, build_repository
+    from embedline.serving.triton import TritonServer, free_port
 
     results: dict[str, dict] = {}
     repository = build_repository(artifact, tmp / "classify-models",

@@ -46,7 +46,7 @@ def measure_gpu(artifact, workloads, mode, threads: int, tmp: Path) -> dict:
     from embedline.benchmarks import inprocess
     from embedline.benchmarks.suite import sweep_points, triton
     from embedline.benchmarks.workloads import SHORT
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
 
     short = workloads[SHORT]
     texts = short.texts * (1 + GPU_BATCH // len(short.texts))

@@ -64,7 +64,7 @@ def onnxruntime_session(path, threads: int, provider: str = "CPUExecutionProvide
     in-process number the ceiling the server can approach on the same engine."""
     import onnxruntime as ort
 
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

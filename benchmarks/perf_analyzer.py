@@ -37,7 +37,7 @@ def binary() -> Path:
 
 def library_dir(dest: Path) -> Path:
     """A directory of plain-soname symlinks to the bundled libraries perf_analyzer links against."""
-    from embedline.server import _pytriton_libs
+    from embedline.serving.triton import _pytriton_libs
 
     bundled = _pytriton_libs()
     dest.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,8 @@ def bench_server(url, batches, rounds, concurrency):
 def server_factory(tmp: Path):
     from contextlib import contextmanager
 
-    from embedline.export.repository import RepositorySettings, build_repository
-    from embedline.server import TritonServer, free_port
+    from embedline.serving.repository import RepositorySettings, build_repository
+    from embedline.serving.triton import TritonServer, free_port
 
     @contextmanager
     def start(artifact, variant, threads):

@@ -168,8 +168,8 @@ def server_variants(artifact, mode: Mode, requested: str | None, default_variant
 
 @contextlib.contextmanager
 def triton(artifact, tmp: Path, settings):
-    from embedline.export.repository import build_repository
-    from embedline.server import TritonServer, free_port
+    from embedline.serving.repository import build_repository
+    from embedline.serving.triton import TritonServer, free_port
 
     repository = build_repository(artifact, Path(tempfile.mkdtemp(dir=tmp)) / "models", settings)
     with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
@@ -279,7 +279,7 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
     it (pad-to-longest, no dynamic batching), then the other variants; in-process references bracket each."""
     from dataclasses import asdict
 
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
 
     base = RepositorySettings(intra_op_threads=threads)
     sweep = [(SHORT, size, c) for size in mode.request_sizes for c in mode.concurrency]
@@ -328,7 +328,7 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
 
 
 def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int, tmp: Path) -> dict:
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
 
     from embedline.benchmarks import perf_analyzer
 
@@ -344,7 +344,7 @@ def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int
 
 
 def measure_infinity(artifact, workloads, mode: Mode, threads: int, venv: Path) -> dict:
-    from embedline.server import free_port
+    from embedline.serving.triton import free_port
 
     from embedline.benchmarks.infinity import InfinityServer
 

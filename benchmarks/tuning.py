@@ -65,7 +65,7 @@ def median_points(rounds: list[list[dict]]) -> list[dict]:
 
 
 def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
     from embedline.export.variants import choose_variant
 
     from embedline.benchmarks.suite import load_average, sequential_point, sweep_points, triton

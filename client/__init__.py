@@ -13,26 +13,38 @@ onnx, tokenizers or onnxruntime; the server tokenizes.
             # result.embeddings (n, dim), result.truncated (n,) bool: cut to max_seq_length tokens
             print(client.info())   # ModelInfo(model_name=..., dim=384, max_seq_length=256, ...)
 
+Several replicas of one server, an API key (else read from $EMBEDLINE_API_KEY) and TLS:
+
+    client = EmbeddingClient(["host1:8001", "host2:8001"], api_key="...", ssl=True, root_certificates="ca.pem")
+
+Requests take turns over the replicas; an unavailable or overloaded replica's request is retried on
+another at once, then with jittered backoff, all within the call's timeout.
+
 `AsyncEmbeddingClient` has the same methods as coroutines (`async with`, `await client.embed(...)`).
 One return type per function: `embed` -> ndarray, `embed_with_details` -> EmbedResult,
 `classify` -> list[Prediction], `info` -> ModelInfo, `health` -> bool.
-Errors are `EmbeddingClientError` subclasses (see `embedline.client.errors`).
+Errors are `EmbeddingClientError` subclasses (see `embedline.client.errors`): ServerUnavailableError
+(and its ServerOverloadedError), AuthenticationError, InvalidInputError, ModelNotFoundError,
+DeadlineExceededError, ServerError.
 """
 
 from embedline.client._common import EmbedResult, ModelInfo, Prediction, RetryPolicy
 from embedline.client.aio import AsyncEmbeddingClient
 from embedline.client.errors import (
+    AuthenticationError,
     DeadlineExceededError,
     EmbeddingClientError,
     InvalidInputError,
     ModelNotFoundError,
     ServerError,
+    ServerOverloadedError,
     ServerUnavailableError,
 )
 from embedline.client.sync import EmbeddingClient
 
 __all__ = [
     "AsyncEmbeddingClient",
+    "AuthenticationError",
     "DeadlineExceededError",
     "EmbedResult",
     "EmbeddingClient",
@@ -43,5 +55,6 @@ __all__ = [
     "Prediction",
     "RetryPolicy",
     "ServerError",
+    "ServerOverloadedError",
     "ServerUnavailableError",
 ]

@@ -1,5 +1,6 @@
 """What the sync and asyncio clients share: result types, input validation, request planning,
-the wire encoding of the `embed` / `classify` contract, and the retry/deadline policy.
+the wire encoding of the `embed` / `classify` contract, connection settings (replica urls, API key,
+TLS), replica choice, and the retry/deadline policy.
 
 Nothing here does I/O, so both clients run exactly the same logic and it is unit-testable without a
 server. The wire contract is model_repository/README.md:
@@ -9,25 +10,43 @@ server. The wire contract is model_repository/README.md:
                                                    truncated [n, 1] BOOL (+ neighbour_labels [n, k] BYTES
                                                    when the config's `neighbours` parameter k > 0)
     config parameters (strings): model_name, dim, max_seq_length, variant, pooling (+ labels: JSON list)
+
+How one RPC is sent (`Retrier`, driven the same way by both clients):
+
+    * it goes to the next replica in round-robin order (`Replicas`), skipping one that failed in
+      the last REPLICA_COOLDOWN_S seconds unless every replica did;
+    * it carries what is left of the call's deadline twice: as gRPC's client_timeout (seconds) and
+      as Triton's per-request `timeout` (microseconds), so the server can drop it from its queue
+      once the caller has given up;
+    * a retryable failure (`errors.is_retryable`: unavailable or overloaded) fails over at once to a
+      replica this call has not tried yet; once every replica was tried it backs off (full jitter,
+      `RetryPolicy`) and starts another round, never past the deadline;
+    * anything else raises its classified error (`errors.from_triton_error`) at once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from embedline.client.errors import (
+    API_KEY_ENV,
     DeadlineExceededError,
+    EmbeddingClientError,
     InvalidInputError,
     ServerError,
-    ServerUnavailableError,
     from_triton_error,
+    is_retryable,
+    status_and_message,
 )
 
 EMBED_MODEL = "embed"
@@ -42,6 +61,14 @@ NEIGHBOURS_OUTPUT = "neighbour_labels"
 DEFAULT_URL = "127.0.0.1:8001"
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONCURRENCY = 4
+# Retries are bounded by the call's deadline: a server restart (a few seconds) or a burst that fills
+# the queue is ridden out inside it. The count (about 50 s of waits with the default backoff) only
+# caps calls given a very long timeout.
+DEFAULT_MAX_RETRIES = 100
+DEFAULT_INITIAL_BACKOFF_S = 0.05
+DEFAULT_MAX_BACKOFF_S = 1.0
+# How long a replica that just failed is passed over while another one is not cooling down.
+REPLICA_COOLDOWN_S = 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +126,7 @@ class _ModelSpec:
     name: str
     max_batch_size: int
     parameters: dict[str, str] = field(hash=False)
+    url: str = ""  # the replica it was read from, named by errors about the config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +141,65 @@ def validate_url(url: str) -> str:
     if "://" in url:
         raise ValueError(f"url must be the gRPC 'host:port' without a scheme, got {url!r}")
     return url
+
+
+def validate_urls(url: str | Sequence[str]) -> tuple[str, ...]:
+    """One `host:port`, or a list / tuple of them (replicas of the same server) -> a tuple of urls."""
+    if not isinstance(url, (list, tuple)):
+        return (validate_url(url),)
+    if not url:
+        raise ValueError("url is an empty list; give at least one 'host:port'")
+    urls = tuple(validate_url(item) for item in url)
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"url lists a replica more than once: {list(urls)}")
+    return urls
+
+
+def describe_urls(urls: Sequence[str]) -> str:
+    """How messages name the server when no single replica is to blame."""
+    return urls[0] if len(urls) == 1 else "replicas " + ", ".join(urls)
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The API key: the argument, else $EMBEDLINE_API_KEY; empty (or blank) means no key.
+
+    Messages here never quote the key, not even a malformed one.
+    """
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV, "")
+    if not isinstance(api_key, str):
+        raise TypeError(f"api_key must be a str or None, got {type(api_key).__name__}")
+    api_key = api_key.strip()
+    if api_key and not (api_key.isascii() and api_key.isprintable()):
+        raise ValueError(f"api_key (or {API_KEY_ENV}) must be printable ASCII: it is sent as a gRPC header")
+    return api_key or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str] | None:
+    """The gRPC metadata every RPC carries with a key, or None without one.
+
+    Triton's restricted protocols check a gRPC header under a `triton-grpc-protocol-` prefix (HTTP takes
+    the plain name), so the key goes under both names: the prefixed one is what the embedline server
+    checks, the plain one what a proxy or gateway in front of it would.
+    """
+    if not api_key:
+        return None
+    value = f"Bearer {api_key}"
+    return {"authorization": value, "triton-grpc-protocol-authorization": value}
+
+
+def tls_arguments(ssl: bool, root_certificates: str | None) -> dict[str, Any]:
+    """tritonclient's `ssl` / `root_certificates` arguments, checked when the client is built.
+
+    tritonclient reads the PEM file when it opens a channel, which the asyncio client does only at
+    its first call: a missing file is reported here instead.
+    """
+    if root_certificates is not None:
+        if not ssl:
+            raise ValueError("root_certificates is only used with ssl=True")
+        if not os.path.isfile(root_certificates):
+            raise ValueError(f"root_certificates: no such file {root_certificates!r}")
+    return {"ssl": bool(ssl), "root_certificates": root_certificates}
 
 
 def validate_texts(texts: Iterable[str]) -> list[str]:
@@ -263,11 +350,11 @@ def assemble_predictions(n: int, chunks: list[list[int]], parts: list[list[Predi
 # Model config -> ModelSpec / ModelInfo
 
 
-def parse_model_config(response: Any) -> _ModelSpec:
-    """A tritonclient ModelConfigResponse (protobuf) -> the parts the client needs."""
+def parse_model_config(response: Any, url: str = "") -> _ModelSpec:
+    """A tritonclient ModelConfigResponse (protobuf) from replica `url` -> the parts the client needs."""
     config = response.config
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    return _ModelSpec(name=config.name, max_batch_size=int(config.max_batch_size), parameters=parameters)
+    return _ModelSpec(name=config.name, max_batch_size=int(config.max_batch_size), parameters=parameters, url=url)
 
 
 def _parameter(spec: _ModelSpec, key: str, url: str) -> str:
@@ -316,24 +403,44 @@ def classify_missing_message(url: str, model: str = CLASSIFY_MODEL) -> str:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded exponential backoff for UNAVAILABLE.
+    """Exponential backoff with full jitter, for the retryable errors (unavailable, overloaded).
 
-    Retry k (0-based) waits min(max_backoff, initial_backoff * multiplier**k). A retry is skipped,
-    and the UNAVAILABLE error raised, when its wait would not leave the next attempt any time before
-    the call's deadline: a call never outlives its timeout to retry.
+    Retry k (0-based) waits a uniform random time in [0, min(max_backoff, initial_backoff *
+    multiplier**k)]: the randomness keeps clients that failed together (say, all turned away by a
+    full queue) from coming back together. A retry is skipped, and the error raised, when its wait
+    would not leave the next attempt any time before the call's deadline: a call never outlives its
+    timeout to retry. The deadline is what bounds a call: max_retries (default 100, about 50 s of
+    waits with the default backoff) only caps a call given a very long timeout, so a server that
+    restarts within the deadline is ridden out.
+
+    With several replicas, a failed attempt first fails over at once (no wait) to a replica the call
+    has not tried; it backs off only once every replica was tried, and only those back-offs count
+    toward max_retries. `rng` is the random source (a `random.Random`; None: the `random` module's),
+    injectable so tests are deterministic.
     """
 
-    max_retries: int = 3
-    initial_backoff: float = 0.05
-    max_backoff: float = 1.0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    initial_backoff: float = DEFAULT_INITIAL_BACKOFF_S
+    max_backoff: float = DEFAULT_MAX_BACKOFF_S
     multiplier: float = 2.0
+    rng: random.Random | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
             raise ValueError(f"invalid retry policy: {self}")
 
+    def delay_cap(self, retry: int) -> float:
+        """The longest wait before retry `retry` (0-based)."""
+        try:
+            grown = self.initial_backoff * self.multiplier ** retry
+        except OverflowError:  # a huge max_retries: the cap has long been max_backoff
+            grown = math.inf
+        return min(self.max_backoff, grown)
+
     def delay(self, retry: int) -> float:
-        return min(self.max_backoff, self.initial_backoff * self.multiplier ** retry)
+        """The wait before retry `retry`: uniform in [0, delay_cap(retry)] ("full jitter")."""
+        source = random if self.rng is None else self.rng
+        return source.uniform(0.0, self.delay_cap(retry))
 
 
 # The smallest time worth giving an attempt: below it a retry can only fail with DEADLINE_EXCEEDED.
@@ -354,52 +461,168 @@ class Deadline:
         return self._end - self._clock()
 
 
+class Replicas:
+    """Which replica each attempt goes to; one per client, shared by all its calls (thread-safe).
+
+    Requests take turns over the replicas (round-robin), so the requests of a split list and
+    concurrent calls spread over all of them. A replica whose attempt just failed cools down for
+    `cooldown` seconds: requests pass it over while some replica is not cooling down, so a dead
+    replica costs one failed attempt per cool-down instead of one per call. When all are cooling
+    down, they take turns as usual: a fleet that failed together is not locked out.
+    """
+
+    def __init__(self, urls: Sequence[str], cooldown: float = REPLICA_COOLDOWN_S, clock=time.monotonic):
+        self.urls = tuple(urls)
+        self.cooldown = cooldown
+        self._clock = clock
+        self._cooling_until = [-math.inf] * len(self.urls)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def choose(self, tried: Collection[int] = ()) -> int:
+        """The next replica in turn that this call has not `tried` and is not cooling down (unless all
+        are); else simply the next in turn."""
+        with self._lock:
+            order = self._order()
+            fresh = self._fresh(order, tried)
+            replica = fresh[0] if fresh else order[0]
+            self._next = (replica + 1) % len(self.urls)
+            return replica
+
+    def has_fresh(self, tried: Collection[int]) -> bool:
+        """Whether `choose(tried)` has a failover target: a replica not tried, not cooling down (unless all are)."""
+        with self._lock:
+            return bool(self._fresh(self._order(), tried))
+
+    def failed(self, replica: int) -> None:
+        with self._lock:
+            self._cooling_until[replica] = self._clock() + self.cooldown
+
+    def succeeded(self, replica: int) -> None:
+        with self._lock:
+            self._cooling_until[replica] = -math.inf
+
+    def _order(self) -> list[int]:
+        n = len(self.urls)
+        return [(self._next + k) % n for k in range(n)]
+
+    def _fresh(self, order: list[int], tried: Collection[int]) -> list[int]:
+        """Untried replicas, in turn, that are not cooling down, or all untried ones when every replica is."""
+        now = self._clock()
+        untried = [i for i in order if i not in tried]
+        ready = [i for i in untried if self._cooling_until[i] <= now]
+        everyone_cooling = all(until > now for until in self._cooling_until)
+        return untried if everyone_cooling else ready
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of an RPC: the replica it goes to and the time it may take."""
+
+    replica: int     # index into the client's urls (and channels)
+    url: str
+    timeout: float   # seconds left of the call's deadline: gRPC's client_timeout
+
+    @property
+    def server_timeout_us(self) -> int:
+        """The same budget as Triton's per-request `timeout` (integer microseconds, rounded down).
+
+        The server drops the request if it is still queued when the caller has given up on it,
+        instead of computing an answer nobody reads ("Request timeout expired").
+        """
+        return max(1, int(self.timeout * 1_000_000))
+
+
 class Retrier:
     """The retry state of one RPC within a call; the sync and async loops drive it the same way:
 
-        retrier = Retrier(policy, deadline, url, model)
+        retrier = Retrier(policy, deadline, replicas, model)
         while True:
+            attempt = retrier.next_attempt()     # raises DeadlineExceededError when no time is left
             try:
-                return rpc(client_timeout=retrier.attempt_timeout())
+                result = rpc(channels[attempt.replica], attempt)
             except InferenceServerException as exc:
-                sleep(retrier.backoff(exc))      # or raises the classified error
+                delay = retrier.backoff(exc)     # or raises the classified error
+            else:
+                retrier.succeeded()
+                return result
+            sleep(delay)                         # 0: fail over to another replica at once
     """
 
-    def __init__(self, policy: RetryPolicy, deadline: Deadline, url: str, model: str | None):
+    def __init__(self, policy: RetryPolicy, deadline: Deadline, replicas: Replicas, model: str | None):
         self.policy = policy
         self.deadline = deadline
-        self.url = url
+        self.replicas = replicas
         self.model = model
         self.attempts = 0
+        self.retries = 0                   # back-offs so far; failovers to an untried replica are free
+        self._tried: set[int] = set()      # replicas tried since the last back-off
+        self._used: set[int] = set()       # replicas tried by this RPC, for the give-up message
+        self._attempt: Attempt | None = None
+        self._retrying: tuple[EmbeddingClientError, BaseException] | None = None  # the last retryable failure
 
-    def attempt_timeout(self) -> float:
-        """The gRPC client_timeout of the next attempt: what is left of the call's deadline."""
+    def next_attempt(self) -> Attempt:
+        """Where and with what timeout to send the next attempt."""
         remaining = self.deadline.remaining()
         if remaining < MIN_ATTEMPT_S:
-            raise DeadlineExceededError(self._timeout_text(), status=None)
+            if self._retrying is not None:  # the wait overran a little: report why it was retrying
+                error, exc = self._retrying
+                raise self._give_up(error) from exc
+            raise DeadlineExceededError(self._timeout_text(), status=None, url=self._last_url())
+        replica = self.replicas.choose(self._tried)
+        self._tried.add(replica)
+        self._used.add(replica)
         self.attempts += 1
-        return remaining
+        self._attempt = Attempt(replica, self.replicas.urls[replica], remaining)
+        return self._attempt
+
+    def succeeded(self) -> None:
+        assert self._attempt is not None
+        self.replicas.succeeded(self._attempt.replica)
 
     def backoff(self, exc: BaseException) -> float:
-        """Seconds to wait before retrying `exc`; raises the classified error when not retrying.
+        """Seconds to wait before the next attempt (0: fail over now); raises the classified error when not retrying.
 
         Must be called inside the `except` block so the raised error chains to `exc`.
         """
-        error = from_triton_error(exc, url=self.url, model=self.model)
+        attempt = self._attempt
+        assert attempt is not None, "backoff() before next_attempt()"
+        error = from_triton_error(exc, url=attempt.url, model=self.model)
         if isinstance(error, DeadlineExceededError):
-            raise DeadlineExceededError(self._timeout_text(), status=error.status) from exc
-        if not isinstance(error, ServerUnavailableError):
+            # A replica that let the deadline pass (hung, or its queue too long) is passed over by the next calls.
+            self.replicas.failed(attempt.replica)
+            _, detail = status_and_message(exc)
+            raise DeadlineExceededError(f"{self._timeout_text(attempt.url)} ({detail})",
+                                        status=error.status, url=attempt.url) from exc
+        if not is_retryable(error):
             raise error from exc
-        retry = self.attempts - 1
-        delay = self.policy.delay(retry)
-        if retry >= self.policy.max_retries or delay + MIN_ATTEMPT_S > self.deadline.remaining():
-            raise ServerUnavailableError(
-                f"{error} [gave up after {self.attempts} attempt(s) within the "
-                f"{self.deadline.timeout:g} s timeout]", status=error.status) from exc
+        self.replicas.failed(attempt.replica)
+        failover = self.replicas.has_fresh(self._tried)
+        if not failover and self.retries >= self.policy.max_retries:
+            raise self._give_up(error) from exc
+        delay = 0.0 if failover else self.policy.delay(self.retries)
+        if delay + MIN_ATTEMPT_S > self.deadline.remaining():
+            raise self._give_up(error) from exc
+        if not failover:  # every replica was tried: this wait starts a new round over all of them
+            self.retries += 1
+            self._tried.clear()
+        self._retrying = (error, exc)
         return delay
 
-    def _timeout_text(self) -> str:
-        where = f"model '{self.model}' at {self.url}" if self.model else f"server at {self.url}"
+    def _give_up(self, error: EmbeddingClientError) -> EmbeddingClientError:
+        replicas = f" on {len(self._used)} replicas" if len(self._used) > 1 else ""
+        return type(error)(f"{error} [gave up after {self.attempts} attempt(s){replicas} within the "
+                           f"{self.deadline.timeout:g} s timeout]", status=error.status, url=error.url)
+
+    def _last_url(self) -> str | None:
+        return self._attempt.url if self._attempt else None
+
+    def _timeout_text(self, url: str | None = None) -> str:
+        server = url or self._last_url() or describe_urls(self.replicas.urls)
+        where = f"model '{self.model}' at {server}" if self.model else f"server at {server}"
         return f"{where} did not answer within the {self.deadline.timeout:g} s timeout"
 
 
@@ -408,7 +631,6 @@ def resolve_timeout(timeout: float | None, default: float) -> float:
     if not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {value!r}")
     return float(value)
-
 
 
 def channel_args(grpcclient: Any) -> list[tuple[str, Any]]:
@@ -431,3 +653,74 @@ def channel_args(grpcclient: Any) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 50),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# What both clients hold
+
+
+class ClientBase:
+    """The constructor, settings and I/O-free state that EmbeddingClient and AsyncEmbeddingClient share.
+
+    A subclass opens its tritonclient channels in `_setup` (called last by the constructor) and
+    sends every RPC through a `Retrier` from `_retrier`, with `_headers` as its gRPC metadata.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str] = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        initial_backoff: float = DEFAULT_INITIAL_BACKOFF_S,
+        max_backoff: float = DEFAULT_MAX_BACKOFF_S,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        batch_size: int | None = None,
+        embed_model: str = EMBED_MODEL,
+        classify_model: str = CLASSIFY_MODEL,
+    ):
+        self.urls = validate_urls(url)
+        self.url = self.urls[0]  # the first replica, for code written when there was only one
+        self.timeout = resolve_timeout(timeout, DEFAULT_TIMEOUT_S)
+        self.retry_policy = RetryPolicy(max_retries=max_retries, initial_backoff=initial_backoff,
+                                        max_backoff=max_backoff)
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+        self.batch_size = validate_batch_size(batch_size)
+        self.embed_model = embed_model
+        self.classify_model = classify_model
+        self._tls = tls_arguments(ssl, root_certificates)
+        # The key is kept only inside this header, so repr() and error messages cannot show it.
+        self._headers = auth_headers(resolve_api_key(api_key))
+        self._replicas = Replicas(self.urls)
+        self._specs: dict[str, _ModelSpec] = {}
+        self._info: ModelInfo | None = None
+        self._closed = False
+        self._setup()
+
+    def _setup(self) -> None:
+        """Subclass hook: open channels (or prepare to) once the settings are valid."""
+
+    def __repr__(self) -> str:
+        url = self.url if len(self.urls) == 1 else list(self.urls)
+        key = ", api_key=***" if self._headers else ""
+        return f"{type(self).__name__}(url={url!r}, timeout={self.timeout:g}{key})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EmbeddingClientError(f"client for {describe_urls(self.urls)} is closed")
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        self._check_open()
+        return Deadline(resolve_timeout(timeout, self.timeout))
+
+    def _retrier(self, deadline: Deadline, model: str | None) -> Retrier:
+        return Retrier(self.retry_policy, deadline, self._replicas, model)
+
+    def _channel_kwargs(self, grpcclient: Any) -> dict[str, Any]:
+        """tritonclient InferenceServerClient keyword arguments (sync and aio take the same)."""
+        return {"channel_args": channel_args(grpcclient), **self._tls}

@@ -1,7 +1,8 @@
 """The asyncio gRPC client: `AsyncEmbeddingClient`, the coroutine twin of `EmbeddingClient`.
 
-Same methods, same chunking, deadlines, retries and exceptions (the logic lives in `_common`);
-requests of a split list run concurrently with `asyncio.gather`, at most `max_concurrency` at once.
+Same constructor, methods, chunking, replicas, deadlines, retries and exceptions (the logic lives in
+`_common`); requests of a split list run concurrently with `asyncio.gather`, at most
+`max_concurrency` at once, spread over the replicas.
 """
 
 from __future__ import annotations
@@ -17,25 +18,19 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from embedline.client._common import (
-    CLASSIFY_MODEL,
-    NEIGHBOURS_OUTPUT,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
-    EMBED_MODEL,
     EMBED_OUTPUTS,
     MIN_ATTEMPT_S,
+    NEIGHBOURS_OUTPUT,
+    Attempt,
+    ClientBase,
     Deadline,
     EmbedResult,
     ModelInfo,
     Prediction,
-    Retrier,
-    RetryPolicy,
     _ModelSpec,
     assemble_embeddings,
     assemble_predictions,
     build_info,
-    channel_args,
     classify_missing_message,
     classify_outputs,
     effective_batch_size,
@@ -44,22 +39,19 @@ from embedline.client._common import (
     parse_model_config,
     plan_chunks,
     requested_outputs,
-    resolve_timeout,
     spec_dim,
     spec_labels,
     text_input,
-    validate_batch_size,
     validate_texts,
-    validate_url,
 )
-from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
+from embedline.client.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class AsyncEmbeddingClient:
+class AsyncEmbeddingClient(ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC, asyncio).
 
     Example:
@@ -74,40 +66,19 @@ class AsyncEmbeddingClient:
 
         asyncio.run(main())
 
-    Arguments and exceptions are those of `EmbeddingClient`. The gRPC channel is opened on first use
-    and belongs to the event loop running then; a client used under a later event loop (a second
-    `asyncio.run`) opens a new channel there. Not for use from several threads at once.
+    Arguments (url or a list of replica urls, api_key, ssl, root_certificates, timeout, retries...)
+    and exceptions are those of `EmbeddingClient`. The gRPC channels are opened on first use and
+    belong to the event loop running then; a client used under a later event loop (a second
+    `asyncio.run`) opens new channels there. Not for use from several threads at once.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = 3,
-        initial_backoff: float = 0.05,
-        max_backoff: float = 1.0,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        batch_size: int | None = None,
-        embed_model: str = EMBED_MODEL,
-        classify_model: str = CLASSIFY_MODEL,
-    ):
-        self.url = validate_url(url)
-        self.timeout = resolve_timeout(timeout, DEFAULT_TIMEOUT_S)
-        self.retry_policy = RetryPolicy(max_retries=max_retries, initial_backoff=initial_backoff,
-                                        max_backoff=max_backoff)
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.max_concurrency = max_concurrency
-        self.batch_size = validate_batch_size(batch_size)
-        self.embed_model = embed_model
-        self.classify_model = classify_model
-        self._triton: grpcaio.InferenceServerClient | None = None
+    def _setup(self) -> None:
+        self._tritons: list[grpcaio.InferenceServerClient] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._specs: dict[str, _ModelSpec] = {}
-        self._info: ModelInfo | None = None
-        self._semaphore = asyncio.Semaphore(max_concurrency)  # remade with the channel, per loop
-        self._closed = False
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)  # remade with the channels, per loop
+
+    def _make_triton(self, url: str) -> grpcaio.InferenceServerClient:
+        return grpcaio.InferenceServerClient(url, **self._channel_kwargs(grpcclient))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -118,16 +89,13 @@ class AsyncEmbeddingClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; later calls raise EmbeddingClientError."""
+        """Close the channels; later calls raise EmbeddingClientError."""
         self._closed = True
-        triton, self._triton = self._triton, None
+        tritons, self._tritons = self._tritons, None
         if self._loop is not asyncio.get_running_loop():
             return  # made on an earlier loop, already gone with it
-        if triton is not None:
+        for triton in tritons or ():
             await triton.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncEmbeddingClient(url={self.url!r}, timeout={self.timeout:g})"
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -146,11 +114,11 @@ class AsyncEmbeddingClient:
         texts = validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = await self._spec(self.embed_model, deadline)
-        dim = spec_dim(spec, self.url)
+        dim = spec_dim(spec, spec.url)
         if not texts:
             return EmbedResult(np.empty((0, dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = await self._infer_chunks(
-            spec, texts, EMBED_OUTPUTS, lambda result, n: parse_embed(result, n, self.url, spec.name), deadline)
+            spec, texts, EMBED_OUTPUTS, lambda result, n, url: parse_embed(result, n, url, spec.name), deadline)
         return assemble_embeddings(len(texts), dim, chunks, parts)
 
     async def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
@@ -163,14 +131,14 @@ class AsyncEmbeddingClient:
         texts = validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = await self._classify_spec(deadline)
-        labels = spec_labels(spec, self.url)
+        labels = spec_labels(spec, spec.url)
         outputs = classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = await self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n: parse_classify(result, n, labels, self.url, spec.name,
-                                             neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
+            lambda result, n, url: parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
         return assemble_predictions(len(texts), chunks, parts)
 
     async def info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -182,95 +150,116 @@ class AsyncEmbeddingClient:
                 classify = await self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = build_info(embed, classify, self.url)
+            self._info = build_info(embed, classify, embed.url)
         return self._info
 
     async def health(self, *, timeout: float | None = None) -> bool:
-        """True when the server is live and ready and its `embed` model is ready; False otherwise (never raises)."""
-        deadline = self._deadline(timeout)
-        triton = self._client()
+        """True when some replica is live and ready and its `embed` model is ready; False otherwise.
 
+        Replicas are checked concurrently; never raises for an unreachable or unhealthy server.
+        """
+        deadline = self._deadline(timeout)
+        tritons = self._clients()
+        checks = [asyncio.ensure_future(self._replica_health(triton, url, deadline))
+                  for triton, url in zip(tritons, self.urls)]
+        try:
+            for check in asyncio.as_completed(checks):
+                if await check:
+                    return True  # one healthy replica is enough: the others are cancelled below
+            return False
+        finally:
+            for check in checks:
+                check.cancel()
+            await asyncio.gather(*checks, return_exceptions=True)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _replica_health(self, triton: grpcaio.InferenceServerClient, url: str, deadline: Deadline) -> bool:
         def left() -> float:
             return max(deadline.remaining(), MIN_ATTEMPT_S)
 
         try:
             return bool(
-                await triton.is_server_live(client_timeout=left())
-                and await triton.is_server_ready(client_timeout=left())
-                and await triton.is_model_ready(self.embed_model, client_timeout=left())
+                await triton.is_server_live(headers=self._headers, client_timeout=left())
+                and await triton.is_server_ready(headers=self._headers, client_timeout=left())
+                and await triton.is_model_ready(self.embed_model, headers=self._headers, client_timeout=left())
             )
         except InferenceServerException as exc:
-            logger.debug("health check of %s failed: %s", self.url, exc)
+            logger.debug("health check of %s failed: %s", url, exc)
             return False
 
-    # -- internals -------------------------------------------------------------------------------
-
-    def _client(self) -> grpcaio.InferenceServerClient:
-        """The tritonclient aio client of the running event loop (a new loop gets a new channel)."""
-        if self._closed:
-            raise EmbeddingClientError(f"client for {self.url} is closed")
+    def _clients(self) -> list[grpcaio.InferenceServerClient]:
+        """The tritonclient aio clients (one per replica) of the running event loop; a new loop gets new channels."""
+        self._check_open()
         loop = asyncio.get_running_loop()
-        if self._triton is None or self._loop is not loop:
+        if self._tritons is None or self._loop is not loop:
             # A grpc.aio channel only works on the loop it was made on; after asyncio.run() ends,
-            # the old one is unusable (and cannot be closed from here), so it is dropped.
-            self._triton = self._make_triton()
+            # the old ones are unusable (and cannot be closed from here), so they are dropped.
+            self._tritons = [self._make_triton(url) for url in self.urls]
             self._loop = loop
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
-        return self._triton
+        return self._tritons
 
-    def _make_triton(self) -> grpcaio.InferenceServerClient:
-        return grpcaio.InferenceServerClient(self.url, channel_args=channel_args(grpcclient))
+    async def _call(self, rpc: Callable[[Any, Attempt], Awaitable[T]], deadline: Deadline, model: str | None) -> T:
+        """Await `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
-    def _deadline(self, timeout: float | None) -> Deadline:
-        if self._closed:
-            raise EmbeddingClientError(f"client for {self.url} is closed")
-        return Deadline(resolve_timeout(timeout, self.timeout))
-
-    async def _call(self, rpc: Callable[[float], Awaitable[T]], deadline: Deadline, model: str | None) -> T:
-        """Await `rpc(client_timeout)` retrying UNAVAILABLE within the deadline; raise the typed error."""
-        retrier = Retrier(self.retry_policy, deadline, self.url, model)
+        Raises the classified error when the Retrier gives up.
+        """
+        tritons = self._clients()
+        retrier = self._retrier(deadline, model)
         while True:
-            client_timeout = retrier.attempt_timeout()
+            attempt = retrier.next_attempt()
             try:
-                return await rpc(client_timeout)
+                result = await rpc(tritons[attempt.replica], attempt)
             except InferenceServerException as exc:
                 delay = retrier.backoff(exc)
-            logger.debug("%s unavailable, retry %d in %.3f s", self.url, retrier.attempts, delay)
-            await asyncio.sleep(delay)
+            else:
+                retrier.succeeded()
+                return result
+            logger.debug("%s failed, attempt %d: retrying in %.3f s", attempt.url, retrier.attempts, delay)
+            if delay:
+                await asyncio.sleep(delay)
 
     async def _spec(self, model: str, deadline: Deadline) -> _ModelSpec:
         spec = self._specs.get(model)
         if spec is None:
-            triton = self._client()
-            response = await self._call(
-                lambda client_timeout: triton.get_model_config(model, client_timeout=client_timeout),
-                deadline, model)
-            spec = self._specs.setdefault(model, parse_model_config(response))
+            async def fetch(triton: grpcaio.InferenceServerClient, attempt: Attempt) -> _ModelSpec:
+                response = await triton.get_model_config(model, headers=self._headers,
+                                                         client_timeout=attempt.timeout)
+                return parse_model_config(response, attempt.url)
+
+            spec = self._specs.setdefault(model, await self._call(fetch, deadline, model))
         return spec
 
     async def _classify_spec(self, deadline: Deadline) -> _ModelSpec:
         try:
             return await self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(classify_missing_message(self.url, self.classify_model),
-                                     status=exc.status) from exc
+            raise ModelNotFoundError(classify_missing_message(exc.url or self.url, self.classify_model),
+                                     status=exc.status, url=exc.url) from exc
 
     async def _infer_chunks(self, spec: _ModelSpec, texts: list[str], outputs: tuple[str, ...],
-                            parse: Callable[[Any, int], T], deadline: Deadline) -> tuple[list[list[int]], list[T]]:
-        """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts)."""
-        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, self.url))
-        triton = self._client()
+                            parse: Callable[[Any, int, str], T],
+                            deadline: Deadline) -> tuple[list[list[int]], list[T]]:
+        """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
+
+        `parse(result, n, url)` reads one response; url names the replica that sent it.
+        """
+        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, spec.url))
+        self._clients()  # the semaphore below belongs to the running loop
         semaphore = self._semaphore
 
         async def infer(indices: list[int]) -> T:
             inputs = [text_input(grpcclient, [texts[i] for i in indices])]
             requested = requested_outputs(grpcclient, outputs)
+
+            async def send(triton: grpcaio.InferenceServerClient, attempt: Attempt) -> T:
+                result = await triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,
+                                            timeout=attempt.server_timeout_us, client_timeout=attempt.timeout)
+                return parse(result, len(indices), attempt.url)
+
             async with semaphore:
-                result = await self._call(
-                    lambda client_timeout: triton.infer(spec.name, inputs, outputs=requested,
-                                                        client_timeout=client_timeout),
-                    deadline, spec.name)
-            return parse(result, len(indices))
+                return await self._call(send, deadline, spec.name)
 
         if len(chunks) == 1:
             return chunks, [await infer(chunks[0])]

@@ -1,16 +1,43 @@
-"""The client's exception types and the one table that maps gRPC / Triton status codes to them.
+"""The client's exception types, and the one function that classifies a server or transport error.
 
 Both clients (sync and asyncio) classify a `tritonclient.utils.InferenceServerException` through
-`from_triton_error`, so a status means the same thing wherever it is raised:
+`from_triton_error`, so a failure means the same thing wherever it is raised:
 
     try:
         client.embed(texts)
-    except ServerUnavailableError:   # nothing listening, or the server is shutting down
+    except ServerOverloadedError:    # the model's queue is full (retried already, still full)
+        ...
+    except ServerUnavailableError:   # nothing listening, shutting down, model process restarting
+        ...
+    except AuthenticationError:      # missing or wrong API key (never retried)
         ...
     except InvalidInputError:        # e.g. a text that is not valid UTF-8, too many texts
         ...
     except EmbeddingClientError:     # anything else the server or transport reported
         ...
+
+How an error is classified (`error_type`): the server's message is checked first, in this order,
+because Triton reports some conditions under a status that would mislead the table:
+
+    message contains (any case)     status     -> exception
+    "this protocol is restricted"   any        -> AuthenticationError     (Triton sends it as UNAVAILABLE)
+    "has no available versions"     any        -> ServerUnavailableError  (the model is unloading while the
+                                                                           server drains, or loading)
+    "unknown model"                 any        -> ModelNotFoundError      (sent as INVALID_ARG or UNAVAILABLE)
+    "maximum queue size"            any        -> ServerOverloadedError   ("Exceeds maximum queue size")
+    "timeout expired"               any        -> DeadlineExceededError   (the per-request timeout ran out
+                                                                           while queued: "Request timeout expired")
+    "is not healthy"                INTERNAL   -> ServerUnavailableError  (a python-backend stub died and
+                                                                           Triton is restarting it)
+
+then the status alone, through STATUS_TO_ERROR: UNAVAILABLE -> ServerUnavailableError,
+RESOURCE_EXHAUSTED -> ServerOverloadedError, UNAUTHENTICATED / PERMISSION_DENIED ->
+AuthenticationError, INVALID_ARGUMENT... -> InvalidInputError, NOT_FOUND -> ModelNotFoundError,
+DEADLINE_EXCEEDED -> DeadlineExceededError; anything else (or absent) is ServerError.
+
+Only ServerUnavailableError and its subclass ServerOverloadedError are retried (`is_retryable`, the
+one predicate): the server did not serve the request, and embedding is idempotent, so sending it
+again (to another replica when there is one) is safe.
 
 Every type derives from `embedline.errors.EmbedlineError`, so the `embedline` CLI prints it as one line.
 """
@@ -19,21 +46,33 @@ from __future__ import annotations
 
 from embedline.errors import EmbedlineError
 
+API_KEY_ENV = "EMBEDLINE_API_KEY"
+
 
 class EmbeddingClientError(EmbedlineError):
     """Base of every error the client SDK raises for a failed server call.
 
     `status` is the gRPC / Triton status name the server or transport reported (e.g. "UNAVAILABLE"),
-    or None when the failure was detected on the client side.
+    or None when the failure was detected on the client side. `url` is the server (replica) that
+    reported it, when one did.
     """
 
-    def __init__(self, message: str, status: str | None = None):
+    def __init__(self, message: str, status: str | None = None, url: str | None = None):
         super().__init__(message)
         self.status = status
+        self.url = url
 
 
 class ServerUnavailableError(EmbeddingClientError):
-    """The server could not be reached (nothing listening, network down, shutting down)."""
+    """The server could not serve the request now (nothing listening, shutting down, model restarting)."""
+
+
+class ServerOverloadedError(ServerUnavailableError):
+    """The server turned the request away because the model's queue is full (retried like unavailable)."""
+
+
+class AuthenticationError(EmbeddingClientError):
+    """The server refused the request's credentials: the API key is missing or wrong. Never retried."""
 
 
 class InvalidInputError(EmbeddingClientError):
@@ -58,6 +97,9 @@ class ServerError(EmbeddingClientError):
 # and some server paths report them in that spelling. Anything absent maps to ServerError.
 STATUS_TO_ERROR: dict[str, type[EmbeddingClientError]] = {
     "UNAVAILABLE": ServerUnavailableError,
+    "RESOURCE_EXHAUSTED": ServerOverloadedError,
+    "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": AuthenticationError,
     "INVALID_ARGUMENT": InvalidInputError,
     "INVALID_ARG": InvalidInputError,
     "OUT_OF_RANGE": InvalidInputError,
@@ -68,17 +110,22 @@ STATUS_TO_ERROR: dict[str, type[EmbeddingClientError]] = {
     "UNKNOWN": ServerError,
     "UNIMPLEMENTED": ServerError,
     "UNSUPPORTED": ServerError,
-    "RESOURCE_EXHAUSTED": ServerError,
     "CANCELLED": ServerError,
     "ABORTED": ServerError,
     "ALREADY_EXISTS": ServerError,
     "DATA_LOSS": ServerError,
-    "PERMISSION_DENIED": ServerError,
-    "UNAUTHENTICATED": ServerError,
 }
 
-# Only these are worth retrying: the request never reached a model, so resending it is safe.
-RETRYABLE_STATUSES = frozenset({"UNAVAILABLE"})
+# Server wordings that decide the type before the table, in order: (lower-case text, status or None
+# for any status, exception type). See the module docstring for why each is here.
+MESSAGE_RULES: tuple[tuple[str, str | None, type[EmbeddingClientError]], ...] = (
+    ("this protocol is restricted", None, AuthenticationError),
+    ("has no available versions", None, ServerUnavailableError),
+    ("unknown model", None, ModelNotFoundError),
+    ("maximum queue size", None, ServerOverloadedError),
+    ("timeout expired", None, DeadlineExceededError),
+    ("is not healthy", "INTERNAL", ServerUnavailableError),
+)
 
 
 def status_name(status: str | None) -> str | None:
@@ -89,18 +136,16 @@ def status_name(status: str | None) -> str | None:
 
 
 def error_type(status: str | None, message: str) -> type[EmbeddingClientError]:
-    """The exception type for a status name and the server's message (the table, plus one wording).
-
-    Triton reports a model it does not serve as INVALID_ARG or UNAVAILABLE depending on the endpoint
-    ("Request for unknown model: 'classify' is not found"); that wording means ModelNotFoundError
-    whatever the status, so it is neither retried nor reported as bad input.
-    """
-    if "unknown model" in message.lower():
-        return ModelNotFoundError
+    """The exception type for a status name and the server's message: MESSAGE_RULES, then the table."""
+    lowered = message.lower()
+    for text, rule_status, cls in MESSAGE_RULES:
+        if text in lowered and rule_status in (None, status):
+            return cls
     return STATUS_TO_ERROR.get(status or "", ServerError)
 
 
-def _status_and_message(exc: BaseException) -> tuple[str | None, str]:
+def status_and_message(exc: BaseException) -> tuple[str | None, str]:
+    """A tritonclient exception's status name and its message on one line."""
     status = status_name(exc.status()) if callable(getattr(exc, "status", None)) else None
     raw = exc.message() if callable(getattr(exc, "message", None)) else None
     message = raw or str(exc) or type(exc).__name__
@@ -108,27 +153,36 @@ def _status_and_message(exc: BaseException) -> tuple[str | None, str]:
     return status, " ".join(str(message).split())
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether a raw tritonclient exception is a transient transport failure worth retrying."""
-    status, message = _status_and_message(exc)
-    return status in RETRYABLE_STATUSES and error_type(status, message) is ServerUnavailableError
+def is_retryable(error: BaseException) -> bool:
+    """The one retry predicate: a ServerUnavailableError (ServerOverloadedError included).
+
+    Takes a classified error, or a raw tritonclient exception (classified first).
+    """
+    if not isinstance(error, EmbeddingClientError):
+        error = from_triton_error(error, url="")
+    return isinstance(error, ServerUnavailableError)
 
 
 def from_triton_error(exc: BaseException, *, url: str, model: str | None = None) -> EmbeddingClientError:
     """Classify a tritonclient `InferenceServerException` into the client's exception type.
 
     The message names the server (and the model) because that is what a user needs to act on it;
-    the server's own wording follows.
+    the server's own wording follows. No message ever contains the API key.
     """
-    status, server_message = _status_and_message(exc)
+    status, server_message = status_and_message(exc)
     cls = error_type(status, server_message)
     where = f"model '{model}' at {url}" if model else f"server at {url}"
-    if cls is ServerUnavailableError:
+    if cls is ServerOverloadedError:
+        text = f"{where} is overloaded: its queue is full ({server_message})"
+    elif cls is ServerUnavailableError:
         text = f"{where} is unavailable ({server_message})"
+    elif cls is AuthenticationError:
+        text = (f"{where} refused the request: it needs a valid API key (pass api_key= or set "
+                f"{API_KEY_ENV}) ({status or 'error'}: {server_message})")
     elif cls is DeadlineExceededError:
         text = f"{where} did not answer in time ({server_message})"
     elif cls is ModelNotFoundError:
         text = f"{where} not found ({server_message})"
     else:
         text = f"{where}: {status or 'error'}: {server_message}"
-    return cls(text, status=status)
+    return cls(text, status=status, url=url or None)

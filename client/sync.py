@@ -1,10 +1,11 @@
 """The synchronous gRPC client: `EmbeddingClient`.
 
 It speaks the `embed` / `classify` wire contract of model_repository/README.md through
-`tritonclient.grpc`. Lists longer than the server's max_batch_size are split into length-grouped
-requests sent concurrently from a small thread pool (gRPC calls release the GIL while they wait),
-and put back in input order. Every public call has one deadline that covers its config look-up,
-all its requests and their retries.
+`tritonclient.grpc`, with one channel per server replica. Lists longer than the server's
+max_batch_size are split into length-grouped requests sent concurrently from a small thread pool
+(gRPC calls release the GIL while they wait), spread over the replicas, and put back in input
+order. Every public call has one deadline that covers its config look-up, all its requests and
+their retries and failovers; the routing and retry logic is `_common.Retrier`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, as_completed, wait
 from typing import Any, TypeVar
 
 import numpy as np
@@ -21,25 +22,19 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from embedline.client._common import (
-    CLASSIFY_MODEL,
-    NEIGHBOURS_OUTPUT,
-    DEFAULT_MAX_CONCURRENCY,
-    DEFAULT_TIMEOUT_S,
-    DEFAULT_URL,
-    EMBED_MODEL,
     EMBED_OUTPUTS,
     MIN_ATTEMPT_S,
+    NEIGHBOURS_OUTPUT,
+    Attempt,
+    ClientBase,
     Deadline,
     EmbedResult,
     ModelInfo,
     Prediction,
-    Retrier,
-    RetryPolicy,
     _ModelSpec,
     assemble_embeddings,
     assemble_predictions,
     build_info,
-    channel_args,
     classify_missing_message,
     classify_outputs,
     effective_batch_size,
@@ -48,22 +43,19 @@ from embedline.client._common import (
     parse_model_config,
     plan_chunks,
     requested_outputs,
-    resolve_timeout,
     spec_dim,
     spec_labels,
     text_input,
-    validate_batch_size,
     validate_texts,
-    validate_url,
 )
-from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
+from embedline.client.errors import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class EmbeddingClient:
+class EmbeddingClient(ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC).
 
     Example:
@@ -75,50 +67,47 @@ class EmbeddingClient:
             # embeddings: (2, 384) float32, L2-normalized rows, in input order
             print(client.info().dim, embeddings @ embeddings.T)
 
+        # Replicas of one server, an API key and TLS:
+        client = EmbeddingClient(["host1:8001", "host2:8001"], api_key="...", ssl=True,
+                                 root_certificates="ca.pem")
+
     Args:
-        url: the server's gRPC endpoint, `host:port`.
+        url: the server's gRPC endpoint `host:port`, or a list / tuple of them: replicas serving the
+            same models. Requests take turns over the replicas; one that fails with an unavailable
+            or overloaded error is retried on another at once, and passed over by later requests for
+            about a second. `client.urls` is the tuple of urls, `client.url` the first one.
+        api_key: sent with every RPC as the gRPC header `authorization: Bearer <key>`. None (the
+            default) reads the environment variable EMBEDLINE_API_KEY; an empty key sends none. It
+            never appears in repr() or error messages.
+        ssl, root_certificates: TLS, with an optional PEM file of the CA certificates to trust
+            (default: the system's).
         timeout: default seconds one public call may take in all (its config look-up, every request
-            it sends, their retries); each method also takes `timeout=` for that call alone.
-        max_retries, initial_backoff, max_backoff: UNAVAILABLE is retried up to `max_retries` times,
-            waiting initial_backoff * 2**k (capped at max_backoff) and never past the deadline.
+            it sends, their retries); each method also takes `timeout=` for that call alone. What is
+            left of it also goes with each inference request as Triton's per-request timeout, so the
+            server drops queued work whose caller has given up.
+        max_retries, initial_backoff, max_backoff: an unavailable or overloaded server is retried;
+            once every replica was tried the client waits a random time up to
+            initial_backoff * 2**k (capped at max_backoff) before round k+1, at most `max_retries`
+            times (default 100: in practice the deadline ends the retries, so a server restart within
+            it is ridden out) and never past the deadline (see RetryPolicy). Authentication and input errors are never
+            retried.
         max_concurrency: requests in flight at once when a list is split.
         batch_size: texts per request (default and cap: the model's max_batch_size).
         embed_model, classify_model: model names on the server.
 
     All methods are thread-safe. Failed calls raise subclasses of
-    `embedline.client.errors.EmbeddingClientError`; bad arguments raise TypeError / ValueError.
+    `embedline.client.errors.EmbeddingClientError` (AuthenticationError for a missing or wrong key,
+    ServerOverloadedError for a full queue...); bad arguments raise TypeError / ValueError.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = 3,
-        initial_backoff: float = 0.05,
-        max_backoff: float = 1.0,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        batch_size: int | None = None,
-        embed_model: str = EMBED_MODEL,
-        classify_model: str = CLASSIFY_MODEL,
-    ):
-        self.url = validate_url(url)
-        self.timeout = resolve_timeout(timeout, DEFAULT_TIMEOUT_S)
-        self.retry_policy = RetryPolicy(max_retries=max_retries, initial_backoff=initial_backoff,
-                                        max_backoff=max_backoff)
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.max_concurrency = max_concurrency
-        self.batch_size = validate_batch_size(batch_size)
-        self.embed_model = embed_model
-        self.classify_model = classify_model
-        # Creating the channel does not connect: a client can be built before the server is up.
-        self._triton = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(grpcclient))
-        self._specs: dict[str, _ModelSpec] = {}
-        self._info: ModelInfo | None = None
+    def _setup(self) -> None:
+        # Creating a channel does not connect: a client can be built before the servers are up.
+        self._tritons = [self._make_triton(url) for url in self.urls]
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._closed = False
+
+    def _make_triton(self, url: str) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(url, **self._channel_kwargs(grpcclient))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -129,7 +118,7 @@ class EmbeddingClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel and the request threads; later calls raise EmbeddingClientError."""
+        """Close the channels and the request threads; later calls raise EmbeddingClientError."""
         with self._lock:
             if self._closed:
                 return
@@ -137,10 +126,8 @@ class EmbeddingClient:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        self._triton.close()
-
-    def __repr__(self) -> str:
-        return f"EmbeddingClient(url={self.url!r}, timeout={self.timeout:g})"
+        for triton in self._tritons:
+            triton.close()
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -163,11 +150,11 @@ class EmbeddingClient:
         texts = validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = self._spec(self.embed_model, deadline)
-        dim = spec_dim(spec, self.url)
+        dim = spec_dim(spec, spec.url)
         if not texts:
             return EmbedResult(np.empty((0, dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = self._infer_chunks(
-            spec, texts, EMBED_OUTPUTS, lambda result, n: parse_embed(result, n, self.url, spec.name), deadline)
+            spec, texts, EMBED_OUTPUTS, lambda result, n, url: parse_embed(result, n, url, spec.name), deadline)
         return assemble_embeddings(len(texts), dim, chunks, parts)
 
     def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
@@ -180,18 +167,20 @@ class EmbeddingClient:
         texts = validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = self._classify_spec(deadline)
-        labels = spec_labels(spec, self.url)
+        labels = spec_labels(spec, spec.url)
         outputs = classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n: parse_classify(result, n, labels, self.url, spec.name,
-                                             neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
+            lambda result, n, url: parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
         return assemble_predictions(len(texts), chunks, parts)
 
     def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached).
+
+        Read from the first replica that answers (replicas serve the same models).
 
             client.info().dim   # 384
         """
@@ -202,68 +191,82 @@ class EmbeddingClient:
                 classify = self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = build_info(embed, classify, self.url)
+            self._info = build_info(embed, classify, embed.url)
         return self._info
 
     def health(self, *, timeout: float | None = None) -> bool:
-        """True when the server is live and ready and its `embed` model is ready; False otherwise.
+        """True when some replica is live and ready and its `embed` model is ready; False otherwise.
 
-        Never raises for an unreachable or unhealthy server, and does not retry: it answers "now".
+        Replicas are checked concurrently. Never raises for an unreachable or unhealthy server, and
+        does not retry: it answers "now".
         """
-        self._check_open()
         deadline = self._deadline(timeout)
+        if len(self.urls) == 1:
+            return self._replica_health(0, deadline)
+        # One thread per replica (not the request pool, which may be busy or smaller): a hung
+        # replica must not delay the answer of a healthy one.
+        pool = ThreadPoolExecutor(len(self.urls), thread_name_prefix="embedline-health")
+        futures = [pool.submit(self._replica_health, replica, deadline) for replica in range(len(self.urls))]
+        try:
+            return any(future.result() for future in as_completed(futures))  # stops at the first True
+        finally:
+            pool.shutdown(wait=False)  # checks still running end by the deadline
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _replica_health(self, replica: int, deadline: Deadline) -> bool:
+        triton = self._tritons[replica]
 
         def left() -> float:
             return max(deadline.remaining(), MIN_ATTEMPT_S)
 
         try:
             return bool(
-                self._triton.is_server_live(client_timeout=left())
-                and self._triton.is_server_ready(client_timeout=left())
-                and self._triton.is_model_ready(self.embed_model, client_timeout=left())
+                triton.is_server_live(headers=self._headers, client_timeout=left())
+                and triton.is_server_ready(headers=self._headers, client_timeout=left())
+                and triton.is_model_ready(self.embed_model, headers=self._headers, client_timeout=left())
             )
         except InferenceServerException as exc:
-            logger.debug("health check of %s failed: %s", self.url, exc)
+            logger.debug("health check of %s failed: %s", self.urls[replica], exc)
             return False
 
-    # -- internals -------------------------------------------------------------------------------
+    def _call(self, rpc: Callable[[Any, Attempt], T], deadline: Deadline, model: str | None) -> T:
+        """Run `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EmbeddingClientError(f"client for {self.url} is closed")
-
-    def _deadline(self, timeout: float | None) -> Deadline:
-        self._check_open()
-        return Deadline(resolve_timeout(timeout, self.timeout))
-
-    def _call(self, rpc: Callable[[float], T], deadline: Deadline, model: str | None) -> T:
-        """Run `rpc(client_timeout)` retrying UNAVAILABLE within the deadline; raise the typed error."""
-        retrier = Retrier(self.retry_policy, deadline, self.url, model)
+        Raises the classified error when the Retrier gives up.
+        """
+        retrier = self._retrier(deadline, model)
         while True:
-            client_timeout = retrier.attempt_timeout()
+            attempt = retrier.next_attempt()
             try:
-                return rpc(client_timeout)
+                result = rpc(self._tritons[attempt.replica], attempt)
             except InferenceServerException as exc:
                 delay = retrier.backoff(exc)
-            logger.debug("%s unavailable, retry %d in %.3f s", self.url, retrier.attempts, delay)
-            time.sleep(delay)
+            else:
+                retrier.succeeded()
+                return result
+            logger.debug("%s failed, attempt %d: retrying in %.3f s", attempt.url, retrier.attempts, delay)
+            if delay:
+                time.sleep(delay)
 
     def _spec(self, model: str, deadline: Deadline) -> _ModelSpec:
         # Cached per model: the config (max_batch_size, dim, labels) is fixed while the server runs.
         spec = self._specs.get(model)
         if spec is None:
-            response = self._call(
-                lambda client_timeout: self._triton.get_model_config(model, client_timeout=client_timeout),
+            spec = self._call(
+                lambda triton, attempt: parse_model_config(
+                    triton.get_model_config(model, headers=self._headers, client_timeout=attempt.timeout),
+                    attempt.url),
                 deadline, model)
-            spec = self._specs.setdefault(model, parse_model_config(response))
+            spec = self._specs.setdefault(model, spec)
         return spec
 
     def _classify_spec(self, deadline: Deadline) -> _ModelSpec:
         try:
             return self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(classify_missing_message(self.url, self.classify_model),
-                                     status=exc.status) from exc
+            raise ModelNotFoundError(classify_missing_message(exc.url or self.url, self.classify_model),
+                                     status=exc.status, url=exc.url) from exc
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -273,18 +276,22 @@ class EmbeddingClient:
             return self._pool
 
     def _infer_chunks(self, spec: _ModelSpec, texts: list[str], outputs: tuple[str, ...],
-                      parse: Callable[[Any, int], T], deadline: Deadline) -> tuple[list[list[int]], list[T]]:
-        """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts)."""
-        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, self.url))
+                      parse: Callable[[Any, int, str], T], deadline: Deadline) -> tuple[list[list[int]], list[T]]:
+        """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
+
+        `parse(result, n, url)` reads one response; url names the replica that sent it.
+        """
+        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, spec.url))
 
         def infer(indices: list[int]) -> T:
             inputs = [text_input(grpcclient, [texts[i] for i in indices])]
             requested = requested_outputs(grpcclient, outputs)
-            result = self._call(
-                lambda client_timeout: self._triton.infer(spec.name, inputs, outputs=requested,
-                                                          client_timeout=client_timeout),
+            return self._call(
+                lambda triton, attempt: parse(
+                    triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,
+                                 timeout=attempt.server_timeout_us, client_timeout=attempt.timeout),
+                    len(indices), attempt.url),
                 deadline, spec.name)
-            return parse(result, len(indices))
 
         if len(chunks) == 1:
             return chunks, [infer(chunks[0])]

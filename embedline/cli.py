@@ -16,8 +16,8 @@ from embedline.errors import EmbedlineError
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "export": ("embedline.export.cli", "import a model into an artifact and export its ONNX variants"),
-    "build-repo": ("embedline.export.repository", "build a Triton model repository from an artifact"),
-    "serve": ("embedline.server", "start Triton Inference Server with an artifact's models"),
+    "build-repo": ("embedline.serving.repository", "build a Triton model repository from an artifact"),
+    "serve": ("embedline.serving.launcher", "serve an artifact's models with Triton Inference Server"),
     "embed": ("embedline.client.cli", "embed texts (one per line) through a running server"),
     "classify": ("embedline.client.cli_classify", "classify texts (one per line) through a running server"),
     "train": ("embedline.training.cli", "train a sentence encoder with SimCSE or another contrastive loss"),

@@ -92,8 +92,8 @@ def start_server(tmp_path_factory):
 
     Every server started through it is stopped at the end of the session.
     """
-    from embedline.export.repository import RepositorySettings, build_repository
-    from embedline.server import TritonServer, free_port
+    from embedline.serving.repository import RepositorySettings, build_repository
+    from embedline.serving.triton import TritonServer, free_port
 
     started = []
 
@@ -167,3 +167,103 @@ def tiny_classifier(tiny_model_dir, tmp_path_factory):
     ))
     export_fp32(artifact)
     return artifact
+
+
+# ---- `embedline serve` as a real process (tests/test_serving_*.py) -----------------------------------
+
+EMBEDLINE_CLI = [sys.executable, "-m", "embedline.cli"]
+
+
+@dataclass
+class Launched:
+    """A running `embedline serve` process and where it listens."""
+
+    process: "object"
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    banner: str
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def tritonserver(self):
+        """The psutil.Process of the tritonserver this launcher runs now."""
+        import psutil
+
+        servers = [p for p in psutil.Process(self.process.pid).children() if p.name() == "tritonserver"]
+        assert len(servers) == 1, servers
+        return servers[0]
+
+    def model_processes(self):
+        return [p for p in self.tritonserver().children() if "triton_python_backend_stub" in p.name()]
+
+    def ready(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def read_until(self, needle: str, timeout: float) -> str:
+        """Read the launcher's stdout until a line holds `needle`; returns everything read."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        seen = []
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                if self.process.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            if needle in line:
+                return "".join(seen)
+        raise AssertionError(f"no {needle!r} within {timeout}s; output:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def launch_serve():
+    """Factory: launch_serve(*serve args, env=None) -> Launched, once its banner is printed.
+
+    Every launcher still running at the end of the test gets SIGTERM, then SIGKILL.
+    """
+    import signal
+    import subprocess
+
+    from embedline.serving.triton import free_port
+
+    launched = []
+
+    def launch(*args, env=None, wait=True) -> Launched:
+        ports = [free_port() for _ in range(3)]
+        process = subprocess.Popen(
+            [*EMBEDLINE_CLI, "serve", "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
+             "--metrics-port", str(ports[2]), "--threads", "1", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        served = Launched(process, *ports, banner="")
+        launched.append(served)
+        if wait:
+            served.banner = served.read_until("Ctrl-C to stop", timeout=300)
+        return served
+
+    yield launch
+    for served in launched:
+        if served.process.poll() is None:
+            served.process.send_signal(signal.SIGTERM)
+            try:
+                served.process.wait(60)
+            except subprocess.TimeoutExpired:
+                served.process.kill()
+                served.process.wait()

@@ -266,7 +266,7 @@ def test_tuning_candidates_change_one_setting_each():
     from dataclasses import asdict
 
     from embedline.benchmarks.tuning import candidate_settings
-    from embedline.export.repository import RepositorySettings
+    from embedline.serving.settings import RepositorySettings
 
     base = RepositorySettings(variant="int8")
     candidates = candidate_settings(base, "int8")

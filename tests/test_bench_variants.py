@@ -78,7 +78,7 @@ def test_choose_variant_prefers_fast_variants_only_within_half_a_spearman_point(
 
 def test_openvino_variant_files_and_repository(tiny_artifact, tmp_path):
     from embedline.export.onnx_export import export_fp32
-    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.serving.repository import RepositorySettings, build_repository
     from embedline.export.variants import openvino_files
 
     dest = tmp_path / "a"

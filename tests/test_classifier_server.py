@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from embedline import artifact as art
 from embedline.client import AsyncEmbeddingClient, EmbeddingClient, ModelNotFoundError
-from embedline.export.repository import RepositorySettings, build_repository
+from embedline.serving.repository import RepositorySettings, build_repository
 
 TEXTS = ["the song is good", "the film is terrible", "the road is near the door", "", "love love love",
          "the coffee is cold and sad", "a chair"]

@@ -211,14 +211,14 @@ def test_a_call_that_outlives_its_timeout_raises_deadline_exceeded(client):
 def test_server_down_raises_unavailable_within_the_timeout():
     down = f"127.0.0.1:{free_port()}"
     timeout = 1.5
-    # Backoff 0.2, 0.4, 0.8 s would be followed by 1.0 s: that one would pass the deadline.
+    # Jittered backoff up to 0.2, 0.4, 0.8, 1.0 s: several attempts fit, none past the deadline.
     with EmbeddingClient(down, timeout=timeout, max_retries=10, initial_backoff=0.2, max_backoff=1.0) as client:
         assert client.health() is False
         started = time.monotonic()
-        with pytest.raises(ServerUnavailableError, match="gave up after"):
-            client.embed(["hello"])
+        with pytest.raises(ServerUnavailableError, match=r"gave up after ([2-9]|\d\d+) attempt"):
+            client.embed(["hello"])  # it did retry
         elapsed = time.monotonic() - started
-    assert 0.6 <= elapsed < timeout + 0.3  # it did retry (0.2 + 0.4 s), and stopped before the deadline
+    assert elapsed < timeout + 0.3  # and stopped before the deadline
 
     async def main():
         async with AsyncEmbeddingClient(down, timeout=timeout) as async_client:

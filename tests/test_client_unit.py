@@ -8,7 +8,9 @@ validation, chunking, concurrency, reassembly, retries, the error table — runs
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -24,6 +26,7 @@ from tritonclient.utils import InferenceServerException, deserialize_bytes_tenso
 
 from embedline.client import (
     AsyncEmbeddingClient,
+    AuthenticationError,
     DeadlineExceededError,
     EmbeddingClient,
     EmbeddingClientError,
@@ -32,6 +35,7 @@ from embedline.client import (
     ModelNotFoundError,
     RetryPolicy,
     ServerError,
+    ServerOverloadedError,
     ServerUnavailableError,
 )
 from embedline.client import _common, errors
@@ -89,6 +93,8 @@ class FakeTriton:
         self.infer_calls: list[tuple[str, list[str]]] = []
         self.config_calls: list[str] = []
         self.client_timeouts: list[float] = []
+        self.server_timeouts: list[int | None] = []  # infer's `timeout=`, microseconds
+        self.headers: list[tuple[str, dict | None]] = []  # (rpc name, headers) of every RPC
         # Exceptions to raise, in order, before infer / get_model_config succeed.
         self.infer_failures: list[Exception] = []
         self.config_failures: list[Exception] = []
@@ -100,7 +106,8 @@ class FakeTriton:
         self.concurrent = 0
         self.max_concurrent = 0
 
-    def get_model_config(self, model_name, client_timeout=None):
+    def get_model_config(self, model_name, headers=None, client_timeout=None):
+        self.headers.append(("get_model_config", headers))
         self.config_calls.append(model_name)
         if self.config_failures:
             raise self.config_failures.pop(0)
@@ -109,7 +116,7 @@ class FakeTriton:
                                            status="StatusCode.NOT_FOUND")
         return self.configs[model_name]
 
-    def infer(self, model_name, inputs, outputs=None, client_timeout=None):
+    def infer(self, model_name, inputs, outputs=None, timeout=None, client_timeout=None, headers=None):
         (text_input,) = inputs
         assert text_input.name() == "text" and text_input.datatype() == "BYTES"
         n = text_input.shape()[0]
@@ -117,7 +124,9 @@ class FakeTriton:
         texts = [b.decode("utf-8") for b in deserialize_bytes_tensor(text_input._get_content())]
         assert len(texts) == n
         with self._lock:
+            self.headers.append(("infer", headers))
             self.client_timeouts.append(client_timeout)
+            self.server_timeouts.append(timeout)
             self.infer_calls.append((model_name, texts))
             if self.infer_failures:
                 raise self.infer_failures.pop(0)
@@ -148,13 +157,16 @@ class FakeTriton:
             raise unavailable()
         return True
 
-    def is_server_live(self, client_timeout=None):
+    def is_server_live(self, headers=None, client_timeout=None):
+        self.headers.append(("is_server_live", headers))
         return self._health()
 
-    def is_server_ready(self, client_timeout=None):
+    def is_server_ready(self, headers=None, client_timeout=None):
+        self.headers.append(("is_server_ready", headers))
         return self._health()
 
-    def is_model_ready(self, model_name, client_timeout=None):
+    def is_model_ready(self, model_name, headers=None, client_timeout=None):
+        self.headers.append(("is_model_ready", headers))
         return self._health() and model_name in self.configs
 
     def close(self):
@@ -167,21 +179,22 @@ class AsyncFakeTriton:
     def __init__(self, fake: FakeTriton):
         self.fake = fake
 
-    async def get_model_config(self, model_name, client_timeout=None):
-        return self.fake.get_model_config(model_name, client_timeout=client_timeout)
+    async def get_model_config(self, model_name, headers=None, client_timeout=None):
+        return self.fake.get_model_config(model_name, headers=headers, client_timeout=client_timeout)
 
-    async def infer(self, model_name, inputs, outputs=None, client_timeout=None):
+    async def infer(self, model_name, inputs, outputs=None, timeout=None, client_timeout=None, headers=None):
         await asyncio.sleep(0)  # let the other requests of a split list start: they run concurrently
-        return self.fake.infer(model_name, inputs, outputs=outputs, client_timeout=client_timeout)
+        return self.fake.infer(model_name, inputs, outputs=outputs, timeout=timeout,
+                               client_timeout=client_timeout, headers=headers)
 
-    async def is_server_live(self, client_timeout=None):
-        return self.fake.is_server_live(client_timeout)
+    async def is_server_live(self, headers=None, client_timeout=None):
+        return self.fake.is_server_live(headers=headers, client_timeout=client_timeout)
 
-    async def is_server_ready(self, client_timeout=None):
-        return self.fake.is_server_ready(client_timeout)
+    async def is_server_ready(self, headers=None, client_timeout=None):
+        return self.fake.is_server_ready(headers=headers, client_timeout=client_timeout)
 
-    async def is_model_ready(self, model_name, client_timeout=None):
-        return self.fake.is_model_ready(model_name, client_timeout)
+    async def is_model_ready(self, model_name, headers=None, client_timeout=None):
+        return self.fake.is_model_ready(model_name, headers=headers, client_timeout=client_timeout)
 
     async def close(self):
         self.fake.close()
@@ -190,16 +203,30 @@ class AsyncFakeTriton:
 def make_client(fake: FakeTriton | None = None, **kwargs) -> tuple[EmbeddingClient, FakeTriton]:
     fake = fake or FakeTriton()
     client = EmbeddingClient("fake:1", **kwargs)
-    client._triton.close()
-    client._triton = fake
+    for triton in client._tritons:
+        triton.close()
+    client._tritons = [fake]
     return client, fake
 
 
 def make_async_client(fake: FakeTriton | None = None, **kwargs) -> tuple[AsyncEmbeddingClient, FakeTriton]:
     fake = fake or FakeTriton()
     client = AsyncEmbeddingClient("fake:1", **kwargs)
-    client._make_triton = lambda: AsyncFakeTriton(fake)  # what tritonclient.grpc.aio would return
+    client._make_triton = lambda url: AsyncFakeTriton(fake)  # what tritonclient.grpc.aio would return
     return client, fake
+
+
+class TopOfRange(random.Random):
+    """A random source whose uniform(a, b) is always b: the longest jittered wait, deterministic."""
+
+    def uniform(self, a, b):
+        return b
+
+
+def longest_jitter(client):
+    """Make the client's backoff waits their caps, so tests can state them exactly."""
+    client.retry_policy = dataclasses.replace(client.retry_policy, rng=TopOfRange())
+    return client
 
 
 def mixed_texts(n: int) -> list[str]:
@@ -292,7 +319,7 @@ def test_async_client_survives_a_new_event_loop():
     made = []
     fake = FakeTriton()
     client = AsyncEmbeddingClient("fake:1")
-    client._make_triton = lambda: made.append(1) or AsyncFakeTriton(fake)
+    client._make_triton = lambda url: made.append(1) or AsyncFakeTriton(fake)
     first = asyncio.run(client.embed(["a", "b"]))
     second = asyncio.run(client.embed(["a", "b"]))  # a second asyncio.run: a fresh channel, same results
     np.testing.assert_array_equal(first, second)
@@ -394,7 +421,9 @@ def test_bad_constructor_arguments():
         ("StatusCode.INTERNAL", ServerError),
         ("StatusCode.UNKNOWN", ServerError),
         ("StatusCode.UNIMPLEMENTED", ServerError),
-        ("StatusCode.RESOURCE_EXHAUSTED", ServerError),
+        ("StatusCode.RESOURCE_EXHAUSTED", ServerOverloadedError),
+        ("StatusCode.UNAUTHENTICATED", AuthenticationError),
+        ("StatusCode.PERMISSION_DENIED", AuthenticationError),
         ("INVALID_ARG", InvalidInputError),  # Triton's own spelling
         ("UNAVAILABLE", ServerUnavailableError),
         ("StatusCode.SOMETHING_NEW", ServerError),
@@ -408,7 +437,8 @@ def test_error_table_maps_each_status(status, expected):
     assert isinstance(error, EmbeddingClientError) and isinstance(error, EmbedlineError)
     assert "h:1" in str(error) and "embed" in str(error)
     assert "\n" not in str(error)  # the CLI prints one line
-    assert errors.is_retryable(exc) == (expected is ServerUnavailableError)
+    assert errors.is_retryable(exc) == issubclass(expected, ServerUnavailableError)
+    assert errors.is_retryable(error) == errors.is_retryable(exc)  # classified or raw: one predicate
 
 
 def test_unknown_model_wording_means_model_not_found_whatever_the_status():
@@ -420,8 +450,10 @@ def test_unknown_model_wording_means_model_not_found_whatever_the_status():
 
 def test_every_table_entry_is_a_client_error_subclass():
     assert set(errors.STATUS_TO_ERROR.values()) <= {
-        ServerUnavailableError, InvalidInputError, ModelNotFoundError, DeadlineExceededError, ServerError}
-    assert errors.RETRYABLE_STATUSES == {"UNAVAILABLE"}
+        ServerUnavailableError, ServerOverloadedError, AuthenticationError, InvalidInputError,
+        ModelNotFoundError, DeadlineExceededError, ServerError}
+    retryable = {name for name, cls in errors.STATUS_TO_ERROR.items() if errors.is_retryable(cls("x"))}
+    assert retryable == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
 
 
 def test_server_error_in_one_request_of_a_split_list_raises_typed_error():
@@ -471,15 +503,17 @@ def test_missing_config_parameter_is_a_clear_server_error():
 # Retries, backoff, deadlines
 
 
-def test_retry_policy_delays_grow_exponentially_and_are_capped():
+def test_retry_policy_delay_caps_grow_exponentially_and_are_capped():
     policy = RetryPolicy(max_retries=6, initial_backoff=0.1, max_backoff=0.5)
-    assert [policy.delay(k) for k in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    assert [policy.delay_cap(k) for k in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    assert policy.delay_cap(5000) == 0.5  # no overflow for a huge retry count
 
 
 def test_unavailable_is_retried_with_backoff_then_succeeds(monkeypatch):
     sleeps = []
     monkeypatch.setattr(sync_module.time, "sleep", sleeps.append)
     client, fake = make_client(max_retries=3, initial_backoff=0.01)
+    longest_jitter(client)
     fake.infer_failures = [unavailable(), unavailable()]
     assert client.embed(["a", "b"]).shape == (2, DIM)
     assert len(fake.infer_calls) == 3
@@ -490,6 +524,7 @@ def test_unavailable_gives_up_after_max_retries(monkeypatch):
     sleeps = []
     monkeypatch.setattr(sync_module.time, "sleep", sleeps.append)
     client, fake = make_client(max_retries=3, initial_backoff=0.01)
+    longest_jitter(client)
     fake.infer_failures = [unavailable() for _ in range(10)]
     with pytest.raises(ServerUnavailableError, match="gave up after 4 attempt") as caught:
         client.embed(["a"])
@@ -500,6 +535,7 @@ def test_unavailable_gives_up_after_max_retries(monkeypatch):
 
 def test_retries_stop_before_the_deadline_instead_of_sleeping_past_it():
     client, fake = make_client(timeout=0.3, max_retries=50, initial_backoff=0.1, max_backoff=10)
+    longest_jitter(client)
     fake.config_failures = [unavailable() for _ in range(100)]
     started = time.monotonic()
     with pytest.raises(ServerUnavailableError):
@@ -547,6 +583,7 @@ def test_async_retries_use_asyncio_sleep_and_the_same_bounds(monkeypatch):
 
     async def main():
         client, fake = make_async_client(max_retries=2, initial_backoff=0.01)
+        longest_jitter(client)
         fake.infer_failures = [unavailable() for _ in range(10)]
         with pytest.raises(ServerUnavailableError):
             await client.embed(["a"])
@@ -584,7 +621,7 @@ def test_health_is_false_not_an_exception_when_the_server_is_down():
 def test_closed_client_refuses_calls_and_closes_its_channel():
     with make_client()[0] as client:
         client.embed(mixed_texts(20))  # starts the thread pool
-    assert client._triton.closed
+    assert client._tritons[0].closed
     with pytest.raises(EmbeddingClientError, match="closed"):
         client.embed(["a"])
     client.close()  # idempotent
@@ -597,12 +634,14 @@ def test_real_client_against_a_closed_port_is_unavailable_quickly():
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with EmbeddingClient(f"127.0.0.1:{port}", timeout=3.0) as client:
+    with EmbeddingClient(f"127.0.0.1:{port}", timeout=1.0) as client:
         assert client.health() is False
         started = time.monotonic()
+        # Retried (10 back-offs by default) until the deadline stops it: reported as unavailable,
+        # not as a timeout, and not later than the deadline (plus scheduling slack).
         with pytest.raises(ServerUnavailableError, match=f"127.0.0.1:{port}"):
             client.embed(["a"])
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 1.0 + 0.3
 
 
 # ----------------------------------------------------------------------------------------------

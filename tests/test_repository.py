@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from embedline.export.repository import RepositorySettings, build_repository
+from embedline.serving.repository import RepositorySettings, build_repository
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -104,7 +104,7 @@ def test_onnxruntime_layout_follows_batching_settings(tiny_fp32, tmp_path):
 def test_spin_wait_is_on_by_default_and_off_with_the_cli_flag(tiny_fp32, tmp_path):
     import argparse
 
-    from embedline.export.repository import configure, settings_from_args
+    from embedline.serving.repository import configure, settings_from_args
 
     def spin_param(argv, dest):
         parser = argparse.ArgumentParser()
@@ -122,3 +122,30 @@ def test_missing_variant_is_clear_error(tiny_fp32, tmp_path):
 
     with pytest.raises(ArtifactError, match="variant 'int8' is not exported"):
         build_repository(tiny_fp32, tmp_path / "m", RepositorySettings(variant="int8"))
+
+
+def test_every_batched_model_has_a_bounded_queue_that_honours_request_timeouts(tiny_classifier, tmp_path):
+    import argparse
+
+    from embedline.serving.repository import configure, settings_from_args
+
+    def policies(argv, dest, layout="python"):
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        args = parser.parse_args(["--artifact", str(tiny_classifier.path), "--output", str(dest),
+                                  "--variant", "fp32", "--layout", layout, *argv])
+        repo = build_repository(tiny_classifier, dest, settings_from_args(args, tiny_classifier, "cpu", layout))
+        configs = [read_config(path) for path in sorted(repo.glob("*/config.pbtxt"))]
+        return {c.name: c.dynamic_batching.default_queue_policy for c in configs if c.HasField("dynamic_batching")}
+
+    default = policies([], tmp_path / "default")
+    assert set(default) == {"embed", "classifier_head"}
+    for policy in default.values():
+        assert policy.max_queue_size == RepositorySettings.max_queue_size > 0
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.allow_timeout_override  # a request's own shorter timeout wins...
+        assert policy.default_timeout_microseconds == RepositorySettings.max_queue_wait_s * 1e6 > 0  # ...over this
+    assert {p.max_queue_size for p in policies(["--max-queue-size", "0"], tmp_path / "unbounded").values()} == {0}
+    assert "encoder" in policies(["--max-queue-size", "7"], tmp_path / "ort", layout="onnxruntime")
+    with pytest.raises(SystemExit):
+        policies(["--max-queue-size", "-1"], tmp_path / "bad")

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from embedline.server import free_port
+from embedline.serving.triton import free_port
 
 EMBEDLINE = [sys.executable, "-m", "embedline.cli"]
 

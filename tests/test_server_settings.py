@@ -65,7 +65,7 @@ def test_config_reflects_the_settings(tiny_fp32, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from embedline.export.repository import RepositorySettings, build_repository
+    from embedline.serving.repository import RepositorySettings, build_repository
 
     def config(**settings) -> mc.ModelConfig:
         repo = build_repository(tiny_fp32, tmp_path / str(len(settings)), RepositorySettings(**settings))

@@ -183,6 +183,15 @@ def _autocast(config: TrainConfig, device: torch.device) -> Callable[[], context
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """A metrics line, or None for a blank one or one a power loss cut short (it is past the last checkpoint,
+    which flushes the lines before it)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+
+
 class MetricsLog:
     """Appends JSON lines to run/metrics.jsonl (process 0 only); on resume, drops lines past the checkpoint."""
 
@@ -191,7 +200,7 @@ class MetricsLog:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
             lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= keep_until_step]
+            kept = [line for line in lines if (record := _record(line)) and record["step"] <= keep_until_step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -215,7 +224,7 @@ def train(
     if resume:
         state = ckpt.load_state(paths)
         _check_resume_config(config, resolve_config(from_dict(state["config"])))
-    elif paths.checkpoint.exists() or (paths.output / art.METADATA_FILE).exists():
+    elif ckpt.has_checkpoint(paths) or (paths.output / art.METADATA_FILE).exists():
         raise ConfigError(
             f"{paths.output}: already holds an artifact or a checkpoint; resume it with --resume "
             "or choose another --output"
@@ -254,7 +263,7 @@ def train(
         if best is not None and not paths.best_model.is_file():
             raise ckpt.CheckpointError(f"{paths.best_model}: missing, but the checkpoint records a best step")
         ckpt.set_rng_state(ckpt.load_rng(paths, env.rank))
-        log.info("resumed from %s at step %d of %d", paths.checkpoint, step, total_steps)
+        log.info("resumed from %s at step %d of %d", ckpt.checkpoint_dir(paths), step, total_steps)
     else:
         torch.manual_seed(config.seed + env.rank)  # independent dropout streams per process
 
@@ -282,7 +291,7 @@ def train(
     def save_checkpoint() -> None:
         tmp = ckpt.begin_save(paths) if env.is_main else None
         distributed.barrier()
-        ckpt.save_rng(paths.run_dir / "checkpoint.tmp", env.rank)
+        ckpt.save_rng(paths.checkpoint_tmp, env.rank)
         distributed.barrier()
         if env.is_main:
             ckpt.finish_save(paths, tmp, {

@@ -28,7 +28,7 @@ class OrtEngine:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1  # one graph at a time per instance: extra pools only oversubscribe
         # Spinning workers pick up each operator's parallel work at once instead of waking from a futex:
-        # 1.6x faster batch-1 runs on 2 cores (export/repository.py, RepositorySettings.spin_wait).
+        # 1.6x faster batch-1 runs on 2 cores (serving/settings.py, RepositorySettings.spin_wait).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = ort.get_available_providers()

@@ -1,8 +1,9 @@
 """Run the real NVIDIA Triton Inference Server (the `tritonserver` binary shipped in nvidia-pytriton).
 
-`TritonServer` starts tritonserver on a model repository, waits until it is ready and stops it; tests and
-benchmarks use it directly. `embedline serve` (the `run` verb below) prepares the artifact (imports the
-bundled model, exports ONNX if missing), builds the repository, serves until Ctrl-C/SIGTERM.
+`TritonServer` is one tritonserver process on a model repository: it builds the command line (ports,
+API key, TLS, drain timeout), starts it, waits until it is ready, lists its model processes (the
+python-backend stubs) and stops or kills it. Tests and benchmarks use it directly; `embedline serve`
+(serving/launcher.py) supervises one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 
 
-class ServerError(EmbedlineError):
+class ServingError(EmbedlineError):
     """tritonserver could not be started, or stopped unexpectedly."""
 
 
@@ -38,7 +40,7 @@ def _pytriton_dir() -> Path:
     try:
         import pytriton
     except ImportError as exc:
-        raise ServerError("serving needs nvidia-pytriton (pip install 'embedline[serve]')") from exc
+        raise ServingError("serving needs nvidia-pytriton (pip install 'embedline[serve]')") from exc
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
@@ -47,12 +49,16 @@ def _pytriton_libs() -> Path:
 
 
 def prepare_backend_directory(dest: Path) -> Path:
-    """A backend directory with the python backend and the stub matching this Python (see DESIGN.md)."""
+    """A backend directory with the python backend and the stub matching this Python.
+
+    nvidia-pytriton ships one stub per Python version; the backend runs the one found next to
+    libtriton_python.so, so the directory links the matching one in (docs/architecture.md, "Server").
+    """
     dist = _pytriton_dir()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+        raise ServingError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for source in (
@@ -96,9 +102,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Every Triton protocol but health: an API key guards all of them, so orchestrators can still probe health.
+GUARDED_PROTOCOLS = ("metadata", "inference", "shared-memory", "model-config", "model-repository",
+                     "statistics", "trace", "logging")
+# The protocols that change or expose the server itself: never open on an exposed address.
+ADMIN_PROTOCOLS = ("shared-memory", "model-repository", "trace", "logging")
+# The header the key travels in. Triton checks it as-is on HTTP and with a `triton-grpc-protocol-`
+# prefix on gRPC (gRPC metadata keys are lower case), so the SDK sends both spellings.
+AUTH_HEADER = "authorization"
+GRPC_AUTH_HEADER = "triton-grpc-protocol-authorization"
+STUB_BINARY = "triton_python_backend_stub"
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 @dataclass
 class TritonServer:
-    """A tritonserver process serving `repository`. Use as a context manager or start()/stop()."""
+    """A tritonserver process serving `repository`. Use as a context manager or start()/stop().
+
+    api_key: when set, every protocol but health needs `authorization: Bearer <api_key>`.
+    restrict_admin: without a key, still close the admin protocols (to a key nobody is told).
+    tls_cert, tls_key: PEM files that turn on TLS for gRPC.
+    exit_timeout_s: on stop(), how long Triton lets queued and in-flight requests finish.
+    """
 
     repository: Path
     host: str = "127.0.0.1"
@@ -107,6 +135,11 @@ class TritonServer:
     metrics_port: int = DEFAULT_PORTS["metrics"]
     log_verbose: int = 0
     log_file: Path | None = None
+    api_key: str | None = None
+    restrict_admin: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    exit_timeout_s: int = 30
 
     def __post_init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -130,7 +163,7 @@ class TritonServer:
 
     def command(self, backend_dir: Path) -> list[str]:
         binary = _pytriton_dir() / "bin" / "tritonserver"
-        return [
+        command = [
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_dir}",
@@ -143,12 +176,31 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             "--strict-readiness=true",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        restricted = self._restricted_protocols()
+        if restricted:
+            protocols, value = restricted
+            # Triton only takes the key on its command line (docs/architecture.md, "Authentication").
+            command += [f"--grpc-restricted-protocol={protocols}:{AUTH_HEADER}={value}",
+                        f"--http-restricted-api={protocols}:{AUTH_HEADER}={value}"]
+        if self.tls_cert or self.tls_key:
+            command += ["--grpc-use-ssl=true", f"--grpc-server-cert={self.tls_cert}",
+                        f"--grpc-server-key={self.tls_key}"]
+        return command
+
+    def _restricted_protocols(self) -> tuple[str, str] | None:
+        """(comma-separated protocols, expected header value), or None when everything is open."""
+        if self.api_key:
+            return ",".join(GUARDED_PROTOCOLS), f"Bearer {self.api_key}"
+        if self.restrict_admin:
+            return ",".join(ADMIN_PROTOCOLS), f"Bearer {secrets.token_urlsafe(32)}"
+        return None
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
             if port_in_use(self.host, port):
-                raise ServerError(
+                raise ServingError(
                     f"{name} port {port} on {self.host} is already in use; "
                     f"choose another with --{name.lower()}-port"
                 )
@@ -156,7 +208,7 @@ class TritonServer:
         workdir = Path(self._workdir.name)
         backend_dir = prepare_backend_directory(workdir / "backends")
         self.log_file = self.log_file or workdir / "tritonserver.log"
-        log_handle = open(self.log_file, "wb")
+        log_handle = open(self.log_file, "ab")  # a restarted server appends to the same log
         log.info("starting tritonserver (log: %s)", self.log_file)
         self.process = subprocess.Popen(
             self.command(backend_dir),
@@ -188,23 +240,45 @@ class TritonServer:
             if self.process is not None and self.process.poll() is not None:
                 tail = self.log_tail()
                 self.stop()
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n{tail}")
+                raise ServingError(f"tritonserver exited with code {self.process.returncode} while starting:\n{tail}")
             if self.is_ready():
                 return
             time.sleep(0.25)
         tail = self.log_tail()
-        self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{tail}")
+        self.kill()
+        raise ServingError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{tail}")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def model_process_ids(self) -> set[int]:
+        """PIDs of the live python-backend stubs (one per model instance) tritonserver runs now."""
+        if self.process is None or self.process.poll() is not None:
+            return set()
+        return {pid for pid in _child_pids(self.process.pid) if _is_live_stub(pid)}
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM, then wait: Triton turns not-ready, lets queued and in-flight requests finish (up to
+        exit_timeout_s) and exits. Killed if it is still there `timeout_s` later (default: 10 s past
+        exit_timeout_s)."""
+        timeout_s = self.exit_timeout_s + 10 if timeout_s is None else timeout_s
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
+                self.kill()
+        self._release_workdir()
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its model processes at once (a server whose model died cannot drain)."""
+        if self.process is not None and self.process.poll() is None:
+            try:
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+        self._release_workdir()
+
+    def _release_workdir(self) -> None:
         if self._workdir is not None:
             # keep the log readable after stop() when it lives in the workdir
             if self.log_file and Path(self.log_file).parent == Path(self._workdir.name):
@@ -221,81 +295,24 @@ class TritonServer:
         self.stop()
 
 
-# ---- `embedline serve` ------------------------------------------------------------------------------
-
-
-def prepare_artifact(artifact_dir: str | None):
-    """The artifact to serve: the given one (exported first if needed) or the bundled model's."""
-    from embedline import artifact as art
-    from embedline.export.variants import ensure_exported
-
-    if artifact_dir is None:
-        target = art.default_artifact_dir()
-        if not (target / art.METADATA_FILE).is_file():
-            log.info("importing the bundled all-MiniLM-L6-v2 into %s", target)
-            art.import_model_dir(art.bundled_model_dir(), target, name="all-MiniLM-L6-v2")
-        artifact_dir = str(target)
-    return ensure_exported(artifact_dir)
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    from embedline.export.repository import RepositorySettings
-    from embedline.export.variants import SERVABLE_VARIANTS
-
-    parser.add_argument("--artifact", default=None,
-                        help="artifact directory (default: the bundled all-MiniLM-L6-v2); exported first if needed")
-    parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
-                        help="ONNX variant, or openvino (default: fp16 on GPU; on CPU the fastest within tolerance)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 to expose)")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
-    parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
-    parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
-    parser.add_argument("--repository", default=None,
-                        help="where to build the model repository (default: a temporary directory)")
-    parser.add_argument("--max-batch-size", type=int, default=RepositorySettings.max_batch_size)
-    parser.add_argument("--queue-delay-us", type=int, default=RepositorySettings.queue_delay_us)
-    parser.add_argument("--instances", type=int, default=RepositorySettings.instances)
-    parser.add_argument("--threads", type=int, default=RepositorySettings.intra_op_threads,
-                        help="ONNX Runtime intra-op threads per instance (0: one per core)")
-    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver log verbosity")
-
-
-def run(args: argparse.Namespace) -> int:
-    from embedline.export.repository import build_repository, settings_from_args
-    from embedline.export.variants import available_device
-
-    for name in ("grpc", "http", "metrics"):
-        port = getattr(args, f"{name}_port")
-        if port_in_use(args.host, port):
-            raise ServerError(f"{name} port {port} on {args.host} is already in use; choose another with --{name}-port")
-    artifact = prepare_artifact(args.artifact)
-    device = available_device()
-    settings = settings_from_args(args, artifact, device)
-    with tempfile.TemporaryDirectory(prefix="embedline-repo-") as tmp:
-        repository = build_repository(artifact, args.repository or Path(tmp) / "models", settings)
-        server = TritonServer(repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                              metrics_port=args.metrics_port, log_verbose=args.log_verbose)
-        stop_requested = []
-
-        def request_stop(signum, _frame):
-            stop_requested.append(signum)
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        server.start()
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from every thread's /proc children list (the stubs are forked by a
+    backend thread, not always the main one)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            print(f"embedline: serving {artifact.name} ({settings.variant}, {device}) from {artifact.path}")
-            print(f"  gRPC     {server.grpc_url}")
-            print(f"  HTTP     http://{server.http_url}")
-            print(f"  metrics  {server.metrics_url}")
-            print(f"  log      {server.log_file}")
-            print("Ctrl-C to stop.", flush=True)
-            while not stop_requested:
-                if server.process.poll() is not None:
-                    raise ServerError(f"tritonserver stopped unexpectedly (code {server.process.returncode}):\n"
-                                      f"{server.log_tail()}")
-                time.sleep(0.5)
-            print("embedline: stopping tritonserver", flush=True)
-        finally:
-            server.stop()
-    return 0
+            children += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return children
+
+
+def _is_live_stub(pid: int) -> bool:
+    """A running (not zombie) python-backend stub."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X") and STUB_BINARY.encode() in command

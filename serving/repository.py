@@ -17,51 +17,18 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 from embedline import artifact as art
-from embedline.export.variants import OPENVINO_VARIANT, SERVABLE_VARIANTS, variant_files
+from embedline.export.variants import OPENVINO_VARIANT, variant_files
+from embedline.serving.settings import RepositorySettings, add_server_options, settings_from_args
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("python", "onnxruntime")
-
-
-@dataclass(frozen=True)
-class RepositorySettings:
-    """How the server runs the models (dynamic batching, instances, threads, length grouping).
-
-    The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning"):
-    one instance using both cores beats two single-thread instances; no queue delay; ONNX Runtime workers
-    that spin-wait; length groups of at most 32 texts with a per-run cost of 64 padded tokens.
-    """
-
-    variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
-    layout: str = "python"
-    device: str = "cpu"  # cpu | gpu: where model instances run
-    max_batch_size: int = 64  # most texts in one request, and in one dynamic batch
-    # How long the dynamic batcher waits to fill a batch. 0 measured best on CPU (benchmarks/README.md,
-    # "Server tuning"): with one busy instance, requests that arrive during a run queue up and form the next
-    # batch anyway, and a lone request no longer waits for company.
-    queue_delay_us: int = 0
-    instances: int = 1
-    intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
-    length_group_size: int = 32  # most texts in one engine run inside a dynamic batch
-    # Length-aware batching: sort a dynamic batch by length and cut it into the engine runs that waste the
-    # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
-    length_grouping: bool = True
-    group_overhead_tokens: int = 64  # the cost of one more engine run, in padded tokens (plan_groups)
-    dynamic_batching: bool = True  # False: every request runs alone (Triton's default scheduler)
-    streams: int = 1  # OpenVINO CPU streams per instance (parallel infer requests over the length groups)
-    gpu_provider: str = "cuda"  # cuda | tensorrt (python layout on GPU; tensorrt falls back to cuda)
-    # ONNX Runtime's workers spin-wait for the next parallel section instead of sleeping on a futex between
-    # them (ORT's own default). Measured on 2 quiet cores: batch-1 int8 4.2 -> 2.6 ms, and a server that is
-    # as fast or faster at every load point. Off leaves the cores alone between runs: for a machine shared
-    # with busier processes (`build-repo --no-spin-wait`).
-    spin_wait: bool = True
 
 
 def _templates() -> Path:
@@ -89,7 +56,12 @@ def _parameters_block(params: dict[str, str]) -> str:
 def _dynamic_batching_block(settings: RepositorySettings) -> str:
     if not settings.dynamic_batching:
         return "# dynamic batching off: every request is executed on its own"
-    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.queue_delay_us}\n}}"
+    # REJECT + allow_timeout_override: a request that carries its caller's deadline as Triton's per-request
+    # timeout is dropped from the queue once the caller has given up, instead of running for nobody.
+    queue_policy = (f"\n  default_queue_policy {{ max_queue_size: {settings.max_queue_size}, "
+                    "timeout_action: REJECT, allow_timeout_override: true, "
+                    f"default_timeout_microseconds: {int(settings.max_queue_wait_s * 1e6)} }}")
+    return f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.queue_delay_us}{queue_policy}\n}}"
 
 
 def _render(template: Path, dest: Path, values: dict[str, object]) -> None:
@@ -215,49 +187,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="where to write the model repository")
     parser.add_argument("--layout", choices=LAYOUTS, default="python",
                         help="python: embedded tritonserver (default); onnxruntime: stock Triton container")
-    parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
-                        help="variant (default: fp16 for --device gpu, else the artifact's best CPU variant)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--max-batch-size", type=int, default=RepositorySettings.max_batch_size)
-    parser.add_argument("--queue-delay-us", type=int, default=RepositorySettings.queue_delay_us)
-    parser.add_argument("--instances", type=int, default=RepositorySettings.instances)
-    parser.add_argument("--threads", type=int, default=RepositorySettings.intra_op_threads,
-                        help="ONNX Runtime intra-op threads per instance (0: one per core)")
-    parser.add_argument("--streams", type=int, default=RepositorySettings.streams,
-                        help="OpenVINO CPU streams per instance (openvino variant)")
-    parser.add_argument("--no-length-grouping", action="store_true",
-                        help="pad each dynamic batch to its longest text in arrival order (benchmark baseline)")
-    parser.add_argument("--no-dynamic-batching", action="store_true", help="run every request on its own")
-    parser.add_argument("--no-spin-wait", action="store_true",
-                        help="ONNX Runtime threads sleep between parallel sections instead of spinning "
-                             "(slower, but leaves the cores to other processes)")
-
-
-def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str) -> RepositorySettings:
-    """RepositorySettings from the shared CLI options of build-repo and serve."""
-    from embedline.export.variants import choose_variant
-
-    return RepositorySettings(
-        variant=args.variant or choose_variant(artifact, device),
-        layout=getattr(args, "layout", "python"),
-        device=device,
-        max_batch_size=args.max_batch_size,
-        queue_delay_us=args.queue_delay_us,
-        instances=args.instances,
-        intra_op_threads=args.threads,
-        # build-repo has these options; `embedline serve` keeps the defaults
-        streams=getattr(args, "streams", RepositorySettings.streams),
-        # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
-        group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
-        length_grouping=not getattr(args, "no_length_grouping", False),
-        dynamic_batching=not getattr(args, "no_dynamic_batching", False),
-        spin_wait=not getattr(args, "no_spin_wait", False),
-    )
+    add_server_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     artifact = art.load_artifact(args.artifact)
-    settings = settings_from_args(args, artifact, args.device)
+    settings = settings_from_args(args, artifact, args.device, args.layout)
     path = build_repository(artifact, args.output, settings)
     print(f"model repository ({settings.layout} layout, variant {settings.variant}): {path}")
     return 0

@@ -1,0 +1,113 @@
+"""How the server runs the models: `RepositorySettings`, and the one option list that sets them.
+
+`embedline serve` and `embedline build-repo` both call `add_server_options(parser)` and turn the parsed
+arguments into settings with `settings_from_args`, so the two verbs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from embedline import artifact as art
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """How the server runs the models (dynamic batching, queue, instances, threads, length grouping).
+
+    The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
+    and docs/architecture.md): one instance using both cores beats two single-thread instances; no queue
+    delay; ONNX Runtime workers that spin-wait; length groups of at most 32 texts with a per-run cost of
+    64 padded tokens; a queue bounded at 32 requests per model.
+    """
+
+    variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
+    layout: str = "python"
+    device: str = "cpu"  # cpu | gpu: where model instances run
+    max_batch_size: int = 64  # most texts in one request, and in one dynamic batch
+    # How long the dynamic batcher waits to fill a batch. 0 measured best on CPU: with one busy instance,
+    # requests that arrive during a run queue up and form the next batch anyway, and a lone request no
+    # longer waits for company.
+    queue_delay_us: int = 0
+    # Most requests waiting in one model's queue; more are refused at once with UNAVAILABLE ("Exceeds
+    # maximum queue size"), which the SDK retries with backoff. 0 = unbounded. 32 measured best at 4x
+    # overload (benchmarks/overload.py): it keeps the queue wait under a typical 2 s deadline, so
+    # accepted requests finish and the rest are told at once instead of timing out.
+    max_queue_size: int = 32
+    # Longest a request may wait in the queue before it is rejected. Triton lets a request's own timeout
+    # (the SDK sends its remaining deadline) override this only when it is shorter than a nonzero default,
+    # so the default is a generous ceiling rather than "no limit".
+    max_queue_wait_s: float = 60.0
+    instances: int = 1
+    intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
+    length_group_size: int = 32  # most texts in one engine run inside a dynamic batch
+    # Length-aware batching: sort a dynamic batch by length and cut it into the engine runs that waste the
+    # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
+    length_grouping: bool = True
+    group_overhead_tokens: int = 64  # the cost of one more engine run, in padded tokens (plan_groups)
+    dynamic_batching: bool = True  # False: every request runs alone (Triton's default scheduler)
+    streams: int = 1  # OpenVINO CPU streams per instance (parallel infer requests over the length groups)
+    gpu_provider: str = "cuda"  # cuda | tensorrt (python layout on GPU; tensorrt falls back to cuda)
+    # ONNX Runtime's workers spin-wait for the next parallel section instead of sleeping on a futex between
+    # them (ORT's own default). Measured on 2 quiet cores: batch-1 int8 4.2 -> 2.6 ms, and a server that is
+    # as fast or faster at every load point. Off leaves the cores alone between runs: for a machine shared
+    # with busier processes (`--no-spin-wait`).
+    spin_wait: bool = True
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The model-serving options `serve` and `build-repo` share (variant, batching, queue, threads)."""
+    from embedline.export.variants import SERVABLE_VARIANTS
+
+    defaults = RepositorySettings
+    parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
+                        help="ONNX variant, or openvino (default: fp16 on GPU; on CPU the fastest within "
+                             "tolerance, measured at export)")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="most texts in one request and in one dynamic batch")
+    parser.add_argument("--queue-delay-us", type=int, default=defaults.queue_delay_us,
+                        help="how long the dynamic batcher waits to fill a batch")
+    parser.add_argument("--max-queue-size", type=_non_negative_int, default=defaults.max_queue_size,
+                        help="most requests waiting per model; more get a fast UNAVAILABLE (0: unbounded)")
+    parser.add_argument("--instances", type=int, default=defaults.instances, help="model instances")
+    parser.add_argument("--threads", type=int, default=defaults.intra_op_threads,
+                        help="ONNX Runtime intra-op threads per instance (0: one per core)")
+    parser.add_argument("--streams", type=int, default=defaults.streams,
+                        help="OpenVINO CPU streams per instance (openvino variant)")
+    parser.add_argument("--no-length-grouping", action="store_true",
+                        help="pad each dynamic batch to its longest text in arrival order (benchmark baseline)")
+    parser.add_argument("--no-dynamic-batching", action="store_true", help="run every request on its own")
+    parser.add_argument("--no-spin-wait", action="store_true",
+                        help="ONNX Runtime threads sleep between parallel sections instead of spinning "
+                             "(slower, but leaves the cores to other processes)")
+
+
+def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str,
+                       layout: str = "python") -> RepositorySettings:
+    """RepositorySettings from the options of `add_server_options`."""
+    from embedline.export.variants import choose_variant
+
+    return RepositorySettings(
+        variant=args.variant or choose_variant(artifact, device),
+        layout=layout,
+        device=device,
+        max_batch_size=args.max_batch_size,
+        queue_delay_us=args.queue_delay_us,
+        max_queue_size=args.max_queue_size,
+        instances=args.instances,
+        intra_op_threads=args.threads,
+        streams=args.streams,
+        # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
+        group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
+        length_grouping=not args.no_length_grouping,
+        dynamic_batching=not args.no_dynamic_batching,
+        spin_wait=not args.no_spin_wait,
+    )

@@ -1,0 +1,225 @@
+"""Production faults against the real launcher and tritonserver: processes are really killed.
+
+- a killed model process (the python-backend stub, as the OOM killer would) turns the server not-ready
+  and the launcher restarts it; the SDK's calls all succeed across the restart;
+- a killed tritonserver is restarted, with bounded restarts, then the launcher exits non-zero;
+- SIGTERM drains: readiness goes false, every accepted request finishes, the launcher exits 0;
+- a full queue refuses at once with UNAVAILABLE, and the SDK's deadline travels with each request.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from embedline.client import EmbeddingClient, ServerOverloadedError, ServerUnavailableError
+
+TEXTS = ["a man plays the guitar", "the cat sits on the red chair", "we transfer money to the bank"]
+
+
+class Load:
+    """Threads calling client.embed(TEXTS) in a loop until stopped; records every outcome."""
+
+    def __init__(self, url, threads=4, timeout=30.0, expected=None, **client_args):
+        self.client = EmbeddingClient(url, timeout=timeout, **client_args)
+        self.expected = expected
+        self.ok = 0
+        self.errors: list[BaseException] = []
+        self.wrong = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                embeddings = self.client.embed(TEXTS)
+            except Exception as exc:  # every failure is a finding
+                with self._lock:
+                    self.errors.append(exc)
+                continue
+            with self._lock:
+                self.ok += 1
+                if self.expected is not None and not np.allclose(embeddings, self.expected, atol=1e-4):
+                    self.wrong += 1
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        self.client.close()
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    """Seconds until predicate() held; AssertionError past `timeout`."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def test_a_killed_model_process_turns_not_ready_restarts_and_loses_no_call(launch_serve, tiny_fp32):
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32")
+    with EmbeddingClient(served.grpc_url) as client:
+        reference = client.embed(TEXTS)
+    (stub,) = served.model_processes()
+    with Load(served.grpc_url, expected=reference) as load:
+        wait_until(lambda: load.ok >= 20, timeout=30)
+        killed_at = time.monotonic()
+        stub.kill()  # SIGKILL, as the OOM killer does
+        not_ready_after = wait_until(lambda: not served.ready(), timeout=10, interval=0.01)
+        served.read_until("restarted", timeout=60)
+        wait_until(served.ready, timeout=30)
+        recovered_after = time.monotonic() - killed_at
+        calls_before = load.ok
+        wait_until(lambda: load.ok >= calls_before + 20, timeout=30)
+    print(f"stub killed: not ready after {not_ready_after:.2f} s, ready again {recovered_after:.2f} s after the kill")
+    assert load.errors == [], load.errors[:3]
+    assert load.wrong == 0
+    assert served.process.poll() is None  # the launcher keeps serving
+
+
+def test_a_killed_tritonserver_is_restarted_until_the_restarts_run_out(launch_serve, tiny_fp32):
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32", "--max-restarts", "1")
+    first = served.tritonserver()
+    os.killpg(first.pid, signal.SIGKILL)  # tritonserver and its model processes, as a crash would
+    served.read_until("restarted", timeout=60)
+    with EmbeddingClient(served.grpc_url) as client:
+        assert client.embed(TEXTS).shape == (3, 32)
+    second = served.tritonserver()
+    assert second.pid != first.pid
+    os.killpg(second.pid, signal.SIGKILL)
+    output = served.read_until("restarts in a row are used up", timeout=60)
+    assert served.process.wait(30) == 1, output
+    assert "tritonserver exited" in output
+
+
+def test_sigterm_drains_accepted_requests_and_exits_zero(launch_serve, minilm_artifact):
+    served = launch_serve("--artifact", str(minilm_artifact.path), "--variant", "fp32", "--threads", "2")
+    long_texts = [" ".join(f"word{i} number {j}" for j in range(60)) for i in range(64)]
+    outcomes: list[object] = []
+    started = threading.Barrier(9)
+
+    def request():
+        # A raw Triton client: no retries, so every refusal is visible.
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(served.grpc_url)
+        data = np.array([[t.encode()] for t in long_texts], dtype=np.object_)
+        text = grpcclient.InferInput("text", list(data.shape), "BYTES")
+        text.set_data_from_numpy(data)
+        started.wait()
+        try:
+            outcomes.append(client.infer("embed", [text], client_timeout=120).as_numpy("sentence_embedding").shape)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    time.sleep(0.5)  # every request sent: queued or running (8 x 64 long texts take seconds on 2 cores)
+    served.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: not served.ready(), timeout=5, interval=0.01)
+    still_running = [t for t in threads if t.is_alive()]
+    for thread in threads:
+        thread.join(120)
+    assert served.process.wait(60) == 0
+    assert still_running, "the drain had nothing to wait for; make the requests longer"
+    assert outcomes == [(64, 384)] * 8
+
+
+def test_new_requests_during_a_drain_get_a_retryable_error(launch_serve, tiny_fp32):
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32")
+    with Load(served.grpc_url, threads=4, timeout=2.0, max_retries=0) as load:
+        wait_until(lambda: load.ok >= 20, timeout=30)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(60) == 0
+        time.sleep(0.5)
+    assert load.errors, "no request arrived during the drain"
+    unexpected = [e for e in load.errors if not isinstance(e, ServerUnavailableError)]
+    assert unexpected == [], unexpected[:3]
+
+
+def test_a_full_queue_refuses_at_once_with_overloaded(start_server, tiny_fp32):
+    """Queue of 1 request: a burst of 64 concurrent raw requests mostly gets the fast UNAVAILABLE."""
+    import tritonclient.grpc as grpcclient
+
+    served = start_server(tiny_fp32, max_queue_size=1, max_batch_size=64, intra_op_threads=1)
+    data = np.array([[(" ".join(["word"] * 60)).encode()]] * 64, dtype=np.object_)
+    outcomes = []
+    barrier = threading.Barrier(64)
+
+    def request():
+        client = grpcclient.InferenceServerClient(served.grpc_url)
+        text = grpcclient.InferInput("text", list(data.shape), "BYTES")
+        text.set_data_from_numpy(data)
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            client.infer("embed", [text], client_timeout=60)
+            outcomes.append(("ok", time.monotonic() - start))
+        except Exception as exc:
+            outcomes.append((f"{exc.status()} {exc.message()}", time.monotonic() - start))
+
+    threads = [threading.Thread(target=request) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    refused = [o for o in outcomes if "Exceeds maximum queue size" in o[0]]
+    assert refused, outcomes[:5]
+    assert all(o[0] == "ok" or ("UNAVAILABLE" in o[0] and "maximum queue size" in o[0]) for o in outcomes)
+
+    # The SDK classifies the refusal and retries it inside the deadline: a burst through it succeeds.
+    with EmbeddingClient(served.grpc_url, timeout=60) as client:
+        results = []
+
+        def sdk_call():
+            try:
+                results.append(client.embed([t.decode() for t in data[:, 0]]).shape)
+            except ServerOverloadedError as exc:  # allowed only once the deadline's retries ran out
+                results.append(exc)
+
+        sdk_threads = [threading.Thread(target=sdk_call) for _ in range(16)]
+        for thread in sdk_threads:
+            thread.start()
+        for thread in sdk_threads:
+            thread.join(120)
+    assert results.count((64, 32)) == 16, results
+
+
+def test_a_queued_request_whose_deadline_passed_is_dropped_by_the_server(served_minilm):
+    """Triton's per-request timeout (which the SDK sets from its deadline) drops work nobody waits for."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(served_minilm.grpc_url)
+    long_texts = np.array([[" ".join(f"token{i}" for i in range(300)).encode()]] * 64, dtype=np.object_)
+
+    def text_input(data):
+        text = grpcclient.InferInput("text", list(data.shape), "BYTES")
+        text.set_data_from_numpy(data)
+        return [text]
+
+    busy = [threading.Thread(target=lambda: client.infer("embed", text_input(long_texts), client_timeout=120))
+            for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.3)  # the model is busy with the first, the second waits in the queue
+    with pytest.raises(Exception) as info:
+        client.infer("embed", text_input(long_texts[:1]), timeout=1000, client_timeout=60)  # 1 ms budget
+    for thread in busy:
+        thread.join(120)
+    assert "timeout" in info.value.message().lower(), info.value.message()
