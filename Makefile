@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 INFINITY_VENV := .bench/infinity-venv
 INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 
-.PHONY: install serve test bench bench-quick bench-deps bench-serving clean
+.PHONY: install serve test bench bench-quick bench-deps clean
 
 install: $(STAMP)
 
@@ -30,16 +30,18 @@ serve: install
 	$(BIN)/embedline serve $(SERVE_ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
-# The benchmark suite (benchmarks/suite.py): `bench` is the full run (~15-20 min, writes
-# benchmarks/results/suite.json, PNGs and benchmarks/README.md), `bench-quick` a ~2-minute smoke run.
-# Both wait for /tmp/embedline-heavy.lock themselves (a shared machine).
+# The benchmark suite (benchmarks/suite.py) runs from this checkout, not from the installed package:
+# `python -m benchmarks.suite` from the repository root. `bench` is the full run (~15-20 min, writes
+# benchmarks/results/suite.json, PNGs and benchmarks/README.md), `bench-quick` a ~2-minute smoke run;
+# BENCH_ARGS=--tune sweeps the server settings instead. Both wait for /tmp/embedline-heavy.lock
+# themselves (a shared machine).
 bench-quick: install
-	$(BIN)/embedline bench --quick $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.suite --quick $(BENCH_ARGS)
 
 bench: bench-deps
-	$(BIN)/embedline bench $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)
 
 # OpenVINO (the `openvino` extra) into .venv; Infinity into its own venv, CPU torch first.
 bench-deps: install
@@ -47,10 +49,6 @@ bench-deps: install
 	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(INFINITY_SPEC)"
-
-# The issue-2 serving benchmark (32-text requests, every variant).
-bench-serving: install
-	$(BIN)/python benchmarks/serving_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

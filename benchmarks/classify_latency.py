@@ -1,53 +1,34 @@
-"""Latency of `classify` vs `embed` through the real Triton server (p50 / p95 / mean, one request in flight).
+"""The suite's classification stage: latency of `classify` vs `embed` through the real Triton server
+(p50 / p95 / mean, one request in flight).
 
-A classifier artifact (default: all-MiniLM-L6-v2 + a head fitted on 8 emotion examples per class, frozen
-body: the head's weights do not change the latency) is exported to ONNX, served, and called through the
-embedline client with 1-text and 32-text requests of real emotion test sentences. `classify` is the
-ensemble embed -> classifier_head, so the difference is the cost of the head step (and the neighbour
-look-up).
-
-    flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/classify_latency.py [--requests 200]
-
-Writes benchmarks/results/classify_latency.json and a table in benchmarks/README.md. The suite
-(`embedline bench`) runs the same measurement (`measure_classify_latency`) beside its embed numbers.
+A classifier artifact (all-MiniLM-L6-v2 + a head fitted on 8 emotion examples per class, frozen body: the
+head's weights do not change the latency) is exported to ONNX, served, and called through the embedline
+client with 1-text and 32-text requests of real emotion test sentences. `classify` is the ensemble
+embed -> classifier_head, so the difference is the cost of the head step (and the neighbour look-up).
+`benchmarks.suite` runs it (`measure_classify`) and `benchmarks.report` writes its table.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from embedline.benchmarks.common import (
-    data_dir, markdown_table, pin_threads, read_tsv, save_results, update_readme_section,
-)
+from benchmarks.common import data_dir, markdown_table, percentile, read_tsv
 
 SIZES = (1, 32)
 
 
-def classifier_artifact(path: str | None, tmp: Path, variant: str):
-    """The artifact to serve: the given one, or a frozen-MiniLM emotion classifier; exported to ONNX."""
+def classifier_artifact(tmp: Path):
+    """A frozen-MiniLM emotion classifier (8 examples per class) with its fp32 ONNX graph, under tmp."""
     from embedline import artifact as art
     from embedline.export.onnx_export import export_fp32
     from embedline.training.classifier import ClassifierConfig, train_classifier
 
-    if path:
-        artifact = art.load_artifact(path)
-    else:
-        train_file = data_dir() / "classification" / "emotion_train.tsv.gz"
-        artifact = train_classifier(ClassifierConfig(train_file=str(train_file), output=str(tmp / "artifact"),
-                                                     shots=8, seed=0, frozen_body=True))
-    if not artifact.has_head():
-        raise SystemExit(f"{artifact.path} has no classifier head; train one with `embedline train-classifier`")
-    if not artifact.onnx_path(variant).is_file():
-        if variant != "fp32":
-            raise SystemExit(f"{artifact.path}: variant {variant} is not exported; run `embedline export`")
+    train_file = data_dir() / "classification" / "emotion_train.tsv.gz"
+    artifact = train_classifier(ClassifierConfig(train_file=str(train_file), output=str(tmp / "artifact"),
+                                                 shots=8, seed=0, frozen_body=True))
+    if not artifact.onnx_path("fp32").is_file():
         export_fp32(artifact)
     return art.load_artifact(artifact.path)
 
@@ -69,7 +50,7 @@ def paired_latencies(calls: dict, batches: list[list[str]], requests: int) -> di
 
 
 def summary(ms: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+    return {"p50_ms": round(percentile(ms, 50), 2), "p95_ms": round(percentile(ms, 95), 2),
             "mean_ms": round(statistics.fmean(ms), 2), "requests": len(ms)}
 
 
@@ -78,8 +59,8 @@ def emotion_texts() -> list[str]:
     return [row["text"] for row in read_tsv(data_dir() / "classification" / "emotion_test.tsv.gz")]
 
 
-def measure_classify_latency(artifact, variant: str, threads: int, requests: int, texts: list[str], tmp: Path,
-                             echo: bool = False) -> tuple[dict[str, dict], int]:
+def measure_classify_latency(artifact, variant: str, threads: int, requests: int, texts: list[str],
+                             tmp: Path) -> tuple[dict[str, dict], int]:
     """Serve `artifact` (which has a head) and time embed vs classify with 1- and 32-text requests.
 
     Returns ({"embed x1": summary, "classify x1": ..., ...}, number of labels)."""
@@ -98,8 +79,6 @@ def measure_classify_latency(artifact, variant: str, threads: int, requests: int
             measured = paired_latencies({"embed": client.embed, "classify": client.classify}, batches, requests)
             for name, ms in measured.items():
                 results[f"{name} x{size}"] = summary(ms)
-                if echo:
-                    print(f"{name:8s} {size:2d} texts: {results[f'{name} x{size}']}", flush=True)
     return results, labels
 
 
@@ -112,42 +91,3 @@ def latency_table(results: dict[str, dict]) -> str:
                      f"{classify['p50_ms'] - embed['p50_ms']:+.2f}"])
     return markdown_table(["texts / request", "embed p50 ms", "embed p95 ms", "classify p50 ms", "classify p95 ms",
                            "classify - embed (p50)"], rows)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=None, help="classifier artifact (default: a frozen MiniLM emotion head)")
-    parser.add_argument("--variant", default="fp32")
-    parser.add_argument("--requests", type=int, default=200, help="timed requests per (model, size)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    pin_threads(args.threads)
-
-    texts = emotion_texts()
-    with tempfile.TemporaryDirectory(prefix="embedline-latency-") as tmp_dir:
-        artifact = classifier_artifact(args.artifact, Path(tmp_dir), args.variant)
-        results, labels = measure_classify_latency(artifact, args.variant, args.threads, args.requests, texts,
-                                                   Path(tmp_dir), echo=True)
-
-    payload = {"load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-               "workload": {"texts": "emotion test sentences", "sizes": list(SIZES), "requests": args.requests,
-                            "in_flight": 1, "threads": args.threads, "variant": args.variant,
-                            "labels": labels, "artifact": str(artifact.path) if args.artifact else
-                            "all-MiniLM-L6-v2 + emotion head (8 shots, frozen body)"},
-               "latency": results}
-    path = save_results("classify_latency", payload)
-    table = latency_table(results)
-    update_readme_section("classify_latency", (
-        f"## Classification latency through the server ({args.variant}, {args.threads} threads, "
-        f"one request in flight, {args.requests} requests each)\n\n{table}\n\n"
-        "`classify` = ensemble(`embed` -> `classifier_head`: head.onnx + nearest training labels); embed and "
-        "classify requests alternate, so both see the same load on the shared machine. Command: "
-        "`flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/classify_latency.py`; "
-        "numbers in `results/classify_latency.json`."
-    ))
-    print(f"saved {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: data, timing, machine info, and writing results.
+"""Helpers shared by the benchmark scripts: data, statistics, machine info, and writing results.
 
+The scripts run from the repository root as modules of the top-level package `benchmarks`
+(`.venv/bin/python -m benchmarks.suite`); nothing of this folder is installed with embedline.
 Results go to benchmarks/results/<name>.json (numbers + machine + versions + git revision) and a
 markdown table into benchmarks/README.md between `<!-- <name>:start -->` / `<!-- <name>:end -->` markers.
 """
@@ -11,12 +13,14 @@ import json
 import os
 import platform
 import random
-import statistics
+import resource
 import subprocess
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from embedline.artifact import library_versions
 
@@ -25,12 +29,17 @@ RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
 
 
-def data_dir() -> Path:
-    """The shared data folder (../shared/data next to the repository), or $EMBEDLINE_DATA."""
+def data_dir(required: bool = True) -> Path | None:
+    """The shared data folder (../shared/data next to the repository), or $EMBEDLINE_DATA.
+
+    Missing: an error when `required`, else None (the suite then builds its workloads from built-in texts).
+    """
     path = Path(os.environ.get("EMBEDLINE_DATA") or REPO.parent / "shared" / "data")
-    if not path.is_dir():
+    if path.is_dir():
+        return path
+    if required:
         raise SystemExit(f"data folder {path} not found; set EMBEDLINE_DATA to the shared data directory")
-    return path
+    return None
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -40,32 +49,41 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
         return [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f if line.strip()]
 
 
+def stsb_dev_sentences(data: Path) -> list[str]:
+    """The distinct sentences of STS-B dev in file order (~22 tokens on average)."""
+    rows = read_tsv(data / "sts" / "stsb_dev.tsv.gz")
+    return list(dict.fromkeys(s for row in rows for s in (row["sentence1"], row["sentence2"])))
+
+
 def sts_sentences(n: int = 1000, seed: int = 13) -> list[str]:
-    """n distinct real English sentences from STS-B dev (~22 tokens on average), shuffled with a seed."""
-    rows = read_tsv(data_dir() / "sts" / "stsb_dev.tsv.gz")
-    sentences = list(dict.fromkeys(s for row in rows for s in (row["sentence1"], row["sentence2"])))
+    """n distinct real English sentences from STS-B dev, shuffled with a seed."""
+    sentences = stsb_dev_sentences(data_dir())
     random.Random(seed).shuffle(sentences)
     return sentences[:n]
 
 
-def timed_rounds(fn: Callable[[], Any], rounds: int) -> list[float]:
-    """Wall-clock seconds of `rounds` calls of fn (after one untimed warm-up call)."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between ranks (numpy's default): the one
+    definition every latency and token-count percentile of the benchmarks uses."""
+    return float(np.percentile(values, q))
 
 
-def throughput(n_items: int, seconds: list[float]) -> dict[str, float]:
-    """items/s from the best round (least disturbed by the shared machine) and the median round."""
-    return {
-        "best": round(n_items / min(seconds), 1),
-        "median": round(n_items / statistics.median(seconds), 1),
-        "rounds": len(seconds),
-    }
+def load_average() -> list[float]:
+    """The 1/5/15-minute load average, recorded beside measurements taken on a shared machine."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (robust to other jobs on the shared cores)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def command_line() -> str:
+    """The command that is running, as a results file records it: `.venv/bin/python -m benchmarks.X ARGS`."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    target = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join([".venv/bin/python", *target, *sys.argv[1:]])
 
 
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
@@ -134,3 +152,21 @@ def pin_threads(threads: int) -> None:
         torch.set_num_threads(threads)
     except ImportError:
         pass
+
+
+def parse_with_train_config(parser, settings: dict[str, Any], argv: list[str] | None = None):
+    """(the experiment's own options, its `TrainConfig`) from the command line.
+
+    `parser` declares only what the experiment itself varies (threads, output names, the values it
+    compares); every other `--key=value` / `--key value` is a TrainConfig field, applied over the
+    experiment's `settings` exactly as `embedline train` takes it (`--batch_size=512` or `--batch-size 512`).
+    """
+    from embedline.training.config import ConfigError, TrainConfig, apply_overrides, parse_overrides
+
+    parser.allow_abbrev = False  # --lr must never be taken for a prefix of the experiment's own options
+    parser.epilog = "Any other option is a training-config field (the list: `embedline train --help`)."
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args, apply_overrides(TrainConfig(**settings), parse_overrides(rest))
+    except ConfigError as exc:
+        parser.error(str(exc))

@@ -15,7 +15,7 @@ Engines: sentence-transformers (torch), ONNX Runtime fp32 and int8 (the server's
 OpenVINO on the NNCF int8 IR and on the fp32 ONNX graph. OpenVINO's int8 gains need VNNI/AMX; the JSON
 records the CPU's vector extensions so the numbers can be read against the hardware.
 
-    flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/engine_ceiling.py [--seconds 4] [--rounds 2]
+    flock /tmp/embedline-heavy.lock .venv/bin/python -m benchmarks.engine_ceiling [--seconds 4] [--rounds 2]
 
 Writes benchmarks/results/engine_ceiling.json and a table in benchmarks/README.md.
 """
@@ -27,7 +27,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from embedline.benchmarks.common import cpu_flags, markdown_table, pin_threads, save_results, update_readme_section
+from benchmarks.common import (
+    command_line, cpu_flags, markdown_table, pin_threads, save_results, update_readme_section,
+)
 
 ENGINES = ("sentence-transformers", "onnxruntime fp32", "onnxruntime int8", "openvino", "openvino fp32")
 ORDERS = {"request order": False, "length-sorted": True}
@@ -36,8 +38,8 @@ BASELINE = "sentence-transformers"
 
 def measure_engines(artifact, workloads_file: Path, engines, threads: int, seconds: float, rounds: int) -> dict:
     """engine -> {order: median sentences/s over `rounds`}; an engine that cannot load gets an error."""
-    from embedline.benchmarks.engine_process import EngineProcess
-    from embedline.benchmarks.workloads import SHORT
+    from benchmarks.engine_process import EngineProcess
+    from benchmarks.workloads import SHORT
 
     results: dict[str, dict] = {}
     for name in engines:
@@ -77,9 +79,9 @@ def main() -> int:
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
 
-    from embedline.benchmarks.engine_process import write_workloads
-    from embedline.benchmarks.suite import prepare_artifact
-    from embedline.benchmarks.workloads import SHORT, build_workloads
+    from benchmarks.engine_process import write_workloads
+    from benchmarks.suite import prepare_artifact
+    from benchmarks.workloads import SHORT, build_workloads
 
     pin_threads(args.threads)
     artifact = prepare_artifact(args.artifact)
@@ -99,7 +101,7 @@ def main() -> int:
             f"{', '.join(cpu_flags()) or 'none reported'})\n\n{table}\n\n"
             f"Ratios are to sentence-transformers in request order (the suite's reference). Median of "
             f"{args.rounds} interleaved rounds of {args.seconds:g} s. Command: "
-            f"`benchmarks/engine_ceiling.py`; numbers: `results/{path.name}`."))
+            f"`{command_line()}`; numbers: `results/{path.name}`."))
     return 0
 
 

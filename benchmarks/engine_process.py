@@ -2,7 +2,7 @@
 
 Runtimes disturb each other inside one process: measured here, ONNX Runtime ran ~30% slower in a process
 where sentence-transformers (torch's OpenMP pool) had run. A user's service loads one engine, so each
-engine is measured alone: `EngineProcess` starts `python -m embedline.benchmarks.engine_process` for one
+engine is measured alone: `EngineProcess` starts `python -m benchmarks.engine_process` for one
 engine (workload texts passed in a JSON file) and sends it measurement jobs, one JSON line each way.
 The worker keeps library output off the protocol channel (its stdout goes to stderr).
 """
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.common import REPO
 
 
 class EngineUnavailable(RuntimeError):
@@ -40,8 +42,11 @@ class EngineProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "EngineProcess":
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.args["threads"]), "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen([sys.executable, "-m", "embedline.benchmarks.engine_process",
+        # `benchmarks` is a folder of the checkout, not an installed package: the worker finds it from the root.
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.args["threads"]), "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": path}
+        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.engine_process",
                                          json.dumps(self.args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True, env=env)
         self._reply()  # {"ready": true} once the engine is loaded and warm
@@ -99,7 +104,7 @@ def bounded_curve(key: str, xs: list[int], cap_seconds: float, measure) -> list[
 
 def _load_engine(args: dict):
     from embedline import artifact as art
-    from embedline.benchmarks import inprocess
+    from benchmarks import inprocess
 
     artifact = art.load_artifact(args["artifact"])
     name, threads = args["engine"], int(args["threads"])
@@ -113,7 +118,7 @@ def _load_engine(args: dict):
 
 
 def _serve(args: dict, send) -> None:
-    from embedline.benchmarks import inprocess
+    from benchmarks import inprocess
 
     artifact, engine = _load_engine(args)
     workloads = {name: (w["texts"], np.array(w["tokens"])) for name, w in

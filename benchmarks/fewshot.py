@@ -9,7 +9,7 @@ then the whole test split is embedded with the resulting encoder (torch, length-
 classified with the stored head. Heads for extra `--head-c` values are fitted on the same embeddings
 (cheap), so the regularization can be compared without re-training the body.
 
-    flock /tmp/embedline-heavy.lock .venv/bin/python benchmarks/fewshot.py \
+    flock /tmp/embedline-heavy.lock .venv/bin/python -m benchmarks.fewshot \
         --datasets emotion sst5 banking77 --seeds 5 --shots 8 --methods frozen contrastive
 
 `--split dev` evaluates on the validation splits (emotion_validation, sst5_dev) for choosing settings;
@@ -23,17 +23,14 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
-    RESULTS, data_dir, markdown_table, pin_threads, save_results, update_readme_section,
+from benchmarks.common import (
+    RESULTS, command_line, data_dir, markdown_table, pin_threads, save_results, update_readme_section,
 )
 
 log = logging.getLogger("fewshot")
@@ -54,7 +51,7 @@ METHODS = {
     "triplet": {"loss": "triplet", "hard_fraction": 0.5},
     "sup": {"loss": "sup", "hard_fraction": 0.5},
 }
-# SetFit (Tunstall et al. 2022), N = 8, accuracy: the bar named in the issue.
+# SetFit (Tunstall et al. 2022), N = 8, accuracy: the published bar these runs are compared with.
 SETFIT_N8 = {("minilm", "emotion"): 39.1, ("minilm", "sst5"): 29.8,
              ("mpnet", "emotion"): 48.8, ("mpnet", "sst5"): 43.6}
 
@@ -182,7 +179,7 @@ def main() -> None:
     from embedline.training.labeled_data import read_labeled, sample_shots
 
     root = data_dir() / "classification"
-    command = " ".join(arg for arg in sys.argv if arg != "--resume")
+    command = command_line().replace(" --resume", "")
     results = {"settings": {**vars(args), "command": command}, "runs": {}}
     previous = RESULTS / f"{args.name}.json"
     if args.resume and previous.is_file():
@@ -228,7 +225,7 @@ def main() -> None:
     if not args.no_readme:
         update_readme_section(args.name, (
             f"## Few-shot classification ({args.shots} examples per class, {args.split} split)\n\n{table}\n\n"
-            f"Command: `flock /tmp/embedline-heavy.lock .venv/bin/python {command}`; "
+            f"Command: `flock /tmp/embedline-heavy.lock {command}`; "
             f"per-seed numbers in `results/{args.name}.json`."
         ))
     print(f"saved {path}")

@@ -29,7 +29,7 @@ def _st_fp16_engine(artifact):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedline.benchmarks.inprocess import InProcessEngine
+    from benchmarks.inprocess import InProcessEngine
 
     model = SentenceTransformer(str(artifact.path), device="cuda").half()
 
@@ -43,9 +43,9 @@ def _st_fp16_engine(artifact):
 def measure_gpu(artifact, workloads, mode, threads: int, tmp: Path) -> dict:
     if not cuda_available():
         return {"measured": False, "reason": "no CUDA GPU on this machine (onnxruntime has no CUDAExecutionProvider)"}
-    from embedline.benchmarks import inprocess
-    from embedline.benchmarks.suite import sweep_points, triton
-    from embedline.benchmarks.workloads import SHORT
+    from benchmarks import inprocess
+    from benchmarks.suite import sweep_points, triton
+    from benchmarks.workloads import SHORT
     from embedline.serving.settings import RepositorySettings
 
     short = workloads[SHORT]
@@ -80,7 +80,7 @@ def measure_gpu(artifact, workloads, mode, threads: int, tmp: Path) -> dict:
 
 def gpu_targets(gpu: dict) -> list[dict]:
     """The GPU rows of the targets table (report.compute_targets adds them when measured)."""
-    from embedline.benchmarks.report import _ratio_target
+    from benchmarks.report import _ratio_target
 
     inproc = gpu.get("inprocess", {})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedline.benchmarks.common import REPO
+from benchmarks.common import REPO
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class InfinityServer:
                     seconds: float, warmup: float = 0.5) -> dict:
         """Closed-loop load with `concurrency` keep-alive connections (threads: the HTTP client blocks),
         windowed like the Triton load (benchmarks/load.py)."""
-        from embedline.benchmarks.load import Completion, make_requests, min_requests, summarise
+        from benchmarks.load import Completion, make_requests, min_requests, summarise
 
         requests = make_requests(texts, tokens, request_size)
         completions: list[Completion] = []

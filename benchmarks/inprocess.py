@@ -12,12 +12,13 @@ batches (the sequence-length scaling curve, engine only). Threads are pinned for
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from benchmarks.common import percentile
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +91,21 @@ def onnxruntime_engine(artifact, variant: str, threads: int, provider: str = "CP
 def openvino_engine(artifact, threads: int, fp32: bool = False) -> InProcessEngine:
     """The NNCF int8 IR on OpenVINO CPU, or with fp32=True the fp32 ONNX graph (OpenVINO reads it directly)."""
     from embedline.export.openvino_int8 import runner
-    from embedline.export.variants import openvino_files
     from embedline.tokenization import encode
 
-    run_tokens = runner(artifact.onnx_path("fp32") if fp32 else openvino_files(artifact)[0], threads)
+    run_tokens = runner(artifact.onnx_path("fp32") if fp32 else artifact.openvino_files()[0], threads)
     tokenizer = _tokenizer(artifact)
     name = "openvino fp32" if fp32 else "openvino"
     return InProcessEngine(name, lambda texts: run_tokens(encode(tokenizer, texts)), run_tokens)
 
 
 def _summarise(latencies: list[float], items: int, elapsed: float, tokens: int) -> dict:
-    ordered = sorted(latencies)
-
-    def pct(q: float) -> float:
-        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
     return {
         "sentences_per_s": round(items / elapsed, 1),
         "tokens_per_s": round(tokens / elapsed, 1),
-        "p50_ms": round(1000 * statistics.median(ordered), 3),
-        "p95_ms": pct(0.95),
-        "p99_ms": pct(0.99),
+        "p50_ms": round(1000 * percentile(latencies, 50), 3),
+        "p95_ms": round(1000 * percentile(latencies, 95), 3),
+        "p99_ms": round(1000 * percentile(latencies, 99), 3),
         "batches": len(latencies),
     }
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmarks.common import percentile
+
 _METRIC = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
 
 
@@ -80,9 +82,9 @@ def summarise(completions: list[Completion], window: tuple[float, float], reques
         "sentences_per_s": round(sum(c.texts for c in ok) / seconds, 1),
         "tokens_per_s": round(sum(c.tokens for c in ok) / seconds, 1),
         "requests_per_s": round(len(ok) / seconds, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 3),
-        "p95_ms": round(float(np.percentile(lat, 95)), 3),
-        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+        "p50_ms": round(percentile(lat, 50), 3),
+        "p95_ms": round(percentile(lat, 95), 3),
+        "p99_ms": round(percentile(lat, 99), 3),
         "mean_ms": round(float(statistics.fmean(lat)), 3),
         "requests": len(ok),
         "errors": len(done) - len(ok),

@@ -5,7 +5,7 @@ open-loop at 4x that rate for 10 s, each with a 2 s deadline that also travels t
 timeout (as the SDK sends it). Every request ends as: ok, refused at once (queue full), dropped by the server
 when its timeout passed in the queue, or a client-side deadline. No retries: this is the raw server.
 
-    .venv/bin/python benchmarks/overload.py [--seconds 10] [--factor 4] [--sizes 0,8,32,128]
+    .venv/bin/python -m benchmarks.overload [--seconds 10] [--factor 4] [--sizes 0,8,32,128]
 
 Writes benchmarks/results/overload.json and the "overload" table in benchmarks/README.md.
 """
@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from embedline.benchmarks.common import cpu_flags, markdown_table, save_results, sts_sentences, update_readme_section
+from benchmarks.common import (
+    cpu_flags,
+    markdown_table,
+    percentile,
+    save_results,
+    sts_sentences,
+    update_readme_section,
+)
 
 DEADLINE_S = 2.0
 REQUEST_TEXTS = 8
@@ -98,7 +104,7 @@ def summarise(results: list[tuple[str, float]], seconds: float) -> dict:
     by = {k: [lat for outcome, lat in results if outcome == k] for k in ("ok", "refused", "dropped", "deadline", "other")}
 
     def pct(values, q):
-        return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+        return round(percentile(values, q) * 1000, 1) if values else None
 
     return {
         "sent": len(results),
@@ -153,7 +159,7 @@ def main() -> None:
     update_readme_section("overload", (
         f"Open-loop load at {args.factor:g}x capacity for {args.seconds:g} s, {REQUEST_TEXTS}-text STS-B requests, "
         f"{DEADLINE_S:g} s deadlines sent as Triton's request timeout, no retries; bundled model, {variant}, "
-        f"CPU flags: {flags}. `{' '.join(['.venv/bin/python', 'benchmarks/overload.py'])}`\n\n{table}"))
+        f"CPU flags: {flags}. `{'.venv/bin/python -m benchmarks.overload'}`\n\n{table}"))
 
 
 if __name__ == "__main__":

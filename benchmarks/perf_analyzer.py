@@ -2,7 +2,8 @@
 
 The binary ships in the tritonclient 2.51 wheel (<venv>/bin/perf_analyzer). It links libb64 and
 libcudart, which the nvidia-pytriton wheel bundles under hashed names in `nvidia_pytriton.libs/`:
-symlinked under their plain sonames into a private directory on LD_LIBRARY_PATH, they load (DESIGN.md).
+symlinked under their plain sonames into a private directory on LD_LIBRARY_PATH, they load
+(docs/architecture.md, "Measured decisions", environment facts).
 Input is string data from a JSON file (the workload's real texts), one text per request.
 """
 

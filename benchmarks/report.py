@@ -1,4 +1,5 @@
-"""The issue-5 targets computed from one suite result, and the markdown summary for benchmarks/README.md.
+"""The suite's targets (speed and quality goals, each a ratio within one run) computed from one suite result,
+and the markdown summary for benchmarks/README.md.
 
 Every ratio is taken between numbers of the same run (same machine state, same pinned threads).
 A target whose inputs were not measured in the run (quick mode, Infinity not installed, no GPU) is
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from embedline.benchmarks.common import markdown_table
+from benchmarks.common import markdown_table
 
 
 def inprocess_name(variant: str) -> str:
@@ -137,7 +138,7 @@ def compute_targets(results: dict) -> list[dict]:
 
     gpu = results.get("gpu") or {}
     if gpu.get("measured"):
-        from embedline.benchmarks.gpu import gpu_targets
+        from benchmarks.gpu import gpu_targets
 
         targets += gpu_targets(gpu)
     else:
@@ -170,7 +171,8 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
         f"## Benchmark suite ({results['mode']} mode)",
         "",
         "`make bench` (full, ~15-20 min; installs the `openvino` extra and Infinity's own venv first) or "
-        "`make bench-quick` (~2 min smoke run); `embedline bench --tune` measures the server settings. "
+        "`make bench-quick` (~2 min smoke run); `.venv/bin/python -m benchmarks.suite --tune` measures the server "
+        "settings. "
         "Every ratio below is taken between numbers of this one run; the in-process reference of each server "
         "variant is measured just before and just after its load sweep (mean of the two), so both sides of a "
         "ratio see the same machine load. In-process ONNX Runtime uses the server's session options.",
@@ -236,7 +238,7 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
         lines += [f"perf_analyzer: {pa['error']}", ""]
     classify = results.get("classify", {})
     if classify.get("latency"):
-        from embedline.benchmarks.classify_latency import latency_table
+        from benchmarks.classify_latency import latency_table
 
         lines += [f"### `classify` beside `embed` ({classify['variant']}, a {classify['labels']}-label emotion head, "
                   f"one request in flight, {classify['requests']} requests each)", "",

@@ -5,14 +5,18 @@ keeps the step with the best STS-B dev Spearman (evaluated every --eval-steps), 
 after training is selected on that same set; the last-step STS-B dev number and SICK trial (never used
 for selection) are reported beside it.
 
-    .venv/bin/python benchmarks/simcse_sup.py
+    .venv/bin/python -m benchmarks.simcse_sup
+    .venv/bin/python -m benchmarks.simcse_sup --batch_size=512 --mini_batch_size=64 --variants hardneg
 
-Results: benchmarks/results/simcse_sup.json (+ metrics plots). Artifacts: runs/benchmarks/simcse_sup/.
+Options other than the ones below are training-config fields, passed to the trainer as they are (the
+paper's defaults: lr 5e-5, batch 64, max_seq_length 32, temperature 0.05; the list: `embedline train
+--help`). Results: benchmarks/results/simcse_sup.json (+ metrics plots). Artifacts: runs/benchmarks/simcse_sup/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -20,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import REPO, RESULTS, data_dir, pin_threads, save_results  # noqa: E402
-from benchmarks.simcse_unsup import cpu_seconds, load_average  # noqa: E402
+from benchmarks.common import (
+    REPO, RESULTS, command_line, cpu_seconds, data_dir, load_average, parse_with_train_config, pin_threads,
+    save_results,
+)
 
 log = logging.getLogger("simcse_sup")
 
@@ -42,29 +46,28 @@ def evaluate(model: str | None, data: Path) -> dict[str, float]:
     return out
 
 
-def run_one(args: argparse.Namespace, hard_negatives: bool, data: Path) -> dict:
-    from embedline.training.config import TrainConfig
+def experiment_settings(data: Path) -> dict:
+    """The experiment's training config, where it differs from TrainConfig's defaults."""
+    return {"objective": "sup", "train_file": str(data / "nli" / "nli_triples.csv.gz"),
+            "dev_file": str(data / "sts" / "stsb_dev.tsv.gz"), "eval_steps": 25, "checkpoint_steps": 0,
+            "device": "cpu"}
+
+
+def run_one(config, hard_negatives: bool, runs_dir: Path, name: str, data: Path) -> dict:
     from embedline.training.plot import read_metrics
     from embedline.training.trainer import train
 
     tag = "hardneg" if hard_negatives else "pairs"
-    output = args.runs_dir / tag
+    output = runs_dir / tag
     shutil.rmtree(output, ignore_errors=True)
-    config = TrainConfig(
-        objective="sup", train_file=str(data / "nli" / "nli_triples.csv.gz"),
-        dev_file=str(data / "sts" / "stsb_dev.tsv.gz"), output=str(output), name=f"simcse-sup-minilm-{tag}",
-        hard_negatives=hard_negatives, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-        mini_batch_size=args.mini_batch_size,
-        max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
-        max_seq_length=args.max_seq_length, temperature=args.temperature, eval_steps=args.eval_steps,
-        log_steps=10, checkpoint_steps=0, seed=args.seed, device="cpu",
-    )
+    config = dataclasses.replace(config, output=str(output), name=f"simcse-sup-minilm-{tag}",
+                                 hard_negatives=hard_negatives)
     wall_start, cpu_start = time.perf_counter(), cpu_seconds()
     result = train(config)
     wall, cpu = time.perf_counter() - wall_start, cpu_seconds() - cpu_start
     records = read_metrics(output / "run" / "metrics.jsonl")
     curve = [{"step": r["step"], "dev_spearman": round(r["dev_spearman"], 2)} for r in records if "dev_spearman" in r]
-    shutil.copy(output / "run" / "metrics.png", RESULTS / f"{args.name}_{tag}.png")
+    shutil.copy(output / "run" / "metrics.png", RESULTS / f"{name}_{tag}.png")
     after = evaluate(str(output), data)
     return {
         "hard_negatives": hard_negatives,
@@ -83,35 +86,25 @@ def run_one(args: argparse.Namespace, hard_negatives: bool, data: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--mini-batch-size", type=int, default=0,
-                        help="> 0: cached loss encoding this many texts at a time (the paper's batch 512 in fixed memory)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=0, help="> 0: stop early (pilots)")
-    parser.add_argument("--max-seq-length", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.05)
-    parser.add_argument("--eval-steps", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["hardneg", "pairs"], choices=["hardneg", "pairs"])
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "benchmarks" / "simcse_sup")
-    parser.add_argument("--name", default="simcse_sup")
-    args = parser.parse_args()
+    parser.add_argument("--name", default="simcse_sup", help="results file name (benchmarks/results/NAME.json)")
+    data = data_dir()
+    args, config = parse_with_train_config(parser, experiment_settings(data))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    data = data_dir()
     before = evaluate(None, data)
     log.info("all-MiniLM-L6-v2 before training: %s", before)
     runs = []
     for variant in args.variants:
-        runs.append(run_one(args, variant == "hardneg", data))
+        runs.append(run_one(config, variant == "hardneg", args.runs_dir, args.name, data))
         log.info("%s: %s", variant, json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}))
         path = save_results(args.name, {
-            "command": " ".join([".venv/bin/python", *sys.argv]),
+            "command": command_line(),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "train_config": dataclasses.asdict(config),
             "load_average_end": load_average(), "before": before, "runs": runs,
         })
     print(json.dumps({"before": before, "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs]},

@@ -4,7 +4,7 @@ Every 10 s it samples the server's resident memory (tritonserver and its model p
 p50/p99 call latency, calls and errors. The verdict: zero errors, and server RSS growing at most 10% over
 the second half of the run (the first half is warm-up: allocator pools and caches fill).
 
-    .venv/bin/python benchmarks/soak.py [--minutes 10] [--concurrency 64] [--variant int8]
+    .venv/bin/python -m benchmarks.soak [--minutes 10] [--concurrency 64] [--variant int8]
 
 Writes benchmarks/results/soak.json, benchmarks/results/soak.png and the "soak" table in benchmarks/README.md.
 """
@@ -20,15 +20,16 @@ import time
 
 import numpy as np
 
-from embedline.benchmarks.common import (
+from benchmarks.common import (
     RESULTS,
     cpu_flags,
     markdown_table,
+    percentile,
     save_results,
     sts_sentences,
     update_readme_section,
 )
-from embedline.benchmarks.load import server_rss_mb
+from benchmarks.load import server_rss_mb
 
 SAMPLE_S = 10.0
 REQUEST_SIZES = (1, 1, 4, 8, 16, 32, 64)  # texts per call: mostly small, some corpus-sized
@@ -40,7 +41,7 @@ def start_launcher(args) -> tuple[subprocess.Popen, str]:
 
     ports = [free_port() for _ in range(3)]
     command = [sys.executable, "-m", "embedline.cli", "serve", "--grpc-port", str(ports[0]),
-               "--http-port", str(ports[1]), "--metrics-port", str(ports[2])]
+               "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", "0"]
     if args.variant:
         command += ["--variant", args.variant]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,8 +92,8 @@ async def soak(url: str, server_pid: int, minutes: float, concurrency: int) -> l
                 "rss_mb": server_rss_mb(server_pid),
                 "calls": len(window),
                 "errors": len(errors),
-                "p50_ms": round(float(np.percentile(window, 50)) * 1000, 1) if window else None,
-                "p99_ms": round(float(np.percentile(window, 99)) * 1000, 1) if window else None,
+                "p50_ms": round(percentile(window, 50) * 1000, 1) if window else None,
+                "p99_ms": round(percentile(window, 99) * 1000, 1) if window else None,
             }
             samples.append(sample)
             print(sample, flush=True)
@@ -165,7 +166,7 @@ def main() -> None:
     update_readme_section("soak", (
         f"{args.concurrency} concurrent async SDK callers, request sizes {REQUEST_SIZES} texts, "
         f"{args.minutes:g} min, sampled every {SAMPLE_S:g} s; CPU flags: {' '.join(cpu_flags()) or 'none'}. "
-        "`.venv/bin/python benchmarks/soak.py` ([plot](results/soak.png))\n\n" + markdown_table(
+        "`.venv/bin/python -m benchmarks.soak` ([plot](results/soak.png))\n\n" + markdown_table(
             ["calls", "errors", "p50 ms (median window)", "p99 ms (worst window)", "RSS second half MiB",
              "RSS growth", "verdict"],
             [[result["calls"], result["errors"], result["p50_ms_median"], result["p99_ms_max"],

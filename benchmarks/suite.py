@@ -1,8 +1,8 @@
-"""`embedline bench`: the latency/throughput suite, every engine side by side in one run.
+"""The latency/throughput suite, every engine side by side in one run. From the repository root:
 
-    embedline bench --quick      smoke run, about two minutes (make bench-quick)
-    embedline bench              full run, bounded to about 15-20 minutes (make bench)
-    embedline bench --tune       server settings sweep (instances, threads, streams, queue delay)
+    .venv/bin/python -m benchmarks.suite --quick   smoke run, about two minutes (make bench-quick)
+    .venv/bin/python -m benchmarks.suite           full run, about 15-20 minutes (make bench)
+    .venv/bin/python -m benchmarks.suite --tune    server settings sweep (instances, threads, queue delay...)
 
 Engines: sentence-transformers (torch) in-process; raw ONNX Runtime in-process for each exported CPU
 variant and OpenVINO (the ceiling a server on that engine can approach); our Triton server for each
@@ -31,8 +31,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from embedline.benchmarks.common import README, REPO, RESULTS, machine_info, pin_threads, update_readme_section
-from embedline.benchmarks.workloads import MEDIUM, MIXED, SHORT, build_workloads
+from benchmarks.common import (
+    README, REPO, RESULTS, command_line, data_dir, load_average, machine_info, pin_threads, update_readme_section,
+)
+from benchmarks.workloads import MEDIUM, MIXED, SHORT, build_workloads
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def heavy_lock(enabled: bool):
 
 
 def lock_is_held() -> bool:
-    """True when LOCK_FILE is held now (by this run, or by a `flock LOCK_FILE embedline bench --no-lock`)."""
+    """True when LOCK_FILE is held now (by this run, or by a `flock LOCK_FILE ... -m benchmarks.suite --no-lock`)."""
     try:
         with open(LOCK_FILE, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -121,10 +123,6 @@ def lock_is_held() -> bool:
             return False
     except OSError:
         return True
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def prepare_artifact(path: str | None):
@@ -136,15 +134,13 @@ def prepare_artifact(path: str | None):
     if path:
         artifact = art.load_artifact(path)
         return artifact if artifact.metadata.get("export") else export_artifact(artifact)
-    if (DEFAULT_ARTIFACT / art.METADATA_FILE).is_file():
+    if art.is_artifact(DEFAULT_ARTIFACT):
         artifact = art.load_artifact(DEFAULT_ARTIFACT)
         if artifact.metadata.get("export"):
             return artifact
     else:
         artifact = art.import_model_dir(art.bundled_model_dir(), DEFAULT_ARTIFACT, name="all-MiniLM-L6-v2")
-    from embedline.benchmarks.workloads import _data_dir
-
-    data = _data_dir()
+    data = data_dir(required=False)
     return export_artifact(
         artifact, threads=2,
         sts_file=data / "sts" / "stsb_dev.tsv.gz" if data else None,
@@ -180,7 +176,7 @@ def triton(artifact, tmp: Path, settings):
 
 
 def engine_names(variants: list[str]) -> list[str]:
-    from embedline.benchmarks.report import inprocess_name
+    from benchmarks.report import inprocess_name
 
     return ["sentence-transformers", *[inprocess_name(v) for v in variants]]
 
@@ -188,7 +184,7 @@ def engine_names(variants: list[str]) -> list[str]:
 def measure_inprocess(artifact, names: list[str], workloads_file: Path, mode: Mode, threads: int,
                       bar) -> tuple[dict, dict]:
     """(results by engine and workload, scaling curves), each engine alone in its own process."""
-    from embedline.benchmarks.engine_process import EngineProcess
+    from benchmarks.engine_process import EngineProcess
 
     results: dict[str, Any] = {}
     batch_curves: dict[str, list] = {}
@@ -218,7 +214,7 @@ def measure_inprocess(artifact, names: list[str], workloads_file: Path, mode: Mo
 
 
 def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
-    from embedline.benchmarks.load import measure_point
+    from benchmarks.load import measure_point
 
     points = []
     for workload, size, concurrency in combos:
@@ -232,7 +228,7 @@ def sweep_points(server, workloads, combos, mode: Mode) -> list[dict]:
 
 def sequential_point(server, workloads, mode: Mode) -> dict:
     """1 short text at a time through the SDK's blocking client: the latency the c1 target reads."""
-    from embedline.benchmarks.load import sequential_latency
+    from benchmarks.load import sequential_latency
 
     w = workloads[SHORT]
     point = sequential_latency(server.grpc_url, w.texts, w.tokens, mode.point_seconds, mode.warmup_seconds)
@@ -247,7 +243,7 @@ def bracket_reference(engines: dict, variant: str, mode: Mode, with_st: bool) ->
     after the server (and using the mean) keeps each ratio's two sides under the same conditions.
     `engines`: name -> a running EngineProcess (idle while the server is measured).
     """
-    from embedline.benchmarks.report import inprocess_name
+    from benchmarks.report import inprocess_name
 
     seconds = max(1.0, mode.point_seconds / 2)
     reference = {}
@@ -296,8 +292,8 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
                 [(SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2)], False)]
     configs += [(v, replace(base, variant=v), sweep, [], True) for v in variants if v != default_variant]
 
-    from embedline.benchmarks.engine_process import EngineProcess
-    from embedline.benchmarks.report import inprocess_name
+    from benchmarks.engine_process import EngineProcess
+    from benchmarks.report import inprocess_name
 
     results: dict[str, Any] = {}
     for name, settings, sweep_combos, extra_combos, bracket in configs:
@@ -330,11 +326,13 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
 def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int, tmp: Path) -> dict:
     from embedline.serving.settings import RepositorySettings
 
-    from embedline.benchmarks import perf_analyzer
+    from benchmarks import perf_analyzer
 
     try:
         perf_analyzer.binary()
-        with triton(artifact, tmp, RepositorySettings(variant=variant, intra_op_threads=threads)) as server:
+        # No queue policy (max_queue_size 0): perf_analyzer records no request from a model that has one.
+        settings = RepositorySettings(variant=variant, intra_op_threads=threads, max_queue_size=0)
+        with triton(artifact, tmp, settings) as server:
             points = [perf_analyzer.run(server.grpc_url, workloads[SHORT].texts, c, tmp / "perf_analyzer",
                                         measurement_ms=int(1000 * max(1.0, mode.point_seconds)))
                       for c in mode.perf_analyzer_concurrency]
@@ -346,7 +344,7 @@ def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int
 def measure_infinity(artifact, workloads, mode: Mode, threads: int, venv: Path) -> dict:
     from embedline.serving.triton import free_port
 
-    from embedline.benchmarks.infinity import InfinityServer
+    from benchmarks.infinity import InfinityServer
 
     if not mode.infinity_concurrency:
         return {"error": "skipped in quick mode"}
@@ -366,10 +364,10 @@ def measure_infinity(artifact, workloads, mode: Mode, threads: int, venv: Path) 
 
 def measure_classify(mode: Mode, threads: int, tmp: Path) -> dict:
     """`classify` vs `embed` latency through the server: the bundled model + a frozen-body emotion head (fp32)."""
-    from embedline.benchmarks.classify_latency import classifier_artifact, emotion_texts, measure_classify_latency
+    from benchmarks.classify_latency import classifier_artifact, emotion_texts, measure_classify_latency
 
     try:
-        artifact = classifier_artifact(None, tmp / "classifier", "fp32")
+        artifact = classifier_artifact(tmp / "classifier")
         latency, labels = measure_classify_latency(artifact, "fp32", threads, mode.classify_requests,
                                                    emotion_texts(), tmp)
     except Exception as exc:  # a missing extra (scikit-learn) or data must not lose the rest of the run
@@ -395,8 +393,8 @@ def sts_record(artifact) -> dict | None:
 def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
     from embedline.export.variants import choose_variant
 
-    from embedline.benchmarks import report
-    from embedline.benchmarks.gpu import measure_gpu
+    from benchmarks import report
+    from benchmarks.gpu import measure_gpu
 
     started = time.perf_counter()
     load_before = load_average()
@@ -413,7 +411,7 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
-        from embedline.benchmarks.engine_process import write_workloads
+        from benchmarks.engine_process import write_workloads
 
         workloads_file = write_workloads(workloads, tmp / "workloads.json")
         inproc, scaling = measure_inprocess(artifact, engine_names(inprocess_variants), workloads_file, mode,
@@ -434,7 +432,7 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         classify = measure_classify(mode, args.threads, tmp)
         bar.update(1)
     results = {
-        "suite": "embedline bench",
+        "suite": "benchmarks.suite",
         "mode": mode.name,
         "machine": machine_info(),
         "conditions": {"threads": args.threads, "load_before": load_before, "load_after": load_average(),
@@ -463,7 +461,7 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
 
 
 def write_results(results: dict, args: argparse.Namespace, command: str) -> Path:
-    from embedline.benchmarks import plots, report
+    from benchmarks import plots, report
 
     name = "suite" if results["mode"] == "full" else "suite_quick"
     path = Path(args.output) if args.output else RESULTS / f"{name}.json"
@@ -492,10 +490,10 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("embedline").setLevel(logging.WARNING)
     logging.getLogger("benchmarks").setLevel(logging.WARNING)
     mode = MODES["quick" if args.quick else "full"]
-    command = "embedline bench" + (" --quick" if args.quick else "")
+    command = command_line()
     with heavy_lock(not args.no_lock):
         if args.tune:
-            from embedline.benchmarks import tuning
+            from benchmarks import tuning
 
             path = tuning.run_tuning(args, prepare_artifact(args.artifact), mode)
             print(f"saved {path}")
@@ -507,8 +505,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    from embedline.cli import main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(args)
 
-    sys.exit(main(["bench", *sys.argv[1:]]))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,14 +8,17 @@ round (A B A B ...), so drift on the shared machine hits both alike; the ratio p
 
 sentences/s counts training sentences (one per example; each is encoded twice by both).
 
-    .venv/bin/python benchmarks/train_throughput.py
+    .venv/bin/python -m benchmarks.train_throughput [--rounds 6] [--steps-per-round 5] [--batch_size=64]
 
+Options other than the ones below are training-config fields (batch_size, max_seq_length, lr, temperature,
+max_grad_norm, ...; the list: `embedline train --help`); both trainers take them from that one config.
 Results: benchmarks/results/train_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import logging
@@ -25,55 +28,50 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import data_dir, pin_threads, save_results  # noqa: E402
-from benchmarks.simcse_unsup import load_average  # noqa: E402
+from benchmarks.common import command_line, data_dir, load_average, parse_with_train_config, pin_threads, save_results
 
 log = logging.getLogger("train_throughput")
 
 
-def read_sentences(n: int) -> list[str]:
-    with gzip.open(data_dir() / "corpus" / "unsup_corpus.txt.gz", "rt", encoding="utf-8") as f:
+def read_sentences(path: str, n: int) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
         return [line.strip() for _, line in zip(range(n), f) if line.strip()]
 
 
-def embedline_runner(model_dir: Path, args: argparse.Namespace) -> Callable[[list[str]], float]:
+def embedline_runner(config) -> Callable[[list[str]], float]:
     import torch
 
     from embedline.tokenization import load_tokenizer
-    from embedline.training.config import TrainConfig, resolve_config
     from embedline.training.data import Batch
     from embedline.training.losses import make_loss
     from embedline.training.model import build_model
     from embedline.training.trainer import linear_schedule, param_groups, train_step
 
-    config = resolve_config(TrainConfig(model=str(model_dir), train_file="unused.txt", output="unused",
-                                        max_seq_length=args.max_seq_length, lr=args.lr, device="cpu"))
     torch.manual_seed(0)
     model = build_model(config).train()
-    tokenizer = load_tokenizer(model_dir / "tokenizer.json", args.max_seq_length)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=args.lr)
+    tokenizer = load_tokenizer(Path(config.model) / "tokenizer.json", config.max_seq_length)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(10**6, 0))
-    loss_fn = make_loss("unsup", temperature=0.05)
+    loss_fn = make_loss("unsup", temperature=config.temperature)
 
     def step(texts: list[str]) -> float:
-        return train_step(model, Batch([texts]), tokenizer, loss_fn, optimizer, scheduler, views=2, max_grad_norm=1.0)
+        return train_step(model, Batch([texts]), tokenizer, loss_fn, optimizer, scheduler, views=2,
+                          max_grad_norm=config.max_grad_norm)
 
     return step
 
 
-def sentence_transformers_runner(model_dir: Path, args: argparse.Namespace) -> Callable[[list[str]], float]:
+def sentence_transformers_runner(config) -> Callable[[list[str]], float]:
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     torch.manual_seed(0)
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    model.max_seq_length = args.max_seq_length
+    model = SentenceTransformer(config.model, device="cpu")
+    model.max_seq_length = config.max_seq_length
     model.train()
-    loss = MultipleNegativesRankingLoss(model, scale=20.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    loss = MultipleNegativesRankingLoss(model, scale=1.0 / config.temperature)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     def step(texts: list[str]) -> float:
@@ -81,7 +79,7 @@ def sentence_transformers_runner(model_dir: Path, args: argparse.Namespace) -> C
         features = [model.tokenize(texts), model.tokenize(texts)]
         value = loss(features, None)
         value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,30 +90,32 @@ def sentence_transformers_runner(model_dir: Path, args: argparse.Namespace) -> C
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-seq-length", type=int, default=32)
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=3e-5)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    # The bundled all-MiniLM-L6-v2 (model ''), TrainConfig's defaults otherwise: batch 64, max_seq_length 32,
+    # temperature 0.05 (scale 20), lr 3e-5 (the paper's for unsup), gradient clipping at 1.0.
+    settings = {"objective": "unsup", "train_file": str(data_dir() / "corpus" / "unsup_corpus.txt.gz"),
+                "output": "unused", "device": "cpu"}
+    args, config = parse_with_train_config(parser, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
 
-    from embedline import artifact as art
+    from embedline.training.config import resolve_config
 
-    model_dir = art.bundled_model_dir()
-    per_round = args.batch_size * args.steps_per_round
-    sentences = read_sentences(per_round * (args.rounds + 1))
-    runners = {"embedline": embedline_runner(model_dir, args),
-               "sentence_transformers_mnrl": sentence_transformers_runner(model_dir, args)}
+    config = resolve_config(config)
+    batch_size = config.batch_size
+    per_round = batch_size * args.steps_per_round
+    sentences = read_sentences(config.train_file, per_round * (args.rounds + 1))
+    runners = {"embedline": embedline_runner(config),
+               "sentence_transformers_mnrl": sentence_transformers_runner(config)}
     for run in runners.values():  # warm-up step each (allocator, thread pools), untimed
-        run(sentences[: args.batch_size])
+        run(sentences[:batch_size])
 
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     load_start = load_average()
     for r in range(args.rounds):
-        batches = [sentences[per_round * (r + 1) + i * args.batch_size:][: args.batch_size]
+        batches = [sentences[per_round * (r + 1) + i * batch_size:][:batch_size]
                    for i in range(args.steps_per_round)]
         order = list(runners) if r % 2 == 0 else list(reversed(runners))  # alternate who goes first
         for name in order:
@@ -128,9 +128,10 @@ def main() -> int:
     speed = {name: [round(per_round / s, 1) for s in values] for name, values in seconds.items()}
     ratios = [round(b / a, 3) for a, b in zip(seconds["embedline"], seconds["sentence_transformers_mnrl"])]
     summary = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "command": command_line(),
         "settings": vars(args),
-        "model": "all-MiniLM-L6-v2 (bundled)",
+        "train_config": dataclasses.asdict(config),
+        "model": config.model,
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "sentences_per_s_per_round": speed,

@@ -1,4 +1,5 @@
-"""`embedline bench --tune`: measure the server settings the defaults in RepositorySettings are chosen from.
+"""`python -m benchmarks.suite --tune`: measure the server settings the defaults in RepositorySettings are
+chosen from.
 
 One variant (the artifact's default CPU variant), the same points for every setting: 1 short text at a
 time through the blocking client (latency), closed-loop 1-text requests at concurrency 16 (dynamic
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from embedline.benchmarks.common import RESULTS, machine_info, markdown_table, update_readme_section
-from embedline.benchmarks.workloads import MIXED, SHORT, build_workloads
+from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, update_readme_section
+from benchmarks.workloads import MIXED, SHORT, build_workloads
 
 POINTS = ((SHORT, 1, 16), (SHORT, 32, 2), (MIXED, 32, 2))  # closed loop; c1 latency: suite.sequential_point
 ROUNDS = {"full": 3, "quick": 1}
@@ -68,7 +69,7 @@ def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
     from embedline.serving.settings import RepositorySettings
     from embedline.export.variants import choose_variant
 
-    from embedline.benchmarks.suite import load_average, sequential_point, sweep_points, triton
+    from benchmarks.suite import sequential_point, sweep_points, triton
 
     variant = args.variants.split(",")[0] if args.variants else choose_variant(artifact, "cpu")
     base = RepositorySettings(variant=variant, intra_op_threads=args.threads)
@@ -118,5 +119,5 @@ def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
             f"Median of {rounds} rounds per setting (rotated order); 1 text c1 = one request at a time through "
             f"the blocking client. Load average before / after: {load_before} / {record['load_after']} "
             "(shared machine). "
-            "Command: `embedline bench --tune`; numbers: `results/server_tuning.json`."))
+            "Command: `.venv/bin/python -m benchmarks.suite --tune`; numbers: `results/server_tuning.json`."))
     return path

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedline.benchmarks.common import REPO
+from benchmarks.common import data_dir, percentile, stsb_dev_sentences
 
 SHORT, MEDIUM, MIXED = "short", "medium", "mixed"
 WORKLOADS = (SHORT, MEDIUM, MIXED)
@@ -41,17 +41,10 @@ class Workload:
             "texts": len(self.texts),
             "source": self.source,
             "mean_tokens": round(float(self.tokens.mean()), 1),
-            "p50_tokens": int(np.percentile(self.tokens, 50)),
-            "p90_tokens": int(np.percentile(self.tokens, 90)),
+            "p50_tokens": int(percentile(self.tokens, 50)),
+            "p90_tokens": int(percentile(self.tokens, 90)),
             "max_tokens": int(self.tokens.max()),
         }
-
-
-def _data_dir() -> Path | None:
-    import os
-
-    path = Path(os.environ.get("EMBEDLINE_DATA") or REPO.parent / "shared" / "data")
-    return path if (path / "sts" / "stsb_dev.tsv.gz").is_file() else None
 
 
 def _lines(path: Path) -> list[str]:
@@ -61,16 +54,13 @@ def _lines(path: Path) -> list[str]:
 
 def _sources() -> tuple[list[str], list[str], str]:
     """(short sentences, running prose to cut passages from, source description)."""
-    data = _data_dir()
+    data = data_dir(required=False)
     if data is None:
         from embedline.export.parity import LONG_TEXT, SHORT_TEXTS
 
         prose = [s.strip() + "." for s in LONG_TEXT.split(".") if s.strip()]
         return [t for t in SHORT_TEXTS if t], prose, "built-in texts (no shared data found)"
-    from embedline.benchmarks.common import read_tsv
-
-    rows = read_tsv(data / "sts" / "stsb_dev.tsv.gz")
-    short = list(dict.fromkeys(s for row in rows for s in (row["sentence1"], row["sentence2"])))
+    short = stsb_dev_sentences(data)
     prose = _lines(data / "corpus" / "wikitext2_valid_test_sentences.txt.gz")
     return short, prose, "shared/data: STS-B dev sentences; WikiText-2 passages"
 

@@ -43,6 +43,7 @@ from embedline.client.errors import (
     DeadlineExceededError,
     EmbeddingClientError,
     InvalidInputError,
+    ModelNotFoundError,
     ServerError,
     from_triton_error,
     is_retryable,
@@ -89,6 +90,11 @@ class ModelInfo:
     pooling: str
     max_batch_size: int
     labels: tuple[str, ...] = ()
+    # Every model the server serves, by name (the first is the default); `model=` takes one of these.
+    served_models: tuple[str, ...] = ()
+    # The dims a Matryoshka loss trained the model for (`embed(..., dimensions=k)` keeps quality at
+    # these); empty when it was not trained for truncation, which then still works but loses more.
+    matryoshka_dims: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -338,6 +344,32 @@ def assemble_embeddings(n: int, dim: int, chunks: list[list[int]],
     return EmbedResult(embeddings=embeddings, truncated=truncated)
 
 
+def check_dimensions(dimensions: int | None, dim: int) -> int | None:
+    """`dimensions` as an int from 1 to `dim` (None stays None), checked before anything is sent."""
+    if dimensions is None:
+        return None
+    if isinstance(dimensions, bool) or not isinstance(dimensions, (int, np.integer)) or not 1 <= dimensions <= dim:
+        raise ValueError(f"dimensions must be an int from 1 to the model's dim {dim}, got {dimensions!r}")
+    return int(dimensions)
+
+
+def truncate_dimensions(result: EmbedResult, dimensions: int | None, dim: int) -> EmbedResult:
+    """Matryoshka truncation: the first `dimensions` components of each row, re-normalized to unit length.
+
+    None keeps all `dim` components. Anything but an int from 1 to `dim` is a ValueError naming the
+    model's dim. A row whose first components are all zero stays zero (no division by zero). How well
+    a shortened vector works depends on the model: one trained with a Matryoshka loss keeps most of its
+    quality at a fraction of its dim, others lose more.
+    """
+    dimensions = check_dimensions(dimensions, dim)
+    if dimensions is None or dimensions == dim:
+        return result
+    head = result.embeddings[:, :dimensions]
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    embeddings = (head / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return EmbedResult(embeddings=embeddings, truncated=result.truncated)
+
+
 def assemble_predictions(n: int, chunks: list[list[int]], parts: list[list[Prediction]]) -> list[Prediction]:
     predictions: list[Prediction | None] = [None] * n
     for indices, chunk_predictions in zip(chunks, parts):
@@ -389,7 +421,31 @@ def build_info(embed: _ModelSpec, classify: _ModelSpec | None, url: str) -> Mode
         pooling=embed.parameters.get("pooling", ""),
         max_batch_size=embed.max_batch_size,
         labels=spec_labels(classify, url) if classify is not None else (),
+        served_models=tuple(served_catalog(embed)),
+        matryoshka_dims=tuple(int(d) for d in json.loads(embed.parameters.get("matryoshka_dims") or "[]")),
     )
+
+
+def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:
+    """name -> {"embed": Triton model, "classify": Triton model or ""} of every artifact the server serves.
+
+    Read from an embed model's `served_models` parameter; a server that predates it serves one artifact.
+    """
+    raw = spec.parameters.get("served_models")
+    if raw:
+        return json.loads(raw)
+    return {spec.parameters.get("model_name", spec.name): {"embed": spec.name, "classify": CLASSIFY_MODEL}}
+
+
+def resolve_model(default_embed: _ModelSpec, name: str, url: str) -> tuple[str, str]:
+    """The (embed, classify) Triton model names of the served model called `name`."""
+    catalog = served_catalog(default_embed)
+    if name not in catalog:
+        raise ModelNotFoundError(f"server at {url} serves no model named {name!r}; it serves {', '.join(catalog)}",
+                                 status=None, url=url)
+    entry = catalog[name]
+    # No classifier head: a name no model has, so classify() reports the missing model clearly.
+    return entry["embed"], entry["classify"] or f"{entry['embed']}-classify"
 
 
 def classify_missing_message(url: str, model: str = CLASSIFY_MODEL) -> str:
@@ -670,6 +726,7 @@ class ClientBase:
         self,
         url: str | Sequence[str] = DEFAULT_URL,
         *,
+        model: str | None = None,
         api_key: str | None = None,
         ssl: bool = False,
         root_certificates: str | None = None,
@@ -693,6 +750,8 @@ class ClientBase:
         self.batch_size = validate_batch_size(batch_size)
         self.embed_model = embed_model
         self.classify_model = classify_model
+        # A served model chosen by name is looked up in the server's catalog on first use.
+        self._model_to_resolve = model
         self._tls = tls_arguments(ssl, root_certificates)
         # The key is kept only inside this header, so repr() and error messages cannot show it.
         self._headers = auth_headers(resolve_api_key(api_key))

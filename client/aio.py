@@ -17,41 +17,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from embedline.client._common import (
-    EMBED_OUTPUTS,
-    MIN_ATTEMPT_S,
-    NEIGHBOURS_OUTPUT,
-    Attempt,
-    ClientBase,
-    Deadline,
-    EmbedResult,
-    ModelInfo,
-    Prediction,
-    _ModelSpec,
-    assemble_embeddings,
-    assemble_predictions,
-    build_info,
-    classify_missing_message,
-    classify_outputs,
-    effective_batch_size,
-    parse_classify,
-    parse_embed,
-    parse_model_config,
-    plan_chunks,
-    requested_outputs,
-    spec_dim,
-    spec_labels,
-    text_input,
-    validate_texts,
-)
-from embedline.client.errors import ModelNotFoundError
+from embedline.client import _common as common
+from embedline.client._common import EmbedResult, ModelInfo, Prediction
+from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class AsyncEmbeddingClient(ClientBase):
+class AsyncEmbeddingClient(common.ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC, asyncio).
 
     Example:
@@ -99,27 +74,33 @@ class AsyncEmbeddingClient(ClientBase):
 
     # -- public API ------------------------------------------------------------------------------
 
-    async def embed(self, texts: Iterable[str], *, timeout: float | None = None) -> np.ndarray:
+    async def embed(self, texts: Iterable[str], *, dimensions: int | None = None,
+                    timeout: float | None = None) -> np.ndarray:
         """Embed `texts`: an (n, dim) float32 array of L2-normalized rows, in input order.
 
             vectors = await client.embed(["first text", "second text"])   # (2, dim)
         """
-        return (await self.embed_with_details(texts, timeout=timeout)).embeddings
+        return (await self.embed_with_details(texts, dimensions=dimensions, timeout=timeout)).embeddings
 
-    async def embed_with_details(self, texts: Iterable[str], *, timeout: float | None = None) -> EmbedResult:
+    async def embed_with_details(self, texts: Iterable[str], *, dimensions: int | None = None,
+                                 timeout: float | None = None) -> EmbedResult:
         """Embed `texts` and report truncation: EmbedResult(embeddings (n, dim) float32, truncated (n,) bool).
+
+        `dimensions=k` (1 <= k <= dim) keeps the first k components of each embedding, re-normalized to
+        unit length (Matryoshka truncation, done here in the client): embeddings are then (n, k).
 
             result = await client.embed_with_details(["short", "a very long document ..."])
         """
-        texts = validate_texts(texts)
+        texts = common.validate_texts(texts)
         deadline = self._deadline(timeout)
-        spec = await self._spec(self.embed_model, deadline)
-        dim = spec_dim(spec, spec.url)
+        spec = await self._embed_spec(deadline)
+        dim = common.spec_dim(spec, spec.url)
+        dimensions = common.check_dimensions(dimensions, dim)
         if not texts:
-            return EmbedResult(np.empty((0, dim), dtype=np.float32), np.empty(0, dtype=bool))
+            return EmbedResult(np.empty((0, dimensions or dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = await self._infer_chunks(
-            spec, texts, EMBED_OUTPUTS, lambda result, n, url: parse_embed(result, n, url, spec.name), deadline)
-        return assemble_embeddings(len(texts), dim, chunks, parts)
+            spec, texts, common.EMBED_OUTPUTS, lambda result, n, url: common.parse_embed(result, n, url, spec.name), deadline)
+        return common.truncate_dimensions(common.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
 
     async def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
         """Classify `texts` with the server's `classify` model: one Prediction per text, in input order.
@@ -128,29 +109,29 @@ class AsyncEmbeddingClient(ClientBase):
 
             predictions = await client.classify(["I love it", "awful"])
         """
-        texts = validate_texts(texts)
+        texts = common.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = await self._classify_spec(deadline)
-        labels = spec_labels(spec, spec.url)
-        outputs = classify_outputs(spec)
+        labels = common.spec_labels(spec, spec.url)
+        outputs = common.classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = await self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n, url: parse_classify(result, n, labels, url, spec.name,
-                                                  neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
-        return assemble_predictions(len(texts), chunks, parts)
+            lambda result, n, url: common.parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=common.NEIGHBOURS_OUTPUT in outputs), deadline)
+        return common.assemble_predictions(len(texts), chunks, parts)
 
     async def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached)."""
         if self._info is None:
             deadline = self._deadline(timeout)
-            embed = await self._spec(self.embed_model, deadline)
+            embed = await self._embed_spec(deadline)
             try:
                 classify = await self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = build_info(embed, classify, embed.url)
+            self._info = common.build_info(embed, classify, embed.url)
         return self._info
 
     async def health(self, *, timeout: float | None = None) -> bool:
@@ -159,6 +140,10 @@ class AsyncEmbeddingClient(ClientBase):
         Replicas are checked concurrently; never raises for an unreachable or unhealthy server.
         """
         deadline = self._deadline(timeout)
+        try:
+            await self._resolve_model(deadline)  # `model=`: which embed model to ask about
+        except EmbeddingClientError:
+            return False
         tritons = self._clients()
         checks = [asyncio.ensure_future(self._replica_health(triton, url, deadline))
                   for triton, url in zip(tritons, self.urls)]
@@ -174,9 +159,9 @@ class AsyncEmbeddingClient(ClientBase):
 
     # -- internals -------------------------------------------------------------------------------
 
-    async def _replica_health(self, triton: grpcaio.InferenceServerClient, url: str, deadline: Deadline) -> bool:
+    async def _replica_health(self, triton: grpcaio.InferenceServerClient, url: str, deadline: common.Deadline) -> bool:
         def left() -> float:
-            return max(deadline.remaining(), MIN_ATTEMPT_S)
+            return max(deadline.remaining(), common.MIN_ATTEMPT_S)
 
         try:
             return bool(
@@ -200,7 +185,7 @@ class AsyncEmbeddingClient(ClientBase):
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         return self._tritons
 
-    async def _call(self, rpc: Callable[[Any, Attempt], Awaitable[T]], deadline: Deadline, model: str | None) -> T:
+    async def _call(self, rpc: Callable[[Any, common.Attempt], Awaitable[T]], deadline: common.Deadline, model: str | None) -> T:
         """Await `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
         Raises the classified error when the Retrier gives up.
@@ -220,40 +205,52 @@ class AsyncEmbeddingClient(ClientBase):
             if delay:
                 await asyncio.sleep(delay)
 
-    async def _spec(self, model: str, deadline: Deadline) -> _ModelSpec:
+    async def _spec(self, model: str, deadline: common.Deadline) -> common._ModelSpec:
         spec = self._specs.get(model)
         if spec is None:
-            async def fetch(triton: grpcaio.InferenceServerClient, attempt: Attempt) -> _ModelSpec:
+            async def fetch(triton: grpcaio.InferenceServerClient, attempt: common.Attempt) -> common._ModelSpec:
                 response = await triton.get_model_config(model, headers=self._headers,
                                                          client_timeout=attempt.timeout)
-                return parse_model_config(response, attempt.url)
+                return common.parse_model_config(response, attempt.url)
 
             spec = self._specs.setdefault(model, await self._call(fetch, deadline, model))
         return spec
 
-    async def _classify_spec(self, deadline: Deadline) -> _ModelSpec:
+    async def _resolve_model(self, deadline: common.Deadline) -> None:
+        """Turn `model=` into its Triton model names, from the server's catalog (once)."""
+        if self._model_to_resolve is not None:
+            default = await self._spec(common.EMBED_MODEL, deadline)
+            self.embed_model, self.classify_model = common.resolve_model(default, self._model_to_resolve, default.url)
+            self._model_to_resolve = None
+
+    async def _embed_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+        await self._resolve_model(deadline)
+        return await self._spec(self.embed_model, deadline)
+
+    async def _classify_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+        await self._resolve_model(deadline)
         try:
             return await self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(classify_missing_message(exc.url or self.url, self.classify_model),
+            raise ModelNotFoundError(common.classify_missing_message(exc.url or self.url, self.classify_model),
                                      status=exc.status, url=exc.url) from exc
 
-    async def _infer_chunks(self, spec: _ModelSpec, texts: list[str], outputs: tuple[str, ...],
+    async def _infer_chunks(self, spec: common._ModelSpec, texts: list[str], outputs: tuple[str, ...],
                             parse: Callable[[Any, int, str], T],
-                            deadline: Deadline) -> tuple[list[list[int]], list[T]]:
+                            deadline: common.Deadline) -> tuple[list[list[int]], list[T]]:
         """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
-        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, spec.url))
+        chunks = common.plan_chunks(texts, common.effective_batch_size(spec, self.batch_size, spec.url))
         self._clients()  # the semaphore below belongs to the running loop
         semaphore = self._semaphore
 
         async def infer(indices: list[int]) -> T:
-            inputs = [text_input(grpcclient, [texts[i] for i in indices])]
-            requested = requested_outputs(grpcclient, outputs)
+            inputs = [common.text_input(grpcclient, [texts[i] for i in indices])]
+            requested = common.requested_outputs(grpcclient, outputs)
 
-            async def send(triton: grpcaio.InferenceServerClient, attempt: Attempt) -> T:
+            async def send(triton: grpcaio.InferenceServerClient, attempt: common.Attempt) -> T:
                 result = await triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,
                                             timeout=attempt.server_timeout_us, client_timeout=attempt.timeout)
                 return parse(result, len(indices), attempt.url)

@@ -21,41 +21,16 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from embedline.client._common import (
-    EMBED_OUTPUTS,
-    MIN_ATTEMPT_S,
-    NEIGHBOURS_OUTPUT,
-    Attempt,
-    ClientBase,
-    Deadline,
-    EmbedResult,
-    ModelInfo,
-    Prediction,
-    _ModelSpec,
-    assemble_embeddings,
-    assemble_predictions,
-    build_info,
-    classify_missing_message,
-    classify_outputs,
-    effective_batch_size,
-    parse_classify,
-    parse_embed,
-    parse_model_config,
-    plan_chunks,
-    requested_outputs,
-    spec_dim,
-    spec_labels,
-    text_input,
-    validate_texts,
-)
-from embedline.client.errors import ModelNotFoundError
+from embedline.client import _common as common
+from embedline.client._common import EmbedResult, ModelInfo, Prediction
+from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class EmbeddingClient(ClientBase):
+class EmbeddingClient(common.ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC).
 
     Example:
@@ -93,7 +68,9 @@ class EmbeddingClient(ClientBase):
             retried.
         max_concurrency: requests in flight at once when a list is split.
         batch_size: texts per request (default and cap: the model's max_batch_size).
-        embed_model, classify_model: model names on the server.
+        model: the name of a served model (`info().served_models`; a server started with several
+            `--artifact`s serves each by name); default: the server's default model.
+        embed_model, classify_model: Triton model names, for repositories not built by embedline.
 
     All methods are thread-safe. Failed calls raise subclasses of
     `embedline.client.errors.EmbeddingClientError` (AuthenticationError for a missing or wrong key,
@@ -131,7 +108,8 @@ class EmbeddingClient(ClientBase):
 
     # -- public API ------------------------------------------------------------------------------
 
-    def embed(self, texts: Iterable[str], *, timeout: float | None = None) -> np.ndarray:
+    def embed(self, texts: Iterable[str], *, dimensions: int | None = None,
+              timeout: float | None = None) -> np.ndarray:
         """Embed `texts`: an (n, dim) float32 array of L2-normalized rows, in input order.
 
         `embed([])` returns a (0, dim) array without an inference request. Texts longer than the
@@ -139,23 +117,28 @@ class EmbeddingClient(ClientBase):
 
             vectors = client.embed(["first text", "second text"])   # (2, dim)
         """
-        return self.embed_with_details(texts, timeout=timeout).embeddings
+        return self.embed_with_details(texts, dimensions=dimensions, timeout=timeout).embeddings
 
-    def embed_with_details(self, texts: Iterable[str], *, timeout: float | None = None) -> EmbedResult:
+    def embed_with_details(self, texts: Iterable[str], *, dimensions: int | None = None,
+                           timeout: float | None = None) -> EmbedResult:
         """Embed `texts` and report truncation: EmbedResult(embeddings (n, dim) float32, truncated (n,) bool).
+
+        `dimensions=k` (1 <= k <= dim) keeps the first k components of each embedding, re-normalized to
+        unit length (Matryoshka truncation, done here in the client): embeddings are then (n, k).
 
             result = client.embed_with_details(["short", "a very long document ..."])
             result.embeddings.shape, result.truncated   # (2, 384), array([False,  True])
         """
-        texts = validate_texts(texts)
+        texts = common.validate_texts(texts)
         deadline = self._deadline(timeout)
-        spec = self._spec(self.embed_model, deadline)
-        dim = spec_dim(spec, spec.url)
+        spec = self._embed_spec(deadline)
+        dim = common.spec_dim(spec, spec.url)
+        dimensions = common.check_dimensions(dimensions, dim)
         if not texts:
-            return EmbedResult(np.empty((0, dim), dtype=np.float32), np.empty(0, dtype=bool))
+            return EmbedResult(np.empty((0, dimensions or dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = self._infer_chunks(
-            spec, texts, EMBED_OUTPUTS, lambda result, n, url: parse_embed(result, n, url, spec.name), deadline)
-        return assemble_embeddings(len(texts), dim, chunks, parts)
+            spec, texts, common.EMBED_OUTPUTS, lambda result, n, url: common.parse_embed(result, n, url, spec.name), deadline)
+        return common.truncate_dimensions(common.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
 
     def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
         """Classify `texts` with the server's `classify` model: one Prediction per text, in input order.
@@ -164,18 +147,18 @@ class EmbeddingClient(ClientBase):
 
             [p.label for p in client.classify(["I love it", "awful"])]   # ['positive', 'negative']
         """
-        texts = validate_texts(texts)
+        texts = common.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = self._classify_spec(deadline)
-        labels = spec_labels(spec, spec.url)
-        outputs = classify_outputs(spec)
+        labels = common.spec_labels(spec, spec.url)
+        outputs = common.classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n, url: parse_classify(result, n, labels, url, spec.name,
-                                                  neighbours=NEIGHBOURS_OUTPUT in outputs), deadline)
-        return assemble_predictions(len(texts), chunks, parts)
+            lambda result, n, url: common.parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=common.NEIGHBOURS_OUTPUT in outputs), deadline)
+        return common.assemble_predictions(len(texts), chunks, parts)
 
     def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached).
@@ -186,12 +169,12 @@ class EmbeddingClient(ClientBase):
         """
         if self._info is None:
             deadline = self._deadline(timeout)
-            embed = self._spec(self.embed_model, deadline)
+            embed = self._embed_spec(deadline)
             try:
                 classify = self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = build_info(embed, classify, embed.url)
+            self._info = common.build_info(embed, classify, embed.url)
         return self._info
 
     def health(self, *, timeout: float | None = None) -> bool:
@@ -201,6 +184,10 @@ class EmbeddingClient(ClientBase):
         does not retry: it answers "now".
         """
         deadline = self._deadline(timeout)
+        try:
+            self._resolve_model(deadline)  # `model=`: which embed model to ask about
+        except EmbeddingClientError:
+            return False
         if len(self.urls) == 1:
             return self._replica_health(0, deadline)
         # One thread per replica (not the request pool, which may be busy or smaller): a hung
@@ -214,11 +201,11 @@ class EmbeddingClient(ClientBase):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _replica_health(self, replica: int, deadline: Deadline) -> bool:
+    def _replica_health(self, replica: int, deadline: common.Deadline) -> bool:
         triton = self._tritons[replica]
 
         def left() -> float:
-            return max(deadline.remaining(), MIN_ATTEMPT_S)
+            return max(deadline.remaining(), common.MIN_ATTEMPT_S)
 
         try:
             return bool(
@@ -230,7 +217,7 @@ class EmbeddingClient(ClientBase):
             logger.debug("health check of %s failed: %s", self.urls[replica], exc)
             return False
 
-    def _call(self, rpc: Callable[[Any, Attempt], T], deadline: Deadline, model: str | None) -> T:
+    def _call(self, rpc: Callable[[Any, common.Attempt], T], deadline: common.Deadline, model: str | None) -> T:
         """Run `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
         Raises the classified error when the Retrier gives up.
@@ -249,23 +236,35 @@ class EmbeddingClient(ClientBase):
             if delay:
                 time.sleep(delay)
 
-    def _spec(self, model: str, deadline: Deadline) -> _ModelSpec:
+    def _spec(self, model: str, deadline: common.Deadline) -> common._ModelSpec:
         # Cached per model: the config (max_batch_size, dim, labels) is fixed while the server runs.
         spec = self._specs.get(model)
         if spec is None:
             spec = self._call(
-                lambda triton, attempt: parse_model_config(
+                lambda triton, attempt: common.parse_model_config(
                     triton.get_model_config(model, headers=self._headers, client_timeout=attempt.timeout),
                     attempt.url),
                 deadline, model)
             spec = self._specs.setdefault(model, spec)
         return spec
 
-    def _classify_spec(self, deadline: Deadline) -> _ModelSpec:
+    def _resolve_model(self, deadline: common.Deadline) -> None:
+        """Turn `model=` into its Triton model names, from the server's catalog (once)."""
+        if self._model_to_resolve is not None:
+            default = self._spec(common.EMBED_MODEL, deadline)
+            self.embed_model, self.classify_model = common.resolve_model(default, self._model_to_resolve, default.url)
+            self._model_to_resolve = None
+
+    def _embed_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+        self._resolve_model(deadline)
+        return self._spec(self.embed_model, deadline)
+
+    def _classify_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+        self._resolve_model(deadline)
         try:
             return self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(classify_missing_message(exc.url or self.url, self.classify_model),
+            raise ModelNotFoundError(common.classify_missing_message(exc.url or self.url, self.classify_model),
                                      status=exc.status, url=exc.url) from exc
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -275,17 +274,17 @@ class EmbeddingClient(ClientBase):
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="embedline-client")
             return self._pool
 
-    def _infer_chunks(self, spec: _ModelSpec, texts: list[str], outputs: tuple[str, ...],
-                      parse: Callable[[Any, int, str], T], deadline: Deadline) -> tuple[list[list[int]], list[T]]:
+    def _infer_chunks(self, spec: common._ModelSpec, texts: list[str], outputs: tuple[str, ...],
+                      parse: Callable[[Any, int, str], T], deadline: common.Deadline) -> tuple[list[list[int]], list[T]]:
         """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
-        chunks = plan_chunks(texts, effective_batch_size(spec, self.batch_size, spec.url))
+        chunks = common.plan_chunks(texts, common.effective_batch_size(spec, self.batch_size, spec.url))
 
         def infer(indices: list[int]) -> T:
-            inputs = [text_input(grpcclient, [texts[i] for i in indices])]
-            requested = requested_outputs(grpcclient, outputs)
+            inputs = [common.text_input(grpcclient, [texts[i] for i in indices])]
+            requested = common.requested_outputs(grpcclient, outputs)
             return self._call(
                 lambda triton, attempt: parse(
                     triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,

@@ -5,9 +5,14 @@ An artifact is a sentence-transformers-loadable model directory plus `embedline.
     modules.json, 1_Pooling/config.json, sentence_bert_config.json   (sentence-transformers layout)
     config.json, model.safetensors, tokenizer.json                    (HF transformer + fast tokenizer)
     embedline.json    format version, pooling, normalize, max_seq_length, dim, base model,
-                      training config and metrics, export record, library versions
-    onnx/             model.onnx (fp32) + fused / fp16 / int8 variants, parity.json
-    head/             classifier head (ONNX) + labels.json
+                      training config and metrics, export record, library versions, and
+                      `matryoshka_dims` (the sizes the model was trained to be truncated to; absent if none)
+    onnx/             model.onnx (fp32) + fused / fp16 / int8 variants, parity.json,
+                      openvino/model.xml + model.bin (optional OpenVINO int8 variant)
+    head/             classifier head: head.onnx + labels.json (+ head.json, and train_embeddings.npy +
+                      train_labels.json for neighbour labels)
+
+The names of these files and directories are the constants below; every stage uses them from here.
 
 This module only reads and writes files (no torch), so the server launcher and the CLI can use it
 cheaply. Everything that is missing or incompatible is an `ArtifactError` naming the path.
@@ -19,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -32,6 +38,17 @@ METADATA_FILE = "embedline.json"
 ONNX_DIR = "onnx"
 HEAD_DIR = "head"
 PARITY_FILE = "parity.json"
+# The optional OpenVINO int8 IR, inside onnx/.
+OPENVINO_DIR = "openvino"
+OPENVINO_MODEL_FILE = "model.xml"
+OPENVINO_WEIGHTS_FILE = "model.bin"
+
+# The classifier head, inside head/: the ONNX graph and its labels are required, the rest optional.
+HEAD_FILE = "head.onnx"
+LABELS_FILE = "labels.json"
+HEAD_RECORD_FILE = "head.json"
+TRAIN_EMBEDDINGS_FILE = "train_embeddings.npy"
+TRAIN_LABELS_FILE = "train_labels.json"
 
 POOLING_MODES = ("mean", "cls")
 # File name of each exported ONNX variant inside onnx/.
@@ -86,6 +103,12 @@ class Artifact:
         return bool(self.metadata["normalize"])
 
     @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        """The embedding sizes the model was trained to be truncated to (Matryoshka loss), largest first,
+        full dim included; () when it was not trained for truncation (embedline.json has no `matryoshka_dims`)."""
+        return tuple(int(d) for d in self.metadata.get("matryoshka_dims") or ())
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
@@ -102,6 +125,14 @@ class Artifact:
             raise ArtifactError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
         return self.onnx_dir / VARIANT_FILES[variant]
 
+    @property
+    def openvino_dir(self) -> Path:
+        return self.onnx_dir / OPENVINO_DIR
+
+    def openvino_files(self) -> tuple[Path, Path]:
+        """(model.xml, model.bin) of the OpenVINO variant (they may not exist)."""
+        return self.openvino_dir / OPENVINO_MODEL_FILE, self.openvino_dir / OPENVINO_WEIGHTS_FILE
+
     def exported_variants(self) -> list[str]:
         """Variants whose ONNX file exists, in the order of VARIANTS."""
         return [v for v in VARIANTS if self.onnx_path(v).is_file()]
@@ -110,17 +141,18 @@ class Artifact:
         return self.onnx_path("fp32").is_file()
 
     def has_head(self) -> bool:
-        return (self.head_dir / "head.onnx").is_file() and (self.head_dir / "labels.json").is_file()
+        return (self.head_dir / HEAD_FILE).is_file() and (self.head_dir / LABELS_FILE).is_file()
 
     def parity(self) -> dict[str, Any]:
         """The parity record written by export, or {} when the artifact has not been exported."""
         path = self.onnx_dir / PARITY_FILE
         if not path.is_file():
             return {}
-        return _read_json(path)
+        return read_json(path)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file of an artifact; unreadable or malformed is an ArtifactError naming the path."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -149,7 +181,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
             f"{path}: not an embedline artifact (no {METADATA_FILE}); "
             "import a sentence-transformers model with `embedline export --model DIR --output DIR`"
         )
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{meta_path}: 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     version = meta.get("format_version")
@@ -164,6 +196,12 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         raise ArtifactError(f"{meta_path}: pooling {meta['pooling']!r} is not one of {POOLING_MODES}")
     if not (path / "tokenizer.json").is_file():
         raise ArtifactError(f"{path}: tokenizer.json is missing (a fast HF tokenizer file is required)")
+    dims = meta.get("matryoshka_dims")
+    if dims is not None and not (
+        isinstance(dims, list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= int(meta["dim"]) for d in dims)
+    ):
+        raise ArtifactError(f"{meta_path}: matryoshka_dims {dims!r} is not a list of integers in 1..dim")
     return Artifact(path=path, metadata=meta)
 
 
@@ -217,7 +255,7 @@ def describe_model_dir(source: str | os.PathLike) -> dict[str, Any]:
             f"{source}: not a model directory (missing {', '.join(missing)}); "
             "expected a sentence-transformers or Hugging Face model with a fast tokenizer"
         )
-    config = _read_json(source / "config.json")
+    config = read_json(source / "config.json")
     dim = int(config.get("hidden_size") or config.get("dim") or 0)
     if not dim:
         raise ArtifactError(f"{source / 'config.json'}: no hidden_size; is this a BERT-like encoder?")
@@ -226,14 +264,14 @@ def describe_model_dir(source: str | os.PathLike) -> dict[str, Any]:
     pooling, normalize = "cls", False  # plain HF encoders: SimCSE's [CLS] convention
     st_config = source / "sentence_bert_config.json"
     if st_config.is_file():
-        max_seq_length = int(_read_json(st_config).get("max_seq_length") or max_seq_length)
+        max_seq_length = int(read_json(st_config).get("max_seq_length") or max_seq_length)
     modules_path = source / "modules.json"
     if modules_path.is_file():
-        modules = _read_json(modules_path)
+        modules = read_json(modules_path)
         for module in modules:
             kind = module.get("type", "")
             if kind.endswith("models.Pooling"):
-                pool_cfg = _read_json(source / module["path"] / "config.json")
+                pool_cfg = read_json(source / module["path"] / "config.json")
                 if pool_cfg.get("pooling_mode_mean_tokens"):
                     pooling = "mean"
                 elif pool_cfg.get("pooling_mode_cls_token"):
@@ -274,11 +312,12 @@ def write_sentence_transformers_files(dest: Path, pooling: str, max_seq_length: 
 def new_metadata(
     *, name: str, base_model: str, pooling: str, normalize: bool, max_seq_length: int, dim: int,
     training: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+    matryoshka_dims: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """A fresh embedline.json document."""
+    """A fresh embedline.json document; `matryoshka_dims` is written only when non-empty."""
     if pooling not in POOLING_MODES:
         raise ArtifactError(f"pooling {pooling!r} is not one of {POOLING_MODES}")
-    return {
+    meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -292,6 +331,9 @@ def new_metadata(
         "export": None,
         "library_versions": library_versions(),
     }
+    if matryoshka_dims:
+        meta["matryoshka_dims"] = [int(d) for d in matryoshka_dims]
+    return meta
 
 
 def import_model_dir(source: str | os.PathLike, dest: str | os.PathLike, name: str | None = None) -> Artifact:
@@ -301,7 +343,7 @@ def import_model_dir(source: str | os.PathLike, dest: str | os.PathLike, name: s
     """
     source = Path(source).expanduser().resolve()
     dest = Path(dest).expanduser().resolve()
-    if (dest / METADATA_FILE).is_file():
+    if is_artifact(dest):
         raise ArtifactError(f"{dest}: already an artifact; choose another output directory")
     info = describe_model_dir(source)
     dest.mkdir(parents=True, exist_ok=True)
@@ -322,6 +364,14 @@ def import_model_dir(source: str | os.PathLike, dest: str | os.PathLike, name: s
     return load_artifact(dest)
 
 
+def is_artifact(path: str | os.PathLike) -> bool:
+    """The one answer to "artifact or model directory?": an artifact is a directory with embedline.json.
+
+    Anything else is taken for a sentence-transformers / HF model directory (`describe_model_dir` checks it).
+    """
+    return (Path(path) / METADATA_FILE).is_file()
+
+
 def resolve_model_source(model: str | os.PathLike | None) -> tuple[Path, bool]:
     """(path, is_artifact) for a user's --model/--artifact argument; None means the bundled model."""
     if model is None:
@@ -329,4 +379,13 @@ def resolve_model_source(model: str | os.PathLike | None) -> tuple[Path, bool]:
     path = Path(model).expanduser().resolve()
     if not path.exists():
         raise ArtifactError(f"{path}: does not exist")
-    return path, (path / METADATA_FILE).is_file()
+    return path, is_artifact(path)
+
+
+def describe_source(path: str | os.PathLike) -> dict[str, Any]:
+    """pooling, normalize, max_seq_length and dim of an artifact or of a model directory."""
+    if not is_artifact(path):
+        return describe_model_dir(path)
+    artifact = load_artifact(path)
+    return {"pooling": artifact.pooling, "normalize": artifact.normalize,
+            "max_seq_length": artifact.max_seq_length, "dim": artifact.dim}

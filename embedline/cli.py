@@ -18,13 +18,13 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("embedline.export.cli", "import a model into an artifact and export its ONNX variants"),
     "build-repo": ("embedline.serving.repository", "build a Triton model repository from an artifact"),
     "serve": ("embedline.serving.launcher", "serve an artifact's models with Triton Inference Server"),
+    "publish": ("embedline.serving.publish", "roll a `serve --watch` server to a new version of an artifact"),
     "embed": ("embedline.client.cli", "embed texts (one per line) through a running server"),
     "classify": ("embedline.client.cli_classify", "classify texts (one per line) through a running server"),
     "train": ("embedline.training.cli", "train a sentence encoder with SimCSE or another contrastive loss"),
     "eval-sts": ("embedline.training.evaluate", "STS Spearman of an artifact on a TSV file"),
     "train-classifier": ("embedline.training.classifier", "few-shot classifier: contrastive body + head"),
     "plot-space": ("embedline.training.plot_space", "2-D picture of an artifact's embedding space by label"),
-    "bench": ("embedline.benchmarks.suite", "latency/throughput benchmark suite"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,12 @@ def save_artifact(
     max_seq_length: int,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    matryoshka_dims: Sequence[int] = (),
 ) -> art.Artifact:
     """Write `encoder` as an artifact directory (weights, tokenizer, sentence-transformers files, metadata).
 
+    `matryoshka_dims`: the embedding sizes the model was trained to be truncated to (Matryoshka loss),
+    recorded as embedline.json's `matryoshka_dims`; empty: not trained for truncation (key left out).
     Any previous onnx/ export in `dest` is removed: it would describe other weights.
     """
     dest = Path(dest).expanduser().resolve()
@@ -111,6 +115,7 @@ def save_artifact(
         dim=encoder.dim,
         training=training,
         metrics=metrics,
+        matryoshka_dims=matryoshka_dims,
     )
     art.write_json(dest / art.METADATA_FILE, meta)
     return art.load_artifact(dest)

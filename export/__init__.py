@@ -1,4 +1,4 @@
-"""The export stage (installed as `embedline.export`): artifact -> ONNX variants -> Triton model repository.
+"""The export stage (installed as `embedline.export`): artifact -> parity-checked ONNX variants.
 
     onnx_export.py   fp32 graph traced from the torch encoder (pooling + L2 normalize inside)
     graphs.py        fused / fp16 / int8 graphs derived from it with ONNX Runtime's tools
@@ -6,7 +6,6 @@
     pipeline.py      export_artifact: all of the above into <artifact>/onnx/ + the records
     variants.py      choose_variant, available_device, ensure_exported (used by the server launcher)
     cli.py           `embedline export`
-    repository.py    Triton model repository from an exported artifact
 
 Nothing is imported here, so `embedline.export.variants` stays cheap for the server launcher.
 """

@@ -33,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also export the OpenVINO NNCF int8 variant (needs pip install 'embedline[openvino]')")
     parser.add_argument("--calibration-file", default=None,
                         help="texts (one per line, .txt[.gz]) to calibrate the OpenVINO int8 variant on "
-                             "(default: the STS file's sentences, else built-in texts)")
+                             "(default: the STS file's sentences, else built-in texts; either way mixed with "
+                             "built-in 1-3 word texts and long prefixes up to max_seq_length)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -57,9 +58,10 @@ def format_table(export: dict[str, Any]) -> str:
         speed = entry.get("sentences_per_second")
         ratio = f"{speed / torch_speed:.2f}" if speed and torch_speed else "-"
         spearman = entry.get("sts_spearman")
+        verdict = "  REJECTED (not served)" if entry.get("status") == "rejected" else ""
         lines.append(f"{variant:<8} {entry['min_cosine']:>9.5f} {entry['mean_cosine']:>9.5f} "
                      f"{speed or '-':>8} {ratio:>8} {spearman if spearman is not None else '-':>6}  "
-                     f"{entry.get('provider', '')}")
+                     f"{entry.get('provider', '')}{verdict}")
     if torch_speed:
         lines.append(f"{'torch':<8} {'':>9} {'':>9} {torch_speed:>8} {'1.00':>8} "
                      f"{sts.get('torch_spearman') if sts else '-':>6}  (reference)")
@@ -67,6 +69,12 @@ def format_table(export: dict[str, Any]) -> str:
         lines.append(f"STS: {sts['metric']} on {sts['pairs']} pairs of {sts['file']}")
     ops = ", ".join(f"{op} {n}" for op, n in export["fused_operators"].items()) or "none"
     lines.append(f"fused operators: {ops}")
+    for variant, rejected in (export.get("rejected") or {}).items():
+        lines.append(f"rejected: {variant}: {rejected['reason']}; its files were removed")
+    host = export.get("host") or {}
+    if host.get("int8_instructions") is not None:
+        lines.append(f"measured on: {host.get('cpu') or 'unknown CPU'}, {host.get('cpus')} CPUs, int8 instructions: "
+                     f"{' '.join(host['int8_instructions']) or 'none'}")
     lines.append(f"default variant: cpu {export['default_cpu_variant']}, gpu {export['default_gpu_variant']}"
                  f"  ({export['threads']} threads, {export['seconds']} s)")
     return "\n".join(lines)

@@ -169,7 +169,8 @@ def to_fp16(fused_path: Path, dest: Path) -> Path:
 def _without_preprocess_hint() -> Iterator[None]:
     """Silence quantize_dynamic's root-logger hint to run quant pre-processing.
 
-    Pre-processing re-optimizes the graph; the fused graph is quantized on purpose (DESIGN.md).
+    Pre-processing re-optimizes the graph; the fused graph is quantized on purpose (docs/architecture.md,
+    "Measured decisions", int8 by default on CPU).
     """
     root = logging.getLogger()
 
@@ -186,8 +187,9 @@ def _without_preprocess_hint() -> Iterator[None]:
 def quantize_int8(fused_path: Path, dest: Path) -> Path:
     """Write the int8 graph for CPUs: dynamic quantization, int8 weights per output channel.
 
-    Per-tensor weights cost ~0.03 cosine on all-MiniLM-L6-v2 (DESIGN.md). DefaultTensorType tells the
-    quantizer the type of tensors it cannot infer through the fused com.microsoft ops.
+    Per-tensor weights cost ~0.03 cosine on all-MiniLM-L6-v2 (docs/architecture.md, "Measured decisions",
+    int8 by default on CPU). DefaultTensorType tells the quantizer the type of tensors it cannot infer
+    through the fused com.microsoft ops.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

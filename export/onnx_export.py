@@ -3,7 +3,7 @@
 Graph: input_ids, attention_mask (int64, [batch, sequence]) -> sentence_embedding (float32, [batch, dim]).
 The TorchScript exporter (dynamo=False) is used on purpose: ONNX Runtime's transformer optimizer fuses
 its BERT graph fully (EmbedLayerNorm, Attention, SkipLayerNorm, BiasGelu); the dynamo graph only gets
-BiasGelu fused (measured, DESIGN.md).
+BiasGelu fused (measured; docs/architecture.md, "Measured decisions", the TorchScript exporter).
 """
 
 from __future__ import annotations

@@ -20,13 +20,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from embedline import artifact as art
-from embedline.tokenization import encode, load_tokenizer
+from embedline.tokenization import Batch, embed_by_length, encode, load_tokenizer
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
     from embedline.encoder import SentenceEncoder
-    from embedline.export.sts import StsPairs
+    from embedline.sts import StsPairs
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,25 @@ LONG_TEXT = (
     "most important inventions of the second millennium, alongside the compass, gunpowder and the "
     "mechanical clock."
 )
-PARITY_TEXTS: tuple[str, ...] = (*SHORT_TEXTS, LONG_TEXT)
+# The lengths static int8 finds hardest: one- and two-word texts (few tokens, [CLS]/[SEP] dominate the mean
+# pooling) and a mid-length paragraph (~130 word pieces), beside LONG_TEXT.
+EDGE_TEXTS: tuple[str, ...] = (
+    "Thanks",
+    "refund",
+    "Yes.",
+    "Good morning",
+    "Seriously?",
+    "I ordered a pair of running shoes three weeks ago and the tracking page still says the parcel is waiting "
+    "at the regional depot. I have written to customer service twice, once through the contact form and once "
+    "by e-mail, but nobody has answered. If the shoes cannot be delivered by Friday, please cancel the order "
+    "and refund the full amount to the credit card I paid with, including the express shipping fee.",
+)
+PARITY_TEXTS: tuple[str, ...] = (*SHORT_TEXTS, *EDGE_TEXTS, LONG_TEXT)
 PARITY_BATCH_SIZE = 8
 # Speed is measured on typical short inputs (~16 word pieces), 128 sentences in batches of 32.
 SPEED_SENTENCES = 128
 SPEED_BATCH_SIZE = 32
-
-Batch = dict[str, np.ndarray]  # {"input_ids", "attention_mask"}: int64 (batch, sequence)
+STS_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -121,8 +133,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "fused": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
     "fp16": Tolerance(min_cosine=0.999, mean_cosine=0.9995),
     "int8": Tolerance(min_cosine=0.90, mean_cosine=0.98),
-    # NNCF static int8 (weights and activations) is judged like int8; its STS-B loss is gated separately.
-    "openvino": Tolerance(min_cosine=0.90, mean_cosine=0.98),
+    # NNCF static int8 fixes activation ranges at calibration, so an input outside them can fail badly
+    # (0.745 on "Wow." when calibrated on sentences only): held to a higher bar than dynamic int8, which
+    # the length-spread calibration clears (0.98-0.99 min, 0.997 mean; export/openvino_int8.py). Its STS-B
+    # loss is gated separately (export/variants.py).
+    "openvino": Tolerance(min_cosine=0.95, mean_cosine=0.99),
 }
 
 
@@ -148,7 +163,8 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def ort_session(path: str | os.PathLike, threads: int,
                 provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
-    """An ORT session with pinned threads (unpinned pools collapse on shared cores, DESIGN.md)."""
+    """An ORT session with pinned threads (unpinned pools collapse on shared cores: docs/architecture.md,
+    "Measured decisions", thread pinning)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -163,7 +179,8 @@ def measure_throughput(runners: dict[str, Callable[[Batch], Any]], batches: list
                        seconds: float) -> dict[str, float]:
     """Sentences/s of each runner, taking turns batch by batch until each has run at least `seconds`."""
     for run in runners.values():
-        run(batches[0])  # warm-up: first-call allocations and kernel selection
+        for batch in batches:  # warm-up on every shape: first-call allocations and per-shape kernel selection
+            run(batch)
     elapsed = dict.fromkeys(runners, 0.0)
     sentences = dict.fromkeys(runners, 0)
     turn = 0
@@ -225,9 +242,8 @@ def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches
     """(parity.json entry, runner for the speed test or None) of one variant against torch's embeddings."""
     if variant == "openvino":
         from embedline.export import openvino_int8
-        from embedline.export.variants import openvino_files
 
-        path = openvino_files(artifact)[0]
+        path = artifact.openvino_files()[0]
         run = openvino_int8.runner(path, threads)
         return _entry(variant, path, "OpenVINO CPU", np.concatenate([run(b) for b in batches]), reference), run
     path = artifact.onnx_path(variant)
@@ -290,7 +306,7 @@ def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
             if entries.get("fp16", {}).get("provider") == "CUDAExecutionProvider":
                 sts_runners["fp16"] = _session_runner(ort_session(artifact.onnx_path("fp16"), threads,
                                                                   "CUDAExecutionProvider"))
-            spearmans = _sts_spearmans(tokenizer, sts_runners, sts_pairs)
+            spearmans = _sts_spearmans(tokenizer, artifact.dim, sts_runners, sts_pairs)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -321,7 +337,7 @@ def measure(artifact: art.Artifact, variants: list[str], *, threads: int = 2,
     }
 
 
-def _sts_spearmans(tokenizer: Tokenizer, runners: dict[str, Callable[[Batch], np.ndarray]],
+def _sts_spearmans(tokenizer: Tokenizer, dim: int, runners: dict[str, Callable[[Batch], np.ndarray]],
                    pairs: StsPairs) -> dict[str, float]:
     """STS Spearman x100 of each runner; sentences sorted by length so batches carry little padding."""
     from tqdm.auto import tqdm
@@ -329,15 +345,7 @@ def _sts_spearmans(tokenizer: Tokenizer, runners: dict[str, Callable[[Batch], np
     from embedline.export.sts import sts_spearman
 
     def embedder(run: Callable[[Batch], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
-        def embed(sentences: list[str]) -> np.ndarray:
-            order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-            ordered = [sentences[i] for i in order]
-            out = np.concatenate([run(b) for b in make_batches(tokenizer, ordered, 64)])
-            embeddings = np.empty_like(out)
-            embeddings[order] = out
-            return embeddings
-
-        return embed
+        return lambda sentences: embed_by_length(run, tokenizer, sentences, STS_BATCH_SIZE, dim)
 
     results = {}
     for name, run in tqdm(runners.items(), desc="STS Spearman", unit="variant", leave=False):

@@ -6,8 +6,12 @@
                           STS Spearman when an STS file is given (export/sts.py)
     embedline.json        "export": variants, fused operator counts, cosines, speeds, Spearman, defaults
 
-A variant that misses its tolerance (export/parity.py) is an ExportError; parity.json is still written so
-the numbers can be inspected, but embedline.json gets no export record (ensure_exported retries).
+Only fp32 missing its tolerance (export/parity.py) is an ExportError: parity.json is still written so the
+numbers can be inspected, but embedline.json gets no export record (ensure_exported retries). Any other
+variant that misses its tolerance is *rejected*: its parity.json entry gets status "rejected" and a reason
+beside its numbers, embedline.json lists it under "rejected", its files are removed (so nothing can serve
+it), and the export goes on. The export record also names the exporting host's CPU and its int8
+instructions (export.variants.host_record), because the CPU default is chosen by speed measured there.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from embedline import artifact as art
 from embedline.export import graphs, parity
 from embedline.export.errors import ExportError
 from embedline.export.onnx_export import OPSET, export_fp32
-from embedline.export.variants import OPENVINO_DIR, OPENVINO_VARIANT, choose_variant_from_parity, openvino_files
+from embedline.export.variants import OPENVINO_VARIANT, REJECTED, choose_variant_from_parity, host_record
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +51,62 @@ def resolve_variants(variants: Iterable[str]) -> list[str]:
     return [v for v in art.VARIANTS if v in needed]
 
 
-def _check_tolerances(record: dict[str, Any], parity_path: os.PathLike) -> None:
-    failures = []
+def _rejection_reason(entry: dict[str, Any]) -> str:
+    tol = entry["tolerance"]
+    return (f"cosine to torch min {entry['min_cosine']:.5f} / mean {entry['mean_cosine']:.5f} "
+            f"(needs >= {tol['min_cosine']} / {tol['mean_cosine']}; worst on {entry['worst_text']!r})")
+
+
+def _apply_gates(record: dict[str, Any], artifact: art.Artifact) -> list[str]:
+    """Mark each measured variant accepted or rejected in `record`; remove a rejected variant's files.
+
+    fp32 is never rejected here (it failing fails the export: _check_fp32). Returns the rejected variants.
+    """
+    rejected = []
     for variant, entry in record["variants"].items():
-        if entry.get("measured") and not entry["within_tolerance"]:
-            tol = entry["tolerance"]
-            failures.append(
-                f"{variant} cosine to torch min {entry['min_cosine']:.5f} / mean {entry['mean_cosine']:.5f} "
-                f"(needs >= {tol['min_cosine']} / {tol['mean_cosine']}; worst on {entry['worst_text']!r})"
-            )
-    if failures:
-        raise ExportError(f"parity check failed: {'; '.join(failures)}. Details: {parity_path}")
+        if not entry.get("measured"):
+            entry["status"] = "not measured"
+        elif entry["within_tolerance"] or variant == "fp32":
+            entry["status"] = "accepted" if entry["within_tolerance"] else "failed"
+        else:
+            entry["status"] = REJECTED
+            entry["reason"] = _rejection_reason(entry)
+            if variant == OPENVINO_VARIANT:
+                shutil.rmtree(artifact.openvino_dir, ignore_errors=True)
+            else:
+                artifact.onnx_path(variant).unlink(missing_ok=True)
+            log.warning("variant %s rejected, not served, files removed: %s", variant, entry["reason"])
+            rejected.append(variant)
+    return rejected
+
+
+def _check_fp32(record: dict[str, Any], parity_path: os.PathLike) -> None:
+    """fp32 is the contract every export has: it missing its tolerance fails the whole export."""
+    entry = record["variants"].get("fp32")
+    if entry and entry.get("measured") and not entry["within_tolerance"]:
+        raise ExportError(f"parity check failed: fp32 {_rejection_reason(entry)}. Details: {parity_path}")
 
 
 def _summary(record: dict[str, Any], fused_operators: dict[str, int], seconds: float) -> dict[str, Any]:
     """The embedline.json "export" entry: what was exported and how well it agrees, in brief."""
     import onnx
 
-    variants = list(record["variants"])
+    variants = [v for v, e in record["variants"].items() if e.get("status") != REJECTED]
     return {
         "variants": variants,
+        "rejected": {
+            v: {k: e.get(k) for k in ("reason", "min_cosine", "mean_cosine", "worst_text", "tolerance",
+                                      "sentences_per_second", "sts_spearman") if k in e}
+            for v, e in record["variants"].items() if e.get("status") == REJECTED
+        },
         "fused_operators": fused_operators,
         "parity": {
-            v: {k: e.get(k) for k in ("measured", "min_cosine", "mean_cosine", "sentences_per_second", "provider",
-                                      "sts_spearman") if k in e}
+            v: {k: e.get(k) for k in ("status", "measured", "min_cosine", "mean_cosine", "sentences_per_second",
+                                      "provider", "sts_spearman", "reason") if k in e}
             for v, e in record["variants"].items()
         },
         "sts": record.get("sts"),
+        "host": record["speed"].get("host") or host_record(),
         "torch_sentences_per_second": record["speed"]["torch_sentences_per_second"],
         "default_cpu_variant": choose_variant_from_parity(record, variants, "cpu"),
         "default_gpu_variant": choose_variant_from_parity(record, variants, "gpu"),
@@ -86,34 +119,43 @@ def _summary(record: dict[str, Any], fused_operators: dict[str, int], seconds: f
     }
 
 
-def _calibration_texts(calibration_file: str | os.PathLike | None, sts_pairs: Any) -> list[str]:
-    """Texts to calibrate int8 activation ranges on (see export_artifact's calibration_file)."""
+# How many of the user's texts the calibration set is sampled from (a file's first lines are often one genre).
+_CALIBRATION_POOL = 10_000
+
+
+def _user_calibration_texts(calibration_file: str | os.PathLike | None, sts_pairs: Any) -> tuple[list[str], str]:
+    """(texts, source) the user gave for calibration: the calibration file, else the STS file's sentences."""
     import gzip
     from pathlib import Path
-
-    from embedline.export.openvino_int8 import CALIBRATION_SIZE
 
     if calibration_file:
         path = Path(calibration_file)
         opener = gzip.open if path.suffix == ".gz" else open
         try:
             with opener(path, "rt", encoding="utf-8") as f:
-                texts = [line.strip() for _, line in zip(range(CALIBRATION_SIZE * 2), f) if line.strip()]
+                texts = [line.strip() for _, line in zip(range(_CALIBRATION_POOL), f) if line.strip()]
         except OSError as exc:
             raise ExportError(f"{path}: cannot read the calibration file ({exc})") from exc
-        return texts[:CALIBRATION_SIZE]
+        return texts, str(path)
     if sts_pairs is not None:
         # Calibration only sets activation ranges, it does not fit to the gold scores.
-        return sts_pairs.unique_sentences()[:CALIBRATION_SIZE]
-    return list(parity.PARITY_TEXTS)
+        return sts_pairs.unique_sentences()[:_CALIBRATION_POOL], sts_pairs.source
+    return [], "built-in"
 
 
-def _calibration_batches(artifact: art.Artifact, texts: list[str]) -> list[dict]:
-    """One single-text batch per calibration sample (no padding in the statistics)."""
+def calibration_batches(artifact: art.Artifact, calibration_file: str | os.PathLike | None = None,
+                        sts_pairs: Any = None) -> tuple[list[dict], dict[str, Any]]:
+    """(batches, description) for the OpenVINO int8 calibration: the user's texts mixed with short and
+    long ones (openvino_int8.calibration_texts), one single-text batch each (no padding in the statistics)."""
+    from embedline.export.openvino_int8 import calibration_texts
     from embedline.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
-    return parity.make_batches(tokenizer, texts, 1)
+    user_texts, source = _user_calibration_texts(calibration_file, sts_pairs)
+    texts, description = calibration_texts(user_texts, tokenizer, artifact.max_seq_length)
+    if description["source"] == "given":
+        description["source"] = source
+    return parity.make_batches(tokenizer, texts, 1), description
 
 
 def export_artifact(
@@ -135,8 +177,11 @@ def export_artifact(
     sts_file: an STS TSV (export/sts.py; default $EMBEDLINE_STS_FILE, else none): each variant's
     Spearman is recorded, and a CPU variant losing more than 0.5 to fp32 is never the default.
     openvino: also write the OpenVINO NNCF int8 variant (needs the `openvino` extra).
-    calibration_file: texts for its int8 calibration (one per line, .txt or .txt.gz; the first 300);
-    default: the STS file's sentences when given, else the built-in parity texts.
+    calibration_file: texts for its int8 calibration (one per line, .txt or .txt.gz); default: the STS
+    file's sentences when given, else built-in texts. Either way they are mixed with 1-3 word texts and
+    long prefixes up to max_seq_length (openvino_int8.calibration_texts), so short inputs keep their parity.
+    A variant other than fp32 that misses its parity tolerance is rejected (recorded, files removed), not
+    an error.
     """
     from tqdm.auto import tqdm
 
@@ -157,7 +202,7 @@ def export_artifact(
     for variant in art.VARIANTS:
         if variant not in to_export:
             artifact.onnx_path(variant).unlink(missing_ok=True)
-    shutil.rmtree(onnx_dir / OPENVINO_DIR, ignore_errors=True)
+    shutil.rmtree(artifact.openvino_dir, ignore_errors=True)
     (onnx_dir / art.PARITY_FILE).unlink(missing_ok=True)
     artifact = art.update_metadata(artifact.path, {"export": None})
 
@@ -180,9 +225,8 @@ def export_artifact(
             elif variant == OPENVINO_VARIANT:
                 from embedline.export import openvino_int8
 
-                texts = _calibration_texts(calibration_file, sts_pairs)
-                openvino_int8.quantize(artifact.onnx_path("fp32"), openvino_files(artifact)[0],
-                                       _calibration_batches(artifact, texts))
+                batches, calibration = calibration_batches(artifact, calibration_file, sts_pairs)
+                openvino_int8.quantize(artifact.onnx_path("fp32"), artifact.openvino_files()[0], batches)
             else:
                 graphs.quantize_int8(artifact.onnx_path("fused"), artifact.onnx_path("int8"))
             log.info("export step %s: %.1f s", variant, time.perf_counter() - step_started)
@@ -196,10 +240,15 @@ def export_artifact(
         bar.update(1)
 
     record["fused_operators"] = fused_operators
+    if openvino:
+        record["variants"][OPENVINO_VARIANT]["calibration"] = calibration
+    record["speed"]["host"] = host_record()
     parity_path = onnx_dir / art.PARITY_FILE
+    rejected = _apply_gates(record, artifact)
     art.write_json(parity_path, record)
-    _check_tolerances(record, parity_path)
+    _check_fp32(record, parity_path)
     seconds = time.perf_counter() - started
     exported = art.update_metadata(artifact.path, {"export": _summary(record, fused_operators, seconds)})
-    log.info("exported %s (%s) in %.0f s", artifact.path, ", ".join(to_export), seconds)
+    log.info("exported %s (%s%s) in %.0f s", artifact.path, ", ".join(exported.metadata["export"]["variants"]),
+             f"; rejected {', '.join(rejected)}" if rejected else "", seconds)
     return exported

@@ -5,7 +5,9 @@ among those whose measured cosine to torch is within tolerance and, when export 
 (`embedline export --sts-file`), whose Spearman is within SPEARMAN_MAX_LOSS of fp32's; fp16 never (CPU
 has no fp16 kernels for most of it). Besides the ONNX variants there is "openvino" (an NNCF int8
 OpenVINO IR, `embedline export --openvino`), served only where the openvino runtime is installed.
-Used by the server launcher and `embedline build-repo`; imports no torch.
+A variant export rejected (parity outside tolerance: status "rejected" in parity.json) is never chosen.
+`host_mismatch` warns when the serving CPU's int8 instructions differ from the exporting host's, whose
+speed check made the CPU choice. Used by the server launcher and `embedline build-repo`; imports no torch.
 """
 
 from __future__ import annotations
@@ -26,19 +28,20 @@ log = logging.getLogger(__name__)
 DEVICES = ("cpu", "gpu")
 # GPU order of preference; int8 (MatMulInteger, dynamic quantization) is a CPU graph.
 _GPU_PREFERENCE = ("fp16", "fused", "fp32")
-# The OpenVINO int8 IR (CPU only): <artifact>/onnx/openvino/model.xml + model.bin.
+# The OpenVINO int8 IR (CPU only): its files are `Artifact.openvino_files()`.
 OPENVINO_VARIANT = "openvino"
-OPENVINO_DIR = "openvino"
 # Every variant a server can be built with.
 SERVABLE_VARIANTS = (*art.VARIANTS, OPENVINO_VARIANT)
 # A faster variant is served on CPU only if it loses at most this much STS-B dev Spearman (x100) to fp32.
 SPEARMAN_MAX_LOSS = 0.5
 
 
-def openvino_files(artifact: art.Artifact) -> tuple[Path, Path]:
-    """(model.xml, model.bin) of the artifact's OpenVINO variant (they may not exist)."""
-    directory = artifact.onnx_dir / OPENVINO_DIR
-    return directory / "model.xml", directory / "model.bin"
+
+# The CPU instructions int8 speed depends on (flags of /proc/cpuinfo): VNNI does int8 dot products in one
+# instruction (avx512_vnni, avx_vnni), AMX in tiles (amx_int8); AVX2 alone needs several and saturates.
+INT8_INSTRUCTIONS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
+# A variant whose measured parity missed its tolerance: recorded, never served (its files are removed).
+REJECTED = "rejected"
 
 
 def openvino_runtime_available() -> bool:
@@ -46,10 +49,70 @@ def openvino_runtime_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def openvino_export_available() -> bool:
+    """True when the OpenVINO variant can be exported here: openvino and nncf both importable."""
+    return openvino_runtime_available() and importlib.util.find_spec("nncf") is not None
+
+
+def cpu_int8_instructions(cpuinfo: str | None = None) -> list[str] | None:
+    """The INT8_INSTRUCTIONS this CPU has, in that order; None where /proc/cpuinfo cannot be read.
+
+    cpuinfo: the text of /proc/cpuinfo (default: read it).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return [f for f in INT8_INSTRUCTIONS if f in flags]
+
+
+def host_record() -> dict[str, Any]:
+    """The exporting host, for the export record: CPU model, logical CPUs, int8 instructions."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count(), "int8_instructions": cpu_int8_instructions()}
+
+
+def host_mismatch(artifact: art.Artifact, current: list[str] | None = None) -> str | None:
+    """A one-line warning when this CPU's int8 instructions differ from those of the host that exported
+    `artifact` (whose speed check chose the CPU variant), else None (also None when either is unknown).
+
+    current: this CPU's instructions (default: cpu_int8_instructions()).
+    """
+    export = artifact.metadata.get("export") or {}
+    exported_on = (export.get("host") or {}).get("int8_instructions")
+    here = cpu_int8_instructions() if current is None else current
+    if exported_on is None or here is None or set(exported_on) == set(here):
+        return None
+
+    def named(flags: list[str]) -> str:
+        return " ".join(flags) or "none of " + "/".join(INT8_INSTRUCTIONS)
+
+    return (f"{artifact.name} was exported on a CPU with {named(exported_on)}; this CPU has {named(here)}: "
+            f"the CPU variant ({export.get('default_cpu_variant')}) was chosen by speed there and may not be the "
+            f"fastest here; re-export on this host to re-measure (embedline export --model {artifact.path})")
+
+
+def is_rejected(entry: dict[str, Any] | None) -> bool:
+    """True for a parity.json entry that export rejected (status "rejected": measured outside its tolerance)."""
+    return bool(entry) and entry.get("status") == REJECTED
+
+
 def variant_files(artifact: art.Artifact, variant: str) -> list[Path]:
     """The model files a server needs for `variant` (an ArtifactError when it is not exported)."""
     if variant == OPENVINO_VARIANT:
-        files = list(openvino_files(artifact))
+        files = list(artifact.openvino_files())
         how = f"run `embedline export --model {artifact.path} --openvino` (needs pip install 'embedline[openvino]')"
     else:
         files = [artifact.onnx_path(variant)]
@@ -67,7 +130,7 @@ def variant_files(artifact: art.Artifact, variant: str) -> list[Path]:
 def servable_variants(artifact: art.Artifact) -> list[str]:
     """Exported variants in SERVABLE_VARIANTS order; openvino when its IR files exist."""
     variants = artifact.exported_variants()
-    if all(f.is_file() for f in openvino_files(artifact)):
+    if all(f.is_file() for f in artifact.openvino_files()):
         variants.append(OPENVINO_VARIANT)
     return variants
 
@@ -93,13 +156,16 @@ def choose_variant_from_parity(record: dict[str, Any], exported: Iterable[str], 
     entries = record.get("variants", {})
 
     def rejected(variant: str) -> bool:
-        # Only a measured miss rules a variant out: fp16's parity may need a GPU to be measured at all.
+        # Rejected at export, or a measured miss: fp16's parity may need a GPU to be measured at all.
         entry = entries.get(variant)
-        return bool(entry and entry.get("measured")) and not within_tolerance(variant, entry)
+        return is_rejected(entry) or (bool(entry and entry.get("measured")) and not within_tolerance(variant, entry))
 
+    exported = [v for v in exported if not rejected(v)]
+    if not exported:
+        raise ExportError("every exported variant was rejected by its parity check; re-export the artifact")
     if device == "gpu":
         for variant in _GPU_PREFERENCE:
-            if variant in exported and not rejected(variant):
+            if variant in exported:
                 return variant
         return exported[0]
 
@@ -146,12 +212,16 @@ def ensure_exported(
     *,
     variants: Iterable[str] = art.VARIANTS,
     show_progress: bool = True,
+    openvino: bool | None = None,
 ) -> art.Artifact:
     """An exported artifact, exporting only when needed.
 
     An artifact with a completed export is returned as is; an artifact without one (fresh from training)
     is exported in place. A model directory (sentence-transformers / HF) is imported into `output` first;
     an `output` that already holds an exported artifact of that same model is reused.
+    openvino: also export the OpenVINO int8 variant; None (default): whenever openvino and nncf are
+    importable (the export's speed check then decides whether it serves on CPU; a variant that misses its
+    parity tolerance is rejected and the export goes on without it).
     """
     from embedline.export.pipeline import export_artifact
 
@@ -164,7 +234,7 @@ def ensure_exported(
         if output is None:
             raise ExportError(f"{source}: is a model directory, not an artifact; give an output directory")
         output = Path(output).expanduser().resolve()
-        if (output / art.METADATA_FILE).is_file():
+        if art.is_artifact(output):
             artifact = art.load_artifact(output)
             if artifact.metadata.get("base_model") != str(source):
                 raise ExportError(f"{output}: already an artifact of {artifact.metadata.get('base_model')}, "
@@ -173,4 +243,6 @@ def ensure_exported(
             artifact = art.import_model_dir(source, output)
     if artifact.has_onnx() and artifact.metadata.get("export"):
         return artifact
-    return export_artifact(artifact, variants, show_progress=show_progress)
+    if openvino is None:
+        openvino = openvino_export_available()
+    return export_artifact(artifact, variants, show_progress=show_progress, openvino=openvino)

@@ -24,6 +24,8 @@ import enum
 import logging
 import os
 import signal
+import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from embedline.serving.triton import DEFAULT_PORTS, ServingError, TritonServer, 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "EMBEDLINE_API_KEY"
+OPENAI_PORT = 8080
 WATCH_INTERVAL_S = 0.2
 RESTART_BACKOFF_S = 0.5  # the first restart's wait; doubles per restart in a row
 MAX_RESTART_BACKOFF_S = 30.0
@@ -53,7 +56,7 @@ def prepare_artifact(artifact_dir: str | None):
 
     if artifact_dir is None:
         target = art.default_artifact_dir()
-        if not (target / art.METADATA_FILE).is_file():
+        if not art.is_artifact(target):
             log.info("importing the bundled all-MiniLM-L6-v2 into %s", target)
             art.import_model_dir(art.bundled_model_dir(), target, name="all-MiniLM-L6-v2")
         artifact_dir = str(target)
@@ -61,15 +64,20 @@ def prepare_artifact(artifact_dir: str | None):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifact", default=None,
-                        help="artifact directory (default: the bundled all-MiniLM-L6-v2); exported first if needed")
+    parser.add_argument("--artifact", default=None, action="append",
+                        help="artifact directory (default: the bundled all-MiniLM-L6-v2); exported first if needed. "
+                             "Repeat to serve several: the first is the default, the others are served by name")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (0.0.0.0 to expose; needs an API key or --insecure)")
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    parser.add_argument("--openai-port", type=int, default=OPENAI_PORT,
+                        help="port of the OpenAI-compatible /v1/embeddings route (0: off)")
     parser.add_argument("--repository", default=None,
                         help="where to build the model repository (default: a temporary directory)")
+    parser.add_argument("--watch", action="store_true",
+                        help="load versions that `embedline publish` adds to --repository, without downtime")
     add_server_options(parser)
     parser.add_argument("--api-key-file", default=None,
                         help=f"file holding the API key every protocol but health then requires "
@@ -120,14 +128,94 @@ def check_tls(cert: str | None, key: str | None) -> tuple[Path, Path] | tuple[No
     return Path(cert).resolve(), Path(key).resolve()
 
 
+class VersionWatcher:
+    """Loads the model versions `embedline publish` adds to the repository (explicit model control)."""
+
+    POLL_S = 1.0
+
+    def __init__(self, server: TritonServer, repository: Path):
+        self.server = server
+        self.repository = repository
+        self.loaded = self._newest()  # what tritonserver loads at start: the newest version of each model
+        self._next_poll = 0.0
+
+    def _newest(self) -> dict[str, int]:
+        from embedline.serving.publish import versions
+
+        newest = {}
+        for model_dir in self.repository.iterdir():
+            numbered = versions(model_dir) if model_dir.is_dir() else []
+            if numbered:
+                newest[model_dir.name] = numbered[-1]
+        return newest
+
+    def poll(self) -> None:
+        if time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + self.POLL_S
+        for model, version in self._newest().items():
+            if version > self.loaded.get(model, 0):
+                log.info("loading version %d of model %s", version, model)
+                try:
+                    self.server.load_model(model)
+                except ServingError as exc:  # the old version keeps serving; the operator reads why
+                    log.error("%s; version %d of %s is not served", exc, version, model)
+                else:
+                    print(f"embedline: model {model} now serves version {version}", flush=True)
+                self.loaded[model] = version
+
+
+class RouteProcess:
+    """The OpenAI-compatible route (serving/openai_api.py) as a child process beside tritonserver."""
+
+    def __init__(self, command: list[str], api_key: str | None, port: int, host: str):
+        self.command = command
+        self.env = {**os.environ, API_KEY_ENV: api_key or ""}
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        # Its own session: Ctrl-C reaches the launcher only, which stops the route first on a drain.
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServingError(f"the OpenAI route exited with code {self.process.returncode} while starting")
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise ServingError(f"the OpenAI route did not listen on {self.url} within {timeout_s:.0f} s")
+
+    def died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM: the route stops taking requests and finishes the ones it has (uvicorn's graceful
+        shutdown), then exits; killed if still there after `timeout_s`."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 class Supervisor:
     """Keeps one TritonServer running: watches it, restarts it after a crash, drains it on a stop signal."""
 
-    def __init__(self, server: TritonServer, max_restarts: int):
+    def __init__(self, server: TritonServer, max_restarts: int, watch_repository: Path | None = None,
+                 route: RouteProcess | None = None):
         self.server = server
+        self.route = route
         self.max_restarts = max_restarts
         self.stop_requested: list[int] = []
         self.restarts_in_a_row = 0
+        self.watcher = VersionWatcher(server, watch_repository) if watch_repository else None
 
     def request_stop(self, signum, _frame=None) -> None:
         self.stop_requested.append(signum)
@@ -143,19 +231,29 @@ class Supervisor:
                 return Event.SERVER_DIED
             if stubs and not stubs <= self.server.model_process_ids():
                 return Event.MODEL_DIED
+            if self.route is not None and self.route.died():
+                # The route holds no state: start it again at once (tritonserver is unaffected).
+                log.error("the OpenAI route exited with code %s; starting it again", self.route.process.returncode)
+                self.route.start()
             if self.restarts_in_a_row and time.monotonic() - up_since > RESTART_RESET_S:
                 self.restarts_in_a_row = 0
+            if self.watcher is not None:
+                self.watcher.poll()
             time.sleep(WATCH_INTERVAL_S)
 
     def run(self, on_ready=None) -> int:
         """Serve until stopped (0) or until the restarts run out (ServingError)."""
         self.server.start()
+        if self.route is not None:
+            self.route.start()
         while True:
             if on_ready is not None:
                 on_ready(self.server)
             event = self.watch()
             if event is Event.STOP_REQUESTED:
                 log.info("draining: queued and in-flight requests finish (up to %d s)", self.server.exit_timeout_s)
+                if self.route is not None:  # first, so it forwards no new work to a draining server
+                    self.route.stop(self.server.exit_timeout_s + 10)
                 self.server.stop()
                 return 0
             detail = (f"code {self.server.process.returncode}" if event is Event.SERVER_DIED
@@ -184,31 +282,47 @@ class Supervisor:
 
 def run(args: argparse.Namespace) -> int:
     from embedline.export.variants import available_device
-    from embedline.serving.repository import build_repository
+    from embedline.serving.repository import build_repository, served_names
+    from embedline.serving.settings import artifact_variants
 
     api_key = read_api_key(args.api_key_file)
     check_exposure(args.host, api_key, args.insecure)
     tls_cert, tls_key = check_tls(args.tls_cert, args.tls_key)
     if args.max_restarts < 0 or args.drain_timeout < 0:
         raise ServingError("--max-restarts and --drain-timeout must be >= 0")
-    for name in ("grpc", "http", "metrics"):
+    if args.watch and not args.repository:
+        raise ServingError("--watch needs --repository DIR: the directory `embedline publish` writes to")
+    for name in ("grpc", "http", "metrics", "openai"):
         port = getattr(args, f"{name}_port")
-        if port_in_use(args.host, port):
+        if port and port_in_use(args.host, port):
             raise ServingError(f"{name} port {port} on {args.host} is already in use; "
                                f"choose another with --{name}-port")
-    artifact = prepare_artifact(args.artifact)
+    artifacts = [prepare_artifact(path) for path in (args.artifact or [None])]
+    names = served_names(artifacts)  # fails early on two artifacts with one name
     device = available_device()
-    settings = settings_from_args(args, artifact, device)
+    settings = settings_from_args(args, artifacts[0], device)
+    variants = artifact_variants(args, artifacts, device)
     log_file = Path(tempfile.gettempdir()) / f"embedline-serve-{args.grpc_port}.log"
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run
     with tempfile.TemporaryDirectory(prefix="embedline-serve-") as tmp:
-        repository = build_repository(artifact, args.repository or Path(tmp) / "models", settings)
+        repository = build_repository(artifacts, args.repository or Path(tmp) / "models", settings, variants)
         server = TritonServer(
             repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_file=log_file,
             api_key=api_key, restrict_admin=not is_loopback(args.host), tls_cert=tls_cert, tls_key=tls_key,
-            exit_timeout_s=args.drain_timeout)
-        supervisor = Supervisor(server, args.max_restarts)
+            exit_timeout_s=args.drain_timeout, explicit_model_control=args.watch)
+        route = None
+        if args.openai_port:
+            from embedline.serving.openai_api import ServedModel, openai_command
+
+            models = [ServedModel.from_artifact(artifact, embed_model=model_names.embed)
+                      for artifact, model_names in zip(artifacts, names)]
+            route = RouteProcess(
+                openai_command(server.grpc_url, models, host=args.host, port=args.openai_port,
+                               grpc_root_certificates=tls_cert, drain_timeout=args.drain_timeout,
+                               insecure=args.insecure),
+                api_key, args.openai_port, args.host)
+        supervisor = Supervisor(server, args.max_restarts, repository if args.watch else None, route)
         signal.signal(signal.SIGTERM, supervisor.request_stop)
         signal.signal(signal.SIGINT, supervisor.request_stop)
         announced = []
@@ -218,18 +332,26 @@ def run(args: argparse.Namespace) -> int:
                 print(f"embedline: tritonserver restarted, serving again on {server.grpc_url}", flush=True)
                 return
             announced.append(True)
-            print(f"embedline: serving {artifact.name} ({settings.variant}, {device}) from {artifact.path}")
+            for artifact, model_names, variant in zip(artifacts, names, variants):
+                print(f"embedline: serving {artifact.name} as `{model_names.embed}` ({variant}, {device}) "
+                      f"from {artifact.path}")
             print(f"  gRPC     {server.grpc_url}{' (TLS)' if tls_cert else ''}")
             print(f"  HTTP     http://{server.http_url}")
             print(f"  metrics  {server.metrics_url}")
+            if route is not None:
+                print(f"  OpenAI   {route.url}/v1 (POST /v1/embeddings, GET /v1/models)")
             print(f"  log      {server.log_file}")
             print(f"  auth     {'API key required (all but health)' if api_key else 'none'}; "
                   f"queue <= {settings.max_queue_size or 'unbounded'} requests per model")
+            if args.watch:
+                print(f"  watching {repository} for `embedline publish`")
             print("Ctrl-C to stop.", flush=True)
 
         try:
             code = supervisor.run(on_ready=banner)
         finally:
+            if route is not None:
+                route.stop(5)
             server.kill()  # a no-op after a clean drain
         print("embedline: stopped", flush=True)
         return code

@@ -16,19 +16,24 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 from embedline import artifact as art
 from embedline.export.variants import OPENVINO_VARIANT, variant_files
-from embedline.serving.settings import RepositorySettings, add_server_options, settings_from_args
+from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("python", "onnxruntime")
+# A served model's name is a directory name in the repository and a path segment in Triton's HTTP API.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The default artifact's model names: no other artifact may take them.
+RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder")
 
 
 def _templates() -> Path:
@@ -58,9 +63,12 @@ def _dynamic_batching_block(settings: RepositorySettings) -> str:
         return "# dynamic batching off: every request is executed on its own"
     # REJECT + allow_timeout_override: a request that carries its caller's deadline as Triton's per-request
     # timeout is dropped from the queue once the caller has given up, instead of running for nobody.
+    # max_queue_size 0 leaves the policy out: Triton's unbounded queue (perf_analyzer records no request
+    # from a model with a queue policy, measured with the perf_analyzer this project runs).
     queue_policy = (f"\n  default_queue_policy {{ max_queue_size: {settings.max_queue_size}, "
                     "timeout_action: REJECT, allow_timeout_override: true, "
-                    f"default_timeout_microseconds: {int(settings.max_queue_wait_s * 1e6)} }}")
+                    f"default_timeout_microseconds: {int(settings.max_queue_wait_s * 1e6)} }}"
+                    if settings.max_queue_size else "")
     return f"dynamic_batching {{\n  max_queue_delay_microseconds: {settings.queue_delay_us}{queue_policy}\n}}"
 
 
@@ -69,20 +77,113 @@ def _render(template: Path, dest: Path, values: dict[str, object]) -> None:
     dest.write_text(Template(template.read_text()).substitute({k: str(v) for k, v in values.items()}))
 
 
-def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: RepositorySettings) -> Path:
-    """Write the model repository for `artifact` into `dest` (replaced if it exists) and return its path."""
+@dataclass(frozen=True)
+class ModelNames:
+    """The Triton model names of one served artifact.
+
+    The first artifact of a server keeps the plain names (`embed`, `classify`): the default, and the wire
+    contract of model_repository/README.md. Every further artifact is served under its own name.
+    """
+
+    name: str  # the artifact's public name (what `model=` and the OpenAI route's `model` take)
+    embed: str
+    classify: str
+    head: str
+    tokenize: str
+    encoder: str
+
+    @classmethod
+    def for_artifact(cls, name: str, default: bool) -> "ModelNames":
+        if default:
+            return cls(name, "embed", "classify", "classifier_head", "tokenize", "encoder")
+        return cls(name, name, f"{name}-classify", f"{name}-classifier-head", f"{name}-tokenize", f"{name}-encoder")
+
+    def template_values(self) -> dict[str, str]:
+        return {"embed_model": self.embed, "classify_model": self.classify, "head_model": self.head,
+                "tokenize_model": self.tokenize, "encoder_model": self.encoder}
+
+
+def served_names(artifacts: list[art.Artifact]) -> list[ModelNames]:
+    """Model names for each artifact, in order (the first is the default); names must be unique."""
+    names = []
+    for index, artifact in enumerate(artifacts):
+        name = artifact.name
+        if index == 0:  # the default keeps the plain names, whatever the artifact is called
+            names.append(ModelNames.for_artifact(name, default=True))
+            continue
+        if not _MODEL_NAME.fullmatch(name):
+            raise art.ArtifactError(f"{artifact.path}: artifact name {name!r} cannot name a served model "
+                                    "(letters, digits, '.', '_' and '-' only)")
+        if any(name == other.name for other in names) or name in RESERVED_NAMES:
+            raise art.ArtifactError(f"two served models would be named {name!r}: artifact names must be unique")
+        names.append(ModelNames.for_artifact(name, default=False))
+    return names
+
+
+def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | os.PathLike,
+                     settings: RepositorySettings, variants: list[str] | None = None) -> Path:
+    """Write the model repository for `artifacts` into `dest` (replaced if it exists) and return its path.
+
+    One artifact or several (one server, several models): the first is served as `embed` / `classify`,
+    each further one under its own name (`ModelNames`). `variants` gives each artifact's variant
+    (default: settings.variant for all).
+    """
+    artifacts = [artifacts] if isinstance(artifacts, art.Artifact) else list(artifacts)
     if settings.layout not in LAYOUTS:
         raise art.ArtifactError(f"unknown layout {settings.layout!r}; expected one of {LAYOUTS}")
-    model_files = variant_files(artifact, settings.variant)
-    if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
-        raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
+    variants = variants or [settings.variant] * len(artifacts)
+    names = served_names(artifacts)
     dest = Path(dest).expanduser().resolve()
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    catalog = json.dumps({n.name: {"embed": n.embed, "classify": n.classify if a.has_head() else ""}
+                          for n, a in zip(names, artifacts)})
+    for artifact, model_names, variant in zip(artifacts, names, variants):
+        _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog)
+    log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
+    return dest
 
+
+def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: RepositorySettings, dest: Path,
+                  catalog: str) -> None:
+    """The `embed` model (and `classify`, with a head) of one artifact, at version 1."""
+    model_files = variant_files(artifact, settings.variant)
+    if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
+        raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
     templates = _templates()
-    params = {
+    params = _model_parameters(artifact, settings, catalog)
+    values = {
+        **names.template_values(),
+        "max_batch_size": settings.max_batch_size,
+        "dim": artifact.dim,
+        "queue_delay_us": settings.queue_delay_us,
+        "dynamic_batching": _dynamic_batching_block(settings),
+        "instances": settings.instances,
+        "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
+        "parameters": _parameters_block(params),
+    }
+    layout = templates / settings.layout
+    text_batch = templates / "common" / "text_batch.py"
+
+    if settings.layout == "python":
+        _render(layout / "embed" / "config.pbtxt", dest / names.embed / "config.pbtxt", values)
+        write_embed_version(artifact, dest / names.embed / "1", model_files)
+    else:
+        for model, directory in (("tokenize", names.tokenize), ("encoder", names.encoder), ("embed", names.embed)):
+            _render(layout / model / "config.pbtxt", dest / directory / "config.pbtxt", values)
+            (dest / directory / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(layout / "tokenize" / "1" / "model.py", dest / names.tokenize / "1" / "model.py")
+        shutil.copy2(text_batch, dest / names.tokenize / "1" / "text_batch.py")
+        shutil.copy2(artifact.tokenizer_path, dest / names.tokenize / "1" / "tokenizer.json")
+        _place(model_files[0], dest / names.encoder / "1" / "model.onnx")
+    if artifact.has_head():
+        _add_classify(artifact, names, dest, templates, settings.layout, params, values)
+
+
+def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: str) -> dict[str, object]:
+    """The embed model's config parameters: the client contract (model_name, dim, ...) and the engine's."""
+    return {
         "model_name": artifact.name,
         "dim": artifact.dim,
         "max_seq_length": artifact.max_seq_length,
@@ -96,57 +197,38 @@ def build_repository(artifact: art.Artifact, dest: str | os.PathLike, settings: 
         "streams": settings.streams,
         "gpu_provider": settings.gpu_provider,
         "spin_wait": str(settings.spin_wait).lower(),
+        # Every served artifact's name -> its Triton models, so a client can address one by name.
+        "served_models": catalog,
+        "matryoshka_dims": json.dumps(artifact.metadata.get("matryoshka_dims") or []),
     }
-    values = {
-        "max_batch_size": settings.max_batch_size,
-        "dim": artifact.dim,
-        "queue_delay_us": settings.queue_delay_us,
-        "dynamic_batching": _dynamic_batching_block(settings),
-        "instances": settings.instances,
-        "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
-        "parameters": _parameters_block(params),
-    }
-    layout = templates / settings.layout
-    text_batch = templates / "common" / "text_batch.py"
-
-    if settings.layout == "python":
-        _render(layout / "embed" / "config.pbtxt", dest / "embed" / "config.pbtxt", values)
-        version = dest / "embed" / "1"
-        version.mkdir(parents=True)
-        for source in sorted((layout / "embed" / "1").glob("*.py")):  # model.py and engines.py
-            shutil.copy2(source, version / source.name)
-        shutil.copy2(text_batch, version / "text_batch.py")
-        shutil.copy2(artifact.tokenizer_path, version / "tokenizer.json")
-        for source in model_files:
-            # model.onnx, or model.xml + model.bin (OpenVINO IR)
-            _place(source, version / ("model" + "".join(source.suffixes[-1:])))
-    else:
-        for model in ("tokenize", "encoder", "embed"):
-            _render(layout / model / "config.pbtxt", dest / model / "config.pbtxt", values)
-            (dest / model / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(layout / "tokenize" / "1" / "model.py", dest / "tokenize" / "1" / "model.py")
-        shutil.copy2(text_batch, dest / "tokenize" / "1" / "text_batch.py")
-        shutil.copy2(artifact.tokenizer_path, dest / "tokenize" / "1" / "tokenizer.json")
-        _place(model_files[0], dest / "encoder" / "1" / "model.onnx")
-    if artifact.has_head():
-        _add_classify(artifact, dest, templates, settings.layout, params, values)
-    log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
-    return dest
 
 
-def _add_classify(artifact: art.Artifact, dest: Path, templates: Path, layout: str,
+def write_embed_version(artifact: art.Artifact, version: Path, model_files: list[Path]) -> None:
+    """One version directory of a python-layout `embed` model: code, tokenizer and the engine's files."""
+    templates = _templates()
+    version.mkdir(parents=True)
+    for source in sorted((templates / "python" / "embed" / "1").glob("*.py")):  # model.py and engines.py
+        shutil.copy2(source, version / source.name)
+    shutil.copy2(templates / "common" / "text_batch.py", version / "text_batch.py")
+    shutil.copy2(artifact.tokenizer_path, version / "tokenizer.json")
+    for source in model_files:
+        # model.onnx, or model.xml + model.bin (OpenVINO IR)
+        _place(source, version / ("model" + "".join(source.suffixes[-1:])))
+
+
+def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templates: Path, layout: str,
                   params: dict[str, object], values: dict[str, object]) -> None:
-    """The public `classify` ensemble (embed's encoder -> classifier_head) for an artifact with a head/."""
+    """The public `classify` ensemble (embed's encoder -> classifier head) for an artifact with a head/."""
     head = artifact.head_dir
-    labels = _read_head_json(head / "labels.json")
+    labels = art.read_json(head / art.LABELS_FILE)
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise art.ArtifactError(f"{head / 'labels.json'}: expected a JSON list of at least 2 label strings")
+        raise art.ArtifactError(f"{head / art.LABELS_FILE}: expected a JSON list of at least 2 label strings")
     # Neighbours: the k nearest training examples' labels, when the head keeps its training embeddings.
-    record = _read_head_json(head / "head.json") if (head / "head.json").is_file() else {}
+    record = art.read_json(head / art.HEAD_RECORD_FILE) if (head / art.HEAD_RECORD_FILE).is_file() else {}
     neighbours = int(record.get("neighbours", 0) or 0)
-    has_train = (head / "train_embeddings.npy").is_file() and (head / "train_labels.json").is_file()
+    has_train = (head / art.TRAIN_EMBEDDINGS_FILE).is_file() and (head / art.TRAIN_LABELS_FILE).is_file()
     if neighbours and has_train:
-        neighbours = min(neighbours, len(_read_head_json(head / "train_labels.json")))
+        neighbours = min(neighbours, len(art.read_json(head / art.TRAIN_LABELS_FILE)))
     else:
         neighbours = 0
     head_params = {"labels": json.dumps(labels), "neighbours": neighbours}
@@ -158,32 +240,28 @@ def _add_classify(artifact: art.Artifact, dest: Path, templates: Path, layout: s
         "neighbour_map": ('\n      output_map { key: "neighbour_labels", value: "neighbour_labels" }'
                           if neighbours else ""),
     }
-    _render(templates / "python" / "classifier_head" / "config.pbtxt", dest / "classifier_head" / "config.pbtxt",
+    _render(templates / "python" / "classifier_head" / "config.pbtxt", dest / names.head / "config.pbtxt",
             {**head_values, "parameters": _parameters_block({"dim": artifact.dim, **head_params})})
-    version = dest / "classifier_head" / "1"
+    version = dest / names.head / "1"
     version.mkdir(parents=True)
     shutil.copy2(templates / "python" / "classifier_head" / "1" / "model.py", version / "model.py")
-    _place(head / "head.onnx", version / "head.onnx")
+    # The model directory keeps the head's file names: classifier_head/1/model.py opens them by these names.
+    _place(head / art.HEAD_FILE, version / art.HEAD_FILE)
     if neighbours:
-        _place(head / "train_embeddings.npy", version / "train_embeddings.npy")
-        shutil.copy2(head / "train_labels.json", version / "train_labels.json")
-    _render(templates / layout / "classify" / "config.pbtxt", dest / "classify" / "config.pbtxt",
+        _place(head / art.TRAIN_EMBEDDINGS_FILE, version / art.TRAIN_EMBEDDINGS_FILE)
+        shutil.copy2(head / art.TRAIN_LABELS_FILE, version / art.TRAIN_LABELS_FILE)
+    _render(templates / layout / "classify" / "config.pbtxt", dest / names.classify / "config.pbtxt",
             {**head_values, "parameters": _parameters_block({**params, **head_params})})
-    (dest / "classify" / "1").mkdir(parents=True)  # an ensemble still needs its version directory
-
-
-def _read_head_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise art.ArtifactError(f"{path}: cannot read JSON ({exc})") from exc
+    (dest / names.classify / "1").mkdir(parents=True)  # an ensemble still needs its version directory
 
 
 # ---- `embedline build-repo` -------------------------------------------------------------------------
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifact", required=True, help="artifact directory (exported with `embedline export`)")
+    parser.add_argument("--artifact", required=True, action="append",
+                        help="artifact directory (exported with `embedline export`); repeat to serve several, "
+                             "the first as the default")
     parser.add_argument("--output", required=True, help="where to write the model repository")
     parser.add_argument("--layout", choices=LAYOUTS, default="python",
                         help="python: embedded tritonserver (default); onnxruntime: stock Triton container")
@@ -192,8 +270,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    artifact = art.load_artifact(args.artifact)
-    settings = settings_from_args(args, artifact, args.device, args.layout)
-    path = build_repository(artifact, args.output, settings)
-    print(f"model repository ({settings.layout} layout, variant {settings.variant}): {path}")
+    artifacts = [art.load_artifact(path) for path in args.artifact]
+    settings = settings_from_args(args, artifacts[0], args.device, args.layout)
+    variants = artifact_variants(args, artifacts, args.device)
+    path = build_repository(artifacts, args.output, settings, variants)
+    print(f"model repository ({settings.layout} layout, variants {', '.join(variants)}): {path}")
     return 0

@@ -19,7 +19,7 @@ class RepositorySettings:
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
     and docs/architecture.md): one instance using both cores beats two single-thread instances; no queue
     delay; ONNX Runtime workers that spin-wait; length groups of at most 32 texts with a per-run cost of
-    64 padded tokens; a queue bounded at 32 requests per model.
+    64 padded tokens; a queue bounded at 32 requests per model (benchmarks/overload.py).
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
@@ -31,9 +31,10 @@ class RepositorySettings:
     # longer waits for company.
     queue_delay_us: int = 0
     # Most requests waiting in one model's queue; more are refused at once with UNAVAILABLE ("Exceeds
-    # maximum queue size"), which the SDK retries with backoff. 0 = unbounded. 32 measured best at 4x
-    # overload (benchmarks/overload.py): it keeps the queue wait under a typical 2 s deadline, so
-    # accepted requests finish and the rest are told at once instead of timing out.
+    # maximum queue size"), which the SDK retries with backoff. 0 = no queue policy: unbounded, and no
+    # request timeouts. At 4x overload (benchmarks/overload.py) an unbounded queue let 93.5% of requests
+    # time out after 2 s; bounded, the excess is refused in under a millisecond. 32 keeps accepted work
+    # inside a 2 s deadline and leaves the batcher room (docs/architecture.md, "Server").
     max_queue_size: int = 32
     # Longest a request may wait in the queue before it is rejected. Triton lets a request's own timeout
     # (the SDK sends its remaining deadline) override this only when it is shorter than a nonzero default,
@@ -111,3 +112,11 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
         dynamic_batching=not args.no_dynamic_batching,
         spin_wait=not args.no_spin_wait,
     )
+
+
+def artifact_variants(args: argparse.Namespace, artifacts: list[art.Artifact], device: str) -> list[str]:
+    """The variant each artifact is served with: --variant for all, else each artifact's own best."""
+    from embedline.export.variants import choose_variant
+
+    return [args.variant or choose_variant(artifact, device) for artifact in artifacts]
+

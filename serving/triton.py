@@ -8,7 +8,6 @@ python-backend stubs) and stops or kills it. Tests and benchmarks use it directl
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import secrets
@@ -126,6 +125,7 @@ class TritonServer:
     restrict_admin: without a key, still close the admin protocols (to a key nobody is told).
     tls_cert, tls_key: PEM files that turn on TLS for gRPC.
     exit_timeout_s: on stop(), how long Triton lets queued and in-flight requests finish.
+    explicit_model_control: load every model at start, and later only on `load_model` (model updates).
     """
 
     repository: Path
@@ -140,10 +140,14 @@ class TritonServer:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     exit_timeout_s: int = 30
+    explicit_model_control: bool = False
 
     def __post_init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
+        # Without an API key, closed admin protocols still need a key: this process's own, told to nobody
+        # (the launcher uses it to load published model versions).
+        self._admin_key = self.api_key or (secrets.token_urlsafe(32) if self.restrict_admin else None)
 
     @property
     def grpc_url(self) -> str:
@@ -178,6 +182,8 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
         ]
+        if self.explicit_model_control:
+            command += ["--model-control-mode=explicit", "--load-model=*"]
         restricted = self._restricted_protocols()
         if restricted:
             protocols, value = restricted
@@ -193,9 +199,23 @@ class TritonServer:
         """(comma-separated protocols, expected header value), or None when everything is open."""
         if self.api_key:
             return ",".join(GUARDED_PROTOCOLS), f"Bearer {self.api_key}"
-        if self.restrict_admin:
-            return ",".join(ADMIN_PROTOCOLS), f"Bearer {secrets.token_urlsafe(32)}"
+        if self._admin_key:
+            return ",".join(ADMIN_PROTOCOLS), f"Bearer {self._admin_key}"
         return None
+
+    def load_model(self, name: str, timeout_s: float = 300.0) -> None:
+        """(Re)load model `name` from the repository: Triton loads its newest version beside the one serving,
+        moves new requests to it once it is ready, and unloads the old one after its requests finish."""
+        headers = {AUTH_HEADER: f"Bearer {self._admin_key}"} if self._admin_key else {}
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{name}/load",
+                                         method="POST", data=b"", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise ServingError(f"loading model {name!r} failed: {exc.read().decode(errors='replace')}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServingError(f"loading model {name!r} failed: {exc}") from exc
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):

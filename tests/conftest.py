@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-# Two shared cores: unpinned thread pools oversubscribe and collapse (see DESIGN.md).
+# Two shared cores: unpinned thread pools oversubscribe and collapse (docs/architecture.md, thread pinning).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -86,11 +86,12 @@ class ServedModel:
         return self.server.metrics_url
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
     """Factory: start_server(artifact, **RepositorySettings fields) -> ServedModel on free ports.
 
-    Every server started through it is stopped at the end of the session.
+    Every server started through it is stopped when the test module that started it ends, so at most one
+    module's servers (and their memory) are up at a time.
     """
     from embedline.serving.repository import RepositorySettings, build_repository
     from embedline.serving.triton import TritonServer, free_port
@@ -114,7 +115,7 @@ def start_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def minilm_artifact(tmp_path_factory):
-    """The bundled all-MiniLM-L6-v2 imported as an artifact with its fp32 ONNX export."""
+    """The bundled all-MiniLM-L6-v2 imported as an artifact with its fp32 ONNX export (shared by the suite)."""
     from embedline import artifact as art
     from embedline.export.pipeline import export_artifact
 
@@ -124,7 +125,7 @@ def minilm_artifact(tmp_path_factory):
     return export_artifact(artifact, variants=("fp32",), show_progress=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served_minilm(start_server, minilm_artifact) -> ServedModel:
     """The real tritonserver serving all-MiniLM-L6-v2 (fp32 variant) on the python backend."""
     return start_server(minilm_artifact, variant="fp32")
@@ -182,6 +183,7 @@ class Launched:
     grpc_port: int
     http_port: int
     metrics_port: int
+    openai_port: int
     banner: str
 
     @property
@@ -245,14 +247,14 @@ def launch_serve():
     launched = []
 
     def launch(*args, env=None, wait=True) -> Launched:
-        ports = [free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(4)]
         process = subprocess.Popen(
             [*EMBEDLINE_CLI, "serve", "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
-             "--metrics-port", str(ports[2]), "--threads", "1", *args],
+             "--metrics-port", str(ports[2]), "--openai-port", str(ports[3]), "--threads", "1", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
-        served = Launched(process, *ports, banner="")
+        served = Launched(process, *ports[:3], openai_port=ports[3], banner="")
         launched.append(served)
         if wait:
             served.banner = served.read_until("Ctrl-C to stop", timeout=300)

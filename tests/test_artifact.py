@@ -20,6 +20,15 @@ def test_bundled_model_is_described():
     assert info == {"pooling": "mean", "normalize": True, "max_seq_length": 256, "dim": 384}
 
 
+def test_artifact_or_model_directory_is_answered_once(tiny_artifact, tiny_model_dir):
+    assert art.is_artifact(tiny_artifact.path) and not art.is_artifact(tiny_model_dir)
+    assert art.resolve_model_source(tiny_artifact.path) == (tiny_artifact.path, True)
+    # Either kind describes itself the same way: the artifact from embedline.json, the model from its files.
+    described = art.describe_source(tiny_artifact.path)
+    assert described == {"pooling": "mean", "normalize": True, "max_seq_length": 64, "dim": 32}
+    assert art.describe_source(tiny_model_dir)["dim"] == 32
+
+
 def test_missing_directory_is_clear_error(tmp_path):
     with pytest.raises(art.ArtifactError, match="does not exist"):
         art.load_artifact(tmp_path / "nope")

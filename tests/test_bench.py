@@ -14,13 +14,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def workloads(tiny_fp32):
-    from embedline.benchmarks.workloads import build_workloads
+    from benchmarks.workloads import build_workloads
 
     return build_workloads(tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, n=60)
 
 
 def test_workloads_have_the_three_length_mixes(workloads, tiny_fp32):
-    from embedline.benchmarks.workloads import LONG_FRACTION
+    from benchmarks.workloads import LONG_FRACTION
 
     assert set(workloads) == {"short", "medium", "mixed"}
     short, medium, mixed = workloads["short"], workloads["medium"], workloads["mixed"]
@@ -35,14 +35,14 @@ def test_workloads_have_the_three_length_mixes(workloads, tiny_fp32):
 
 
 def test_workloads_are_reproducible(tiny_fp32, workloads):
-    from embedline.benchmarks.workloads import build_workloads
+    from benchmarks.workloads import build_workloads
 
     again = build_workloads(tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, n=60)
     assert again["mixed"].texts == workloads["mixed"].texts
 
 
 def test_inprocess_engine_measurements(tiny_fp32, workloads):
-    from embedline.benchmarks import inprocess
+    from benchmarks import inprocess
 
     engine = inprocess.onnxruntime_engine(tiny_fp32, "fp32", threads=1)
     short = workloads["short"]
@@ -54,7 +54,7 @@ def test_inprocess_engine_measurements(tiny_fp32, workloads):
 
 
 def test_length_sorted_batches_pad_the_least():
-    from embedline.benchmarks import inprocess
+    from benchmarks import inprocess
 
     seen = []
     engine = inprocess.InProcessEngine("recorder", lambda texts: seen.append(texts))
@@ -70,11 +70,12 @@ def test_length_sorted_batches_pad_the_least():
 
 @pytest.fixture(scope="module")
 def served(start_server, tiny_fp32):
-    return start_server(tiny_fp32, variant="fp32", max_batch_size=32)
+    # No queue policy: perf_analyzer records no request from a model that has one.
+    return start_server(tiny_fp32, variant="fp32", max_batch_size=32, max_queue_size=0)
 
 
 def test_closed_loop_against_the_real_server(served, workloads):
-    from embedline.benchmarks.load import measure_point
+    from benchmarks.load import measure_point
 
     short = workloads["short"]
     point = measure_point(served.server, short.texts, short.tokens, request_size=1, concurrency=4,
@@ -89,7 +90,7 @@ def test_closed_loop_against_the_real_server(served, workloads):
 
 
 def test_sequential_latency_with_the_blocking_client(served, workloads):
-    from embedline.benchmarks.load import sequential_latency
+    from benchmarks.load import sequential_latency
 
     short = workloads["short"]
     point = sequential_latency(served.server.grpc_url, short.texts, short.tokens, seconds=0.3, warmup=0.05)
@@ -101,7 +102,7 @@ def test_sequential_latency_with_the_blocking_client(served, workloads):
 
 
 def test_perf_analyzer_runs_against_the_server(served, workloads, tmp_path):
-    from embedline.benchmarks import perf_analyzer
+    from benchmarks import perf_analyzer
 
     try:
         perf_analyzer.binary()
@@ -143,7 +144,7 @@ def _synthetic_results() -> dict:
 
 
 def test_targets_from_one_run():
-    from embedline.benchmarks.report import compute_targets
+    from benchmarks.report import compute_targets
 
     targets = {t["target"]: t for t in compute_targets(_synthetic_results())}
     assert all({"target", "measured", "goal", "pass", "detail"} <= set(t) for t in targets.values())
@@ -165,7 +166,7 @@ def test_targets_from_one_run():
 
 
 def test_latency_target_reads_the_blocking_client_point():
-    from embedline.benchmarks.report import compute_targets
+    from benchmarks.report import compute_targets
 
     results = _synthetic_results()
     results["server"]["int8"]["sequential"] = {"client": "sync", "request_size": 1, "concurrency": 1,
@@ -176,7 +177,7 @@ def test_latency_target_reads_the_blocking_client_point():
 
 
 def test_markdown_summary_renders(tmp_path):
-    from embedline.benchmarks.report import compute_targets, markdown
+    from benchmarks.report import compute_targets, markdown
 
     results = _synthetic_results()
     results.update({
@@ -186,12 +187,12 @@ def test_markdown_summary_renders(tmp_path):
         "workloads": {"short": {"texts": 10, "mean_tokens": 12.0, "p90_tokens": 20}},
     })
     results["targets"] = compute_targets(results)
-    text = markdown(results, "embedline bench --quick", ["suite_quick/scaling.png"])
-    assert "### Targets" in text and "| target |" in text and "embedline bench --quick" in text
+    text = markdown(results, ".venv/bin/python -m benchmarks.suite --quick", ["suite_quick/scaling.png"])
+    assert "### Targets" in text and "| target |" in text and ".venv/bin/python -m benchmarks.suite --quick" in text
 
 
 def test_plots_are_written(tmp_path):
-    from embedline.benchmarks import plots
+    from benchmarks import plots
 
     results = _synthetic_results()
     for server in results["server"].values():
@@ -209,7 +210,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
-    from embedline.benchmarks.engine_process import EngineProcess, EngineUnavailable, write_workloads
+    from benchmarks.engine_process import EngineProcess, EngineUnavailable, write_workloads
 
     path = write_workloads(workloads, tmp_path / "workloads.json")
     with EngineProcess(tiny_fp32.path, "onnxruntime fp32", 1, path) as engine:
@@ -226,8 +227,8 @@ def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
 
 
 def test_classify_latency_stage_against_the_real_server(tiny_classifier, tmp_path):
-    from embedline.benchmarks.classify_latency import latency_table, measure_classify_latency
-    from embedline.benchmarks.report import markdown
+    from benchmarks.classify_latency import latency_table, measure_classify_latency
+    from benchmarks.report import markdown
 
     texts = [f"the song is good number {i}" for i in range(70)]
     latency, labels = measure_classify_latency(tiny_classifier, "fp32", 1, 3, texts, tmp_path)
@@ -244,11 +245,11 @@ def test_classify_latency_stage_against_the_real_server(tiny_classifier, tmp_pat
         "workloads": {"short": {"texts": 10, "mean_tokens": 12.0, "p90_tokens": 20}},
         "classify": {"variant": "fp32", "labels": labels, "requests": 3, "latency": latency},
     })
-    assert "### `classify` beside `embed`" in markdown(results, "embedline bench --quick", [])
+    assert "### `classify` beside `embed`" in markdown(results, ".venv/bin/python -m benchmarks.suite --quick", [])
 
 
 def test_tuning_takes_the_median_of_each_point_over_rounds():
-    from embedline.benchmarks.tuning import median_points
+    from benchmarks.tuning import median_points
 
     def point(concurrency, rate, p50):
         return {"workload": "short", "request_size": 1, "concurrency": concurrency, "sentences_per_s": rate,
@@ -265,7 +266,7 @@ def test_tuning_takes_the_median_of_each_point_over_rounds():
 def test_tuning_candidates_change_one_setting_each():
     from dataclasses import asdict
 
-    from embedline.benchmarks.tuning import candidate_settings
+    from benchmarks.tuning import candidate_settings
     from embedline.serving.settings import RepositorySettings
 
     base = RepositorySettings(variant="int8")
@@ -274,3 +275,40 @@ def test_tuning_candidates_change_one_setting_each():
     for name, settings in candidates.items():
         changed = {k for k, v in asdict(settings).items() if asdict(base)[k] != v}
         assert len(changed) <= 2, (name, changed)  # instances x threads move together
+
+
+def test_experiments_pass_training_config_fields_through():
+    import argparse
+
+    from benchmarks.common import parse_with_train_config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+", default=["hardneg", "pairs"])
+    parser.add_argument("--name", default="simcse_sup")
+    args, config = parse_with_train_config(
+        parser, {"objective": "sup", "eval_steps": 25},
+        ["--batch-size", "512", "--mini_batch_size=64", "--lr", "2e-5", "--variants", "hardneg", "--name", "b512"])
+    assert args.variants == ["hardneg"] and args.name == "b512"
+    assert (config.objective, config.eval_steps, config.batch_size, config.mini_batch_size, config.lr) == \
+        ("sup", 25, 512, 64, 2e-5)
+    with pytest.raises(SystemExit):  # an unknown key is the parser's error, naming the valid ones
+        parse_with_train_config(argparse.ArgumentParser(), {}, ["--learning-rate", "1e-4"])
+
+
+def test_one_percentile_definition():
+    from benchmarks.common import percentile
+
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
+
+
+def test_the_suite_runs_from_the_checkout_and_is_not_packaged():
+    import tomllib
+    from pathlib import Path
+
+    from embedline.cli import VERBS
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    setuptools = pyproject["tool"]["setuptools"]
+    assert not any("benchmarks" in name for name in setuptools["packages"])
+    assert not any("benchmarks" in folder for folder in setuptools["package-dir"].values())
+    assert not any("benchmarks" in module for module, _ in VERBS.values())

@@ -79,7 +79,6 @@ def test_choose_variant_prefers_fast_variants_only_within_half_a_spearman_point(
 def test_openvino_variant_files_and_repository(tiny_artifact, tmp_path):
     from embedline.export.onnx_export import export_fp32
     from embedline.serving.repository import RepositorySettings, build_repository
-    from embedline.export.variants import openvino_files
 
     dest = tmp_path / "a"
     shutil.copytree(tiny_artifact.path, dest)
@@ -90,7 +89,7 @@ def test_openvino_variant_files_and_repository(tiny_artifact, tmp_path):
     with pytest.raises(art.ArtifactError, match="--openvino"):
         variant_files(artifact, OPENVINO_VARIANT)
     # Stand-in IR files: the repository builder only places them (the server test runs a real one).
-    xml, bin_ = openvino_files(artifact)
+    xml, bin_ = artifact.openvino_files()
     xml.parent.mkdir(parents=True)
     xml.write_text("<net/>")
     bin_.write_bytes(b"\0")

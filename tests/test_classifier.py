@@ -196,6 +196,29 @@ def test_cli_bad_input_is_a_one_line_error_naming_the_file(tmp_path, capsys, tin
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_options_are_the_config_fields_with_their_help():
+    import argparse
+    import dataclasses
+
+    from embedline.training.classifier import ClassifierConfig, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    options = {action.dest: action for action in parser._actions if action.option_strings}
+    fields = [f.name for f in dataclasses.fields(ClassifierConfig)]
+    assert set(fields) <= options.keys() and all(options[name].help for name in fields)
+    assert options["frozen_body"].option_strings == ["--frozen-body"]
+    assert options["class_weight"].option_strings == ["--no-class-weight"]
+    args = parser.parse_args(["--train-file", "t.tsv", "--output", "o", "--shots", "8", "--frozen-body",
+                              "--loss", "triplet", "--max-seq-length", "32", "--head-c", "1", "--no-class-weight"])
+    config = ClassifierConfig(**{name: getattr(args, name) for name in fields})
+    assert config == ClassifierConfig(train_file="t.tsv", output="o", shots=8, frozen_body=True, loss="triplet",
+                                      max_seq_length=32, head_c=1.0, class_weight=False)
+    assert args.threads == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--output", "o"])  # --train-file is required
+
+
 def test_cli_missing_file_is_a_one_line_error(tmp_path, capsys):
     argv = ["train-classifier", "--train-file", str(tmp_path / "nope.tsv"), "--output", str(tmp_path / "out")]
     assert embedline_main(argv) == 1

@@ -194,8 +194,10 @@ def test_long_text_is_truncated_and_flagged(client, big_list):
 
 
 def test_classify_without_a_head_is_model_not_found_and_embed_keeps_working(client):
-    with pytest.raises(ModelNotFoundError, match="no 'classify' model"):
+    with pytest.raises(ModelNotFoundError, match="no 'classify' model") as error:
         client.classify(["Is this positive?"])
+    assert "train-classifier" in str(error.value)  # the message says how to get one
+    assert client.info().labels == ()
     assert client.embed(["still works"]).shape == (1, DIM)
 
 

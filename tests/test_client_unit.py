@@ -484,7 +484,7 @@ def test_info_reads_the_config_parameters_and_is_cached():
     client, fake = make_client()
     info = client.info()
     assert info == ModelInfo(model_name="fake-model", dim=DIM, max_seq_length=16, variant="fp32", pooling="mean",
-                             max_batch_size=MAX_BATCH, labels=LABELS)
+                             max_batch_size=MAX_BATCH, labels=LABELS, served_models=("fake-model",))
     assert client.info() is info
     assert fake.config_calls == ["embed", "classify"]
     with pytest.raises(Exception):

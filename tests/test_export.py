@@ -1,6 +1,7 @@
 """The export stage: ONNX variants, fusion counts, parity with torch / sentence-transformers, variant choice.
 
-Each export runs once per module (fixtures below); threads are pinned to 2 (shared cores, DESIGN.md).
+Each export runs once per module (fixtures below); threads are pinned to 2 (shared cores:
+docs/architecture.md, "Measured decisions", thread pinning).
 """
 
 from __future__ import annotations

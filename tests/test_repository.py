@@ -145,7 +145,8 @@ def test_every_batched_model_has_a_bounded_queue_that_honours_request_timeouts(t
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
         assert policy.allow_timeout_override  # a request's own shorter timeout wins...
         assert policy.default_timeout_microseconds == RepositorySettings.max_queue_wait_s * 1e6 > 0  # ...over this
-    assert {p.max_queue_size for p in policies(["--max-queue-size", "0"], tmp_path / "unbounded").values()} == {0}
+    unbounded = policies(["--max-queue-size", "0"], tmp_path / "unbounded").values()
+    assert {(p.max_queue_size, p.default_timeout_microseconds) for p in unbounded} == {(0, 0)}  # no policy
     assert "encoder" in policies(["--max-queue-size", "7"], tmp_path / "ort", layout="onnxruntime")
     with pytest.raises(SystemExit):
         policies(["--max-queue-size", "-1"], tmp_path / "bad")

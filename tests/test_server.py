@@ -3,18 +3,14 @@
 Bad start-ups (a port in use, a broken artifact) are one-line errors, not stack traces.
 """
 
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import psutil
-import pytest
 
 from embedline.serving.triton import free_port
 
@@ -56,53 +52,25 @@ def test_missing_artifact_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "does not exist")
 
 
-def wait_for_line(process, needle, timeout):
-    """Read the launcher's stdout until `needle`; returns everything read."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"no {needle!r} within {timeout}s; output:\n{''.join(seen)}\n{process.stderr.read()}")
-
-
-def test_serve_exports_a_fresh_artifact_serves_and_stops_on_sigterm(tiny_artifact, tmp_path):
+def test_serve_exports_a_fresh_artifact_serves_and_stops_on_sigterm(tiny_artifact, tmp_path, launch_serve):
     import tritonclient.grpc as grpcclient
 
     artifact_dir = tmp_path / "fresh"  # as a training run leaves it: no onnx/ yet
     shutil.copytree(tiny_artifact.path, artifact_dir)
-    ports = [free_port() for _ in range(3)]
-    process = subprocess.Popen(
-        [*EMBEDLINE, "serve", "--artifact", str(artifact_dir), "--grpc-port", str(ports[0]),
-         "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        banner = wait_for_line(process, "Ctrl-C to stop", timeout=300)
-        assert f"gRPC     127.0.0.1:{ports[0]}" in banner  # loopback unless --host says otherwise
-        assert (artifact_dir / "onnx" / "model.onnx").is_file()
-        tritonservers = [p for p in psutil.Process(process.pid).children(recursive=True)
-                         if p.name() == "tritonserver"]
-        assert len(tritonservers) == 1
+    served = launch_serve("--artifact", str(artifact_dir))
+    assert f"gRPC     127.0.0.1:{served.grpc_port}" in served.banner  # loopback unless --host says otherwise
+    assert (artifact_dir / "onnx" / "model.onnx").is_file()
+    tritonserver = served.tritonserver()
 
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
-        texts = np.array([[b"a man plays the guitar"], [b""]], dtype=np.object_)
-        request = grpcclient.InferInput("text", texts.shape, "BYTES")
-        request.set_data_from_numpy(texts)
-        embeddings = client.infer("embed", [request]).as_numpy("sentence_embedding")
-        assert embeddings.shape == (2, 32)
-        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    texts = np.array([[b"a man plays the guitar"], [b""]], dtype=np.object_)
+    request = grpcclient.InferInput("text", texts.shape, "BYTES")
+    request.set_data_from_numpy(texts)
+    embeddings = client.infer("embed", [request]).as_numpy("sentence_embedding")
+    assert embeddings.shape == (2, 32)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        psutil.wait_procs(tritonservers, timeout=30)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tritonservers)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=60) == 0
+    psutil.wait_procs([tritonserver], timeout=30)
+    assert not (tritonserver.is_running() and tritonserver.status() != psutil.STATUS_ZOMBIE)

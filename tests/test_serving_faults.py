@@ -70,6 +70,16 @@ def wait_until(predicate, timeout, interval=0.05):
     raise AssertionError(f"not within {timeout} s")
 
 
+def pending_requests(served) -> int:
+    """Requests tritonserver holds for `embed` now (queued or executing), from its metrics endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("nv_inference_pending_request_count") and 'model="embed"' in line)
+
+
 def test_a_killed_model_process_turns_not_ready_restarts_and_loses_no_call(launch_serve, tiny_fp32):
     served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32")
     with EmbeddingClient(served.grpc_url) as client:
@@ -130,7 +140,9 @@ def test_sigterm_drains_accepted_requests_and_exits_zero(launch_serve, minilm_ar
     for thread in threads:
         thread.start()
     started.wait()
-    time.sleep(0.5)  # every request sent: queued or running (8 x 64 long texts take seconds on 2 cores)
+    # Every request accepted by the server (queued or running; 8 x 64 long texts take seconds on 2 cores)
+    # before the signal: Triton's pending-request gauge counts them.
+    wait_until(lambda: pending_requests(served) + len(outcomes) >= 8, timeout=30)
     served.process.send_signal(signal.SIGTERM)
     wait_until(lambda: not served.ready(), timeout=5, interval=0.01)
     still_running = [t for t in threads if t.is_alive()]

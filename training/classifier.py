@@ -28,6 +28,7 @@ import json
 import logging
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
+from embedline.training.config import option
 from embedline.training.data import TrainingData
 from embedline.training.labeled_data import LabeledData, read_labeled, sample_shots
 from embedline.training.pairs import PairSettings, make_pairs, make_triples
@@ -50,42 +52,56 @@ class ClassifierConfigError(EmbedlineError):
     """An inconsistent classifier-training setting."""
 
 
+# Option groups of `embedline train-classifier --help` (field metadata "group").
+_BODY = "stage 1: contrastive body fine-tuning"
+_HEAD = "stage 2: head"
+
+
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Everything a classifier run depends on; recorded in the artifact's embedline.json."""
+    """Everything a classifier run depends on; recorded in the artifact's embedline.json.
 
-    train_file: str
-    output: str
-    model: str = ""  # artifact or sentence-transformers directory; "" = the bundled all-MiniLM-L6-v2
-    name: str = ""  # artifact name; "" = the output directory's name
-    shots: int = 0  # > 0: sample this many examples per class with `seed`; 0 = every row
-    seed: int = 42
+    Each field is an option of `embedline train-classifier` (`--train-file`, `--frozen-body`, ...).
+    """
+
+    train_file: str = option(help="TSV or CSV (optionally .gz) with columns text and label (string labels)")
+    output: str = option(help="artifact directory to write")
+    model: str = option("", "artifact or sentence-transformers directory to start from (default: bundled MiniLM)")
+    name: str = option("", "artifact name (default: the output directory's name)")
+    shots: int = option(0, "sample N examples per class with --seed; 0 = every row")
+    seed: int = option(42, "seeds the sampling of shots, the stage-1 examples and training")
 
     # Stage 1: contrastive body fine-tuning.
-    frozen_body: bool = False
-    loss: str = "contrastive"  # contrastive: pairs (a, b, y); triplet / sup (InfoNCE): (anchor, pos, neg)
-    iterations: int = 20  # SetFit's R: rounds of one positive + one negative per example
-    max_pairs: int = 0  # cap on pairs/triples; 0 = iterations x examples x 2
-    hard_fraction: float = 0.5
-    hard_pool: int = 3
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    # Contrastive / triplet margin on the cosine distance. 1.0 keeps every negative pair with cos > 0 in the
-    # loss, as SetFit's cosine-similarity loss (target cos 0) does; with 0.5 most random negatives of a
-    # sentence model (cos ~0.1-0.3) give no gradient and the positives' pull alone reshapes the space.
-    margin: float = 1.0
-    temperature: float = 0.05  # sup (InfoNCE)
-    max_seq_length: int = 64  # training truncation (the artifact keeps the base model's for inference)
-    device: str = "auto"
+    frozen_body: bool = option(False, "skip stage 1: head on the starting encoder", group=_BODY)
+    loss: str = option("contrastive", "contrastive: balanced labelled pairs (a, b, y); triplet / sup (InfoNCE): "
+                       "(anchor, pos, neg)", group=_BODY, choices=LOSSES)
+    iterations: int = option(20, "rounds of one positive + one negative per example (SetFit's R)", group=_BODY)
+    max_pairs: int = option(0, "cap on pairs/triples; 0 = iterations x examples x 2", group=_BODY)
+    hard_fraction: float = option(0.5, "share of negatives drawn among the closest other-label examples",
+                                  group=_BODY)
+    hard_pool: int = option(3, "how many closest other-label examples a hard negative is drawn from", group=_BODY)
+    epochs: int = option(1, "passes over the stage-1 examples", group=_BODY)
+    batch_size: int = option(16, "examples per optimizer step (at most the number of examples)", group=_BODY)
+    lr: float = option(2e-5, "peak learning rate", group=_BODY)
+    warmup_ratio: float = option(0.1, "share of the steps with linear warmup", group=_BODY)
+    # 1.0 keeps every negative pair with cos > 0 in the loss, as SetFit's cosine-similarity loss (target
+    # cos 0) does; with 0.5 most random negatives of a sentence model (cos ~0.1-0.3) give no gradient and
+    # the positives' pull alone reshapes the space.
+    margin: float = option(1.0, "contrastive / triplet margin on the cosine distance", group=_BODY)
+    temperature: float = option(0.05, "InfoNCE temperature (--loss sup)", group=_BODY)
+    max_seq_length: int = option(64, "training truncation (the artifact keeps the base model's for inference)",
+                                 group=_BODY)
+    device: str = option("auto", "cpu, cuda, cuda:N; auto = cuda when available", group=_BODY)
 
     # Stage 2: head.
-    # Inverse L2 strength of the logistic regression (scikit-learn's C). 10 beat SetFit's 1 on the emotion
-    # validation split for both frozen and fine-tuned bodies (benchmarks/README.md, few-shot section).
-    head_c: float = 10.0
-    class_weight: bool = True  # "balanced" class weights
-    neighbours: int = 5  # k nearest training examples served with each prediction; 0 = keep none
+    # 10 beat SetFit's 1 on the emotion validation split for both frozen and fine-tuned bodies
+    # (benchmarks/README.md, few-shot section).
+    head_c: float = option(10.0, "inverse L2 regularization strength of the logistic regression (scikit-learn's C)",
+                           group=_HEAD)
+    class_weight: bool = option(True, "balanced class weights (a rare class counts as much as a common one)",
+                                group=_HEAD)
+    neighbours: int = option(5, "k nearest training examples returned with each prediction (0: store none)",
+                             group=_HEAD)
 
     def validate(self) -> ClassifierConfig:
         checks = [
@@ -158,8 +174,7 @@ def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.A
                                     "add examples or use --frozen-body")
     pairs_csv = _write_examples(Path(config.output) / "run" / PAIRS_FILE, examples)
     batch_size = min(config.batch_size, len(examples))
-    base_pooling = (art.load_artifact(base).pooling if (base / art.METADATA_FILE).is_file()
-                    else art.describe_model_dir(base)["pooling"])
+    base_pooling = art.describe_source(base)["pooling"]
     train_config = TrainConfig(
         objective=config.loss,
         model=str(base), train_file=str(pairs_csv), output=config.output, name=config.name,
@@ -176,7 +191,7 @@ def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.A
 def copy_body(config: ClassifierConfig, base: Path) -> art.Artifact:
     """Frozen body: the output artifact is the starting model as it is (its ONNX export kept)."""
     output = Path(config.output)
-    if (base / art.METADATA_FILE).is_file():
+    if art.is_artifact(base):
         output.mkdir(parents=True, exist_ok=True)
         shutil.copytree(base, output, dirs_exist_ok=True, ignore=shutil.ignore_patterns(art.HEAD_DIR, "run"))
         meta = dict(art.load_artifact(output).metadata)
@@ -209,7 +224,7 @@ def train_classifier(config: ClassifierConfig) -> art.Artifact:
     config = config.validate()
     output = Path(config.output).expanduser().resolve()
     config = dataclasses.replace(config, output=str(output), name=config.name or output.name)
-    if (output / art.METADATA_FILE).exists():
+    if art.is_artifact(output):
         raise ClassifierConfigError(f"{output}: already holds an artifact; choose another --output")
     base, _ = art.resolve_model_source(config.model or None)
     data = load_examples(config)
@@ -229,40 +244,33 @@ def train_classifier(config: ClassifierConfig) -> art.Artifact:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(ClassifierConfig) if f.default is not dataclasses.MISSING}
-    parser.add_argument("--train-file", required=True,
-                        help="TSV or CSV (optionally .gz) with columns text and label (string labels)")
-    parser.add_argument("--output", required=True, help="artifact directory to write")
-    parser.add_argument("--model", default="",
-                        help="artifact or sentence-transformers directory to start from (default: bundled MiniLM)")
-    parser.add_argument("--name", default="", help="artifact name (default: the output directory's name)")
-    parser.add_argument("--shots", type=int, default=0, help="sample N examples per class (default: all rows)")
-    parser.add_argument("--seed", type=int, default=defaults["seed"])
-    body = parser.add_argument_group("stage 1: contrastive body fine-tuning")
-    body.add_argument("--frozen-body", action="store_true", help="skip stage 1: head on the starting encoder")
-    body.add_argument("--loss", choices=LOSSES, default=defaults["loss"],
-                      help="contrastive: balanced labelled pairs; triplet / sup (InfoNCE): (anchor, pos, neg)")
-    body.add_argument("--iterations", type=int, default=defaults["iterations"],
-                      help="rounds of one positive + one negative per example (SetFit's R)")
-    body.add_argument("--max-pairs", type=int, default=defaults["max_pairs"], help="cap on pairs (0: none)")
-    body.add_argument("--hard-fraction", type=float, default=defaults["hard_fraction"],
-                      help="share of negatives drawn among the closest other-label examples")
-    body.add_argument("--hard-pool", type=int, default=defaults["hard_pool"])
-    body.add_argument("--epochs", type=int, default=defaults["epochs"])
-    body.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    body.add_argument("--lr", type=float, default=defaults["lr"])
-    body.add_argument("--warmup-ratio", type=float, default=defaults["warmup_ratio"])
-    body.add_argument("--margin", type=float, default=defaults["margin"])
-    body.add_argument("--temperature", type=float, default=defaults["temperature"])
-    body.add_argument("--max-seq-length", type=int, default=defaults["max_seq_length"])
-    body.add_argument("--device", default=defaults["device"])
-    head = parser.add_argument_group("stage 2: head")
-    head.add_argument("--head-c", type=float, default=defaults["head_c"],
-                      help="inverse L2 regularization strength of the logistic regression")
-    head.add_argument("--no-class-weight", action="store_true", help="do not balance the classes' weights")
-    head.add_argument("--neighbours", type=int, default=defaults["neighbours"],
-                      help="k nearest training examples returned with each prediction (0: store none)")
+    """One option per ClassifierConfig field (`--max-seq-length` for max_seq_length), then --threads."""
+    groups = {None: parser}
+    types = typing.get_type_hints(ClassifierConfig)
+    for field in dataclasses.fields(ClassifierConfig):
+        group = field.metadata.get("group")
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        _add_option(groups[group], field, types[field.name])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def _add_option(parser: Any, field: dataclasses.Field, kind: type) -> None:
+    """The option of one field on a parser or argument group: a flag for a bool (`--no-x` when it defaults
+    to True), else a typed value (required when the field has no default)."""
+    name = field.name.replace("_", "-")
+    flag = f"--{name}"
+    help_text = field.metadata["help"]
+    if field.default is dataclasses.MISSING:
+        parser.add_argument(flag, dest=field.name, type=kind, required=True, help=help_text)
+    elif kind is bool and field.default:
+        parser.add_argument(f"--no-{name}", dest=field.name, action="store_false", help=f"turn off: {help_text}")
+    elif kind is bool:
+        parser.add_argument(flag, dest=field.name, action="store_true", help=help_text)
+    else:
+        shown = f" (default: {field.default})" if field.default != "" else ""
+        parser.add_argument(flag, dest=field.name, type=kind, default=field.default,
+                            choices=field.metadata.get("choices"), help=help_text + shown)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -270,14 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ClassifierConfig(
-        train_file=args.train_file, output=args.output, model=args.model, name=args.name, shots=args.shots,
-        seed=args.seed, frozen_body=args.frozen_body, loss=args.loss, iterations=args.iterations,
-        max_pairs=args.max_pairs, hard_fraction=args.hard_fraction, hard_pool=args.hard_pool, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, warmup_ratio=args.warmup_ratio, margin=args.margin,
-        temperature=args.temperature, max_seq_length=args.max_seq_length, device=args.device,
-        head_c=args.head_c, class_weight=not args.no_class_weight, neighbours=args.neighbours,
-    )
+    config = ClassifierConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifierConfig)})
     artifact = train_classifier(config)
     record = artifact.metadata["classifier"]
     print(f"artifact: {artifact.path}")

@@ -10,15 +10,11 @@ an error listing the valid ones. Multi-GPU: `torchrun --nproc_per_node=N -m embe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
 from typing import NoReturn
 
-from embedline.training.config import TrainConfig, apply_overrides, field_names
-
-_DEST = "config__"  # argparse dest prefix of config fields
+from embedline.training.config import TrainConfig, add_options, apply_overrides, field_names, given_options
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,15 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Training-config keys (--key=value): " + ", ".join(field_names())
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --output from its checkpoint")
-    defaults = TrainConfig()
-    types = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        flags = [f"--{field.name}"]
-        if "_" in field.name:
-            flags.append(f"--{field.name.replace('_', '-')}")
-        kind = getattr(types[field.name], "__name__", str(types[field.name]))
-        help_text = f"{field.metadata['help']} ({kind}, default {getattr(defaults, field.name)!r})"
-        parser.add_argument(*flags, dest=_DEST + field.name, default=None, metavar="VALUE", help=help_text)
+    add_options(parser)
     original_error = parser.error
 
     def error(message: str) -> NoReturn:
@@ -50,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from embedline.training.config import from_dict
     from embedline.training.trainer import TrainingInterrupted, train
 
-    overrides = {
-        name[len(_DEST):]: value for name, value in vars(args).items()
-        if name.startswith(_DEST) and value is not None
-    }
+    overrides = given_options(args)
     base = TrainConfig()
     if args.resume:
         if "output" not in overrides:

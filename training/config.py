@@ -5,6 +5,10 @@ listing the valid ones. `resolve_config` turns the "auto" defaults into concrete
 model's pooling, the paper's learning rate for the objective, the device and precision), and that
 resolved config is what checkpoints and the final artifact's `embedline.json` record.
 
+`--matryoshka_dims=384,256,128,64` trains for truncation (Matryoshka Representation Learning): each dim
+must be in 1..the model's dimension and appear once; resolution sorts them largest first and adds the
+model's full dimension when it is missing.
+
 Defaults follow SimCSE (Gao, Yao & Chen, EMNLP 2021): temperature 0.05, max_seq_length 32, batch 64,
 lr 3e-5 unsupervised / 5e-5 supervised, one epoch, no warmup, [CLS] with an MLP during training for
 plain BERT models. The paper's supervised runs used batch 512: `--batch_size=512 --mini_batch_size=64`
@@ -13,11 +17,12 @@ does that in fixed memory with the cached loss.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
@@ -35,9 +40,10 @@ class ConfigError(EmbedlineError):
     """An unknown key, a value of the wrong type, or an inconsistent combination of settings."""
 
 
-def _field(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by `embedline train --help`)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any = dataclasses.MISSING, help: str = "", **metadata: Any) -> Any:
+    """A config field with its help text and any other option metadata, read by the verb that builds its
+    command-line options from the dataclass (`embedline train --help`, `embedline train-classifier --help`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass(frozen=True)
@@ -45,45 +51,48 @@ class TrainConfig:
     """Everything a training run depends on. Empty strings and None mean "auto" until resolved."""
 
     # Data, model and output.
-    objective: str = _field("unsup", "unsup, sup, triplet or contrastive")
-    model: str = _field("", "artifact or sentence-transformers / HF directory; '' = bundled all-MiniLM-L6-v2")
-    train_file: str = _field("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label]")
-    dev_file: str = _field("", "STS TSV (score + two sentences) evaluated every eval_steps; '' = none")
-    output: str = _field("", "the artifact directory to write; its run/ folder holds metrics, plot, checkpoints")
-    name: str = _field("", "artifact name; '' = the output directory's name")
+    objective: str = option("unsup", "unsup, sup, triplet or contrastive")
+    model: str = option("", "artifact or sentence-transformers / HF directory; '' = bundled all-MiniLM-L6-v2")
+    train_file: str = option("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label]")
+    dev_file: str = option("", "STS TSV (score + two sentences) evaluated every eval_steps; '' = none")
+    output: str = option("", "the artifact directory to write; its run/ folder holds metrics, plot, checkpoints")
+    name: str = option("", "artifact name; '' = the output directory's name")
 
     # Model.
-    pooling: str = _field("auto", "cls ([CLS] + SimCSE's train-only MLP), cls_no_mlp, mean; auto = the base model's")
-    dropout: float | None = _field(None, "dropout p; none = the model's own (0.1): the positive pair's noise in unsup")
-    random_layers: bool = _field(False, "fresh transformer layers, pretrained word embeddings kept")
-    layers_config: str = _field("", "config.json (or its directory) for the random layers; '' = the base model's")
-    num_layers: int = _field(0, "num_hidden_layers of the random layers; 0 = the config's")
-    freeze_word_embeddings: bool = _field(False, "keep the word embeddings fixed (with random_layers: all it knows)")
+    pooling: str = option("auto", "cls ([CLS] + SimCSE's train-only MLP), cls_no_mlp, mean; auto = the base model's")
+    dropout: float | None = option(None, "dropout p; none = the model's own (0.1): the positive pair's noise in unsup")
+    random_layers: bool = option(False, "fresh transformer layers, pretrained word embeddings kept")
+    layers_config: str = option("", "config.json (or its directory) for the random layers; '' = the base model's")
+    num_layers: int = option(0, "num_hidden_layers of the random layers; 0 = the config's")
+    freeze_word_embeddings: bool = option(False, "keep the word embeddings fixed (with random_layers: all it knows)")
 
     # Objective.
-    temperature: float = _field(0.05, "InfoNCE temperature: scale = 1 / temperature")
-    margin: float = _field(0.5, "margin of the triplet and contrastive losses (cosine distance)")
-    hard_negatives: bool = _field(True, "sup: use the CSV's hard_neg column when it has one")
+    temperature: float = option(0.05, "InfoNCE temperature: scale = 1 / temperature")
+    margin: float = option(0.5, "margin of the triplet and contrastive losses (cosine distance)")
+    hard_negatives: bool = option(True, "sup: use the CSV's hard_neg column when it has one")
+    matryoshka_dims: tuple[int, ...] = option(
+        (), "comma list, e.g. 384,256,128,64: Matryoshka loss (the objective's loss averaged over these "
+            "prefix sizes) so embeddings can be truncated; the model's dim is added; '' = off")
 
     # Optimization.
-    lr: float | None = _field(None, "peak learning rate; none = 3e-5 unsup, 5e-5 otherwise (the paper's)")
-    batch_size: int = _field(64, "examples per optimizer step, summed over all processes")
-    mini_batch_size: int = _field(0, "> 0: cached (GradCache) loss encoding this many texts at a time")
-    epochs: int = _field(1, "passes over the training file (the last partial batch is dropped)")
-    max_steps: int = _field(0, "> 0: this many optimizer steps instead of epochs")
-    warmup_ratio: float = _field(0.0, "share of the steps with linear warmup (then linear decay to 0)")
-    weight_decay: float = _field(0.0, "AdamW weight decay on weight matrices")
-    max_grad_norm: float = _field(1.0, "gradient clipping norm; <= 0 disables it")
-    max_seq_length: int = _field(32, "training truncation; the artifact keeps the base model's inference length")
-    precision: str = _field("auto", "fp32, bf16 or fp16 autocast; auto = bf16 (else fp16) on GPU, fp32 on CPU")
-    seed: int = _field(42, "seeds initialization, dropout and the batch order")
-    device: str = _field("auto", "cpu, cuda, cuda:N; auto = cuda when available")
+    lr: float | None = option(None, "peak learning rate; none = 3e-5 unsup, 5e-5 otherwise (the paper's)")
+    batch_size: int = option(64, "examples per optimizer step, summed over all processes")
+    mini_batch_size: int = option(0, "> 0: cached (GradCache) loss encoding this many texts at a time")
+    epochs: int = option(1, "passes over the training file (the last partial batch is dropped)")
+    max_steps: int = option(0, "> 0: this many optimizer steps instead of epochs")
+    warmup_ratio: float = option(0.0, "share of the steps with linear warmup (then linear decay to 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay on weight matrices")
+    max_grad_norm: float = option(1.0, "gradient clipping norm; <= 0 disables it")
+    max_seq_length: int = option(32, "training truncation; the artifact keeps the base model's inference length")
+    precision: str = option("auto", "fp32, bf16 or fp16 autocast; auto = bf16 (else fp16) on GPU, fp32 on CPU")
+    seed: int = option(42, "seeds initialization, dropout and the batch order")
+    device: str = option("auto", "cpu, cuda, cuda:N; auto = cuda when available")
 
     # Evaluation, logging, checkpoints.
-    eval_steps: int = _field(125, "evaluate on dev_file every this many steps (and at the start and the end)")
-    eval_batch_size: int = _field(128, "texts per batch when evaluating")
-    log_steps: int = _field(10, "write loss, lr and sentences/s to run/metrics.jsonl every this many steps")
-    checkpoint_steps: int = _field(500, "save a resumable checkpoint every this many steps; 0 = only when stopped")
+    eval_steps: int = option(125, "evaluate on dev_file every this many steps (and at the start and the end)")
+    eval_batch_size: int = option(128, "texts per batch when evaluating")
+    log_steps: int = option(10, "write loss, lr and sentences/s to run/metrics.jsonl every this many steps")
+    checkpoint_steps: int = option(500, "save a resumable checkpoint every this many steps; 0 = only when stopped")
 
 
 def field_names() -> list[str]:
@@ -93,9 +102,94 @@ def field_names() -> list[str]:
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
+def _unknown_keys(keys: list[str]) -> ConfigError:
+    return ConfigError(f"unknown training config key(s) {', '.join(keys)}; valid keys: {', '.join(field_names())}")
+
+
+# --- The command-line options: one per field ---------------------------------------------------------------
+
+_DEST = "config__"  # argparse dest prefix of config fields
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, `--batch_size=128` or `--batch-size 128`: `embedline train`'s list.
+
+    Values stay strings (default None: not given) until `apply_overrides` converts and checks them.
+    """
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flags = [f"--{field.name}"]
+        if "_" in field.name:
+            flags.append(f"--{field.name.replace('_', '-')}")
+        kind = getattr(_TYPES[field.name], "__name__", str(_TYPES[field.name]))
+        help_text = f"{field.metadata['help']} ({kind}, default {getattr(defaults, field.name)!r})"
+        parser.add_argument(*flags, dest=_DEST + field.name, default=None, metavar="VALUE", help=help_text)
+
+
+def given_options(args: argparse.Namespace) -> dict[str, str]:
+    """{field: value} of the options `add_options` declared that the command line gave."""
+    return {
+        name[len(_DEST):]: value for name, value in vars(args).items()
+        if name.startswith(_DEST) and value is not None
+    }
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """["--lr=1e-4", "--batch-size", "32"] -> {"lr": "1e-4", "batch_size": "32"}, read with `add_options`.
+
+    For scripts that take training-config fields beside their own options; an unknown or malformed
+    option is a ConfigError.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_options(parser)
+
+    def error(message: str) -> NoReturn:
+        raise ConfigError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    known, unknown = parser.parse_known_args(args)
+    if unknown:
+        # Name the keys ("--learning-rate 1e-4" -> learning-rate), not the values that followed them.
+        keys = [arg[2:].partition("=")[0] for arg in unknown if arg.startswith("--")]
+        raise _unknown_keys(keys or unknown)
+    return given_options(known)
+
+
+# --- Values ------------------------------------------------------------------------------------------------
+
+
+def _parse_ints(key: str, raw: Any) -> tuple[int, ...]:
+    """A tuple-of-ints field: "384,256,128" (or "" / "none": empty) from the command line, or a list/tuple
+    of ints (a config or checkpoint read back from JSON)."""
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() in ("", "none", "off"):
+            return ()
+        items: Any = [item.strip() for item in text.split(",")]
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        raise ConfigError(f"--{key}: expected a comma-separated list of integers, got {raw!r}")
+    values = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise ConfigError(f"--{key}={raw}: expected a comma-separated list of integers")
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise ConfigError(
+                f"--{key}={raw}: expected a comma-separated list of integers, {item!r} is not one"
+            ) from None
+    return tuple(values)
+
+
 def _parse_value(key: str, raw: Any) -> Any:
     """Convert one override (a string from the command line, or a Python value) to the field's type."""
     kind = _TYPES[key]
+    if typing.get_origin(kind) is tuple:
+        return _parse_ints(key, raw)
     optional = type(None) in typing.get_args(kind)
     if optional:
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
@@ -122,32 +216,11 @@ def _parse_value(key: str, raw: Any) -> Any:
 
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """A copy of `config` with `overrides` ({key: value}, values may be strings) applied and checked."""
-    valid = field_names()
-    unknown = sorted(k for k in overrides if k.replace("-", "_") not in valid)
+    unknown = sorted(k for k in overrides if k.replace("-", "_") not in field_names())
     if unknown:
-        raise ConfigError(
-            f"unknown training config key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}"
-        )
+        raise _unknown_keys(unknown)
     values = {k.replace("-", "_"): _parse_value(k.replace("-", "_"), v) for k, v in overrides.items()}
     return validate(dataclasses.replace(config, **values))
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """["--lr=1e-4", "--batch_size", "32"] -> {"lr": "1e-4", "batch_size": "32"}."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"expected --key=value, got {arg!r}")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = args[i + 1], i + 1
-        out[key] = value
-        i += 1
-    return out
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -175,9 +248,31 @@ def validate(config: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _check_matryoshka_dims(config.matryoshka_dims)
     if config.objective in IN_BATCH_OBJECTIVES and config.batch_size < 2:
         raise ConfigError(f"--batch_size must be >= 2 for {config.objective}: the other examples are the negatives")
     return config
+
+
+def _check_matryoshka_dims(dims: tuple[int, ...] | list[int], model_dim: int | None = None) -> None:
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise ConfigError(f"--matryoshka_dims must be a tuple of integers, got {dims!r}")
+    bad = [d for d in dims if d < 1 or (model_dim is not None and d > model_dim)]
+    if bad:
+        upper = f"the model's dimension {model_dim}" if model_dim is not None else "the model's dimension"
+        raise ConfigError(f"--matryoshka_dims: {', '.join(map(str, bad))} not in 1..{upper}")
+    repeated = sorted({d for d in dims if list(dims).count(d) > 1})
+    if repeated:
+        raise ConfigError(f"--matryoshka_dims: {', '.join(map(str, repeated))} given more than once")
+
+
+def resolve_matryoshka_dims(dims: tuple[int, ...], model_dim: int) -> tuple[int, ...]:
+    """The dims as training uses them: checked against the model's dimension, largest first, the full
+    dimension included (added when missing); () stays () (no Matryoshka loss)."""
+    _check_matryoshka_dims(dims, model_dim)
+    if not dims:
+        return ()
+    return tuple(sorted(set(dims) | {model_dim}, reverse=True))
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -189,11 +284,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise ConfigError("--output is required (the artifact directory to write)")
     if not config.train_file:
         raise ConfigError("--train_file is required")
-    model_path, is_artifact = art.resolve_model_source(config.model or None)
-    if is_artifact:
-        base_pooling = art.load_artifact(model_path).pooling
-    else:
-        base_pooling = art.describe_model_dir(model_path)["pooling"]
+    model_path, _ = art.resolve_model_source(config.model or None)
+    base = art.describe_source(model_path)
+    base_pooling = base["pooling"]
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,6 +308,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         lr=config.lr if config.lr is not None else PAPER_LR[config.objective],
         device=device,
         precision=precision,
+        matryoshka_dims=resolve_matryoshka_dims(config.matryoshka_dims, int(base["dim"])),
     )
 
 

@@ -5,7 +5,8 @@ Formats:
   * CSV (`.csv`, `.csv.gz`, RFC 4180 quoting): header with `sent0, sent1` and optionally `hard_neg`
     (SimCSE's nli_for_simcse.csv layout) or `label` (1 = similar, 0 = dissimilar, for the contrastive loss).
   * STS TSV (`.tsv`, `.tsv.gz`, no quoting): header with a score column and two sentence columns
-    (STS-B: score, sentence1, sentence2; SICK: relatedness_score, sentence_A, sentence_B).
+    (STS-B: score, sentence1, sentence2; SICK: relatedness_score, sentence_A, sentence_B); read by
+    `embedline.sts`, which export shares.
 
 Blank lines are skipped and counted; a malformed row is a `DataError` naming file:line.
 Training data is column-major (`columns[c][i]`) so a batch of any objective is a list of text columns
@@ -25,12 +26,10 @@ from pathlib import Path
 
 import torch
 
+from embedline import sts
 from embedline.errors import EmbedlineError
 
 log = logging.getLogger(__name__)
-
-STS_SCORE_COLUMNS = ("score", "relatedness_score", "similarity")
-STS_SENTENCE_COLUMNS = (("sentence1", "sentence2"), ("sentence_A", "sentence_B"), ("sent0", "sent1"))
 
 
 class DataError(EmbedlineError):
@@ -60,16 +59,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.columns[0])
-
-
-@dataclass(frozen=True)
-class StsData:
-    """Sentence pairs with gold similarity scores."""
-
-    path: Path
-    sentences1: tuple[str, ...]
-    sentences2: tuple[str, ...]
-    scores: tuple[float, ...]
 
 
 def open_text(path: Path) -> io.TextIOBase:
@@ -209,42 +198,9 @@ def load_training_data(path: str | os.PathLike, objective: str, hard_negatives: 
     return data
 
 
-def read_sts(path: str | os.PathLike) -> StsData:
-    """An STS TSV (header, score + two sentence columns, no quoting)."""
-    path = Path(path)
-    sentences1: list[str] = []
-    sentences2: list[str] = []
-    scores: list[float] = []
-    try:
-        with open_text(path) as f:
-            header = f.readline().rstrip("\r\n").split("\t")
-            score_col = next((header.index(c) for c in STS_SCORE_COLUMNS if c in header), None)
-            pair = next((p for p in STS_SENTENCE_COLUMNS if p[0] in header and p[1] in header), None)
-            if score_col is None or pair is None:
-                raise DataError(
-                    f"{path}:1: header {header} needs a score column ({' / '.join(STS_SCORE_COLUMNS)}) and two "
-                    f"sentence columns ({' / '.join('+'.join(p) for p in STS_SENTENCE_COLUMNS)})"
-                )
-            col1, col2 = header.index(pair[0]), header.index(pair[1])
-            for line_no, line in enumerate(f, start=2):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                fields = line.split("\t")
-                if len(fields) != len(header):
-                    raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, found {len(fields)}")
-                try:
-                    score = float(fields[score_col])
-                except ValueError:
-                    raise DataError(f"{path}:{line_no}: score {fields[score_col]!r} is not a number") from None
-                sentences1.append(fields[col1].strip())
-                sentences2.append(fields[col2].strip())
-                scores.append(score)
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 TSV ({exc})") from exc
-    if len(scores) < 2:
-        raise DataError(f"{path}: fewer than 2 scored pairs; a correlation needs more")
-    return StsData(path, tuple(sentences1), tuple(sentences2), tuple(scores))
+def read_sts(path: str | os.PathLike) -> sts.StsPairs:
+    """An STS TSV (header, score + two sentence columns, no quoting); a bad file is a DataError."""
+    return sts.read_sts(path, error=DataError)
 
 
 # --- Batch order -----------------------------------------------------------------------------------------

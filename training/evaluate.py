@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,9 @@ from tqdm.auto import tqdm
 
 from embedline import artifact as art
 from embedline.encoder import SentenceEncoder, load_encoder, load_transformer
-from embedline.tokenization import encode, load_tokenizer
-from embedline.training.data import StsData, read_sts
+from embedline.sts import StsPairs, spearman
+from embedline.tokenization import Batch, embed_by_length, load_tokenizer
+from embedline.training.data import read_sts
 
 log = logging.getLogger(__name__)
 
@@ -43,40 +45,31 @@ def embed_texts(
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
-    # Length-sorted batches pad little; the result is put back in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty((len(texts), encoder.dim), dtype=torch.float32)
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="embedding", disable=not progress, leave=False):
-        index = order[start : start + batch_size]
-        features = encode(tokenizer, [texts[i] for i in index])
-        embeddings = encoder(
-            torch.from_numpy(features["input_ids"]).to(device),
-            torch.from_numpy(features["attention_mask"]).to(device),
-        )
-        out[torch.tensor(index)] = embeddings.float().cpu()
+
+    def run(batch: Batch) -> np.ndarray:
+        input_ids, attention_mask = (torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask"))
+        return encoder(input_ids, attention_mask).float().cpu().numpy()
+
+    def bar(starts: Iterable[int]) -> Iterable[int]:
+        return tqdm(starts, desc="embedding", disable=not progress, leave=False)
+
+    embeddings = embed_by_length(run, tokenizer, texts, batch_size, encoder.dim, bar)
     encoder.train(was_training)
-    return out
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).statistic)
+    return torch.from_numpy(embeddings)
 
 
 def pair_embeddings(
-    encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsData, batch_size: int = 128, progress: bool = False
+    encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsPairs, batch_size: int = 128, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(unique sentences' normalized embeddings, left, right (pairs, dim)): each sentence is encoded once."""
     unique = sorted(set(data.sentences1) | set(data.sentences2))
-    position = {text: i for i, text in enumerate(unique)}
+    left, right = data.rows(unique)
     embeddings = torch.nn.functional.normalize(embed_texts(encoder, tokenizer, unique, batch_size, progress), dim=-1)
-    return embeddings, embeddings[[position[t] for t in data.sentences1]], embeddings[[position[t] for t in data.sentences2]]
+    return embeddings, embeddings[left], embeddings[right]
 
 
 def sts_metrics(
-    encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsData, batch_size: int = 128, progress: bool = False
+    encoder: SentenceEncoder, tokenizer: Tokenizer, data: StsPairs, batch_size: int = 128, progress: bool = False
 ) -> dict[str, float]:
     """{"spearman" (x100), "alignment", "uniformity", "pairs"} of `encoder` on an STS set."""
     embeddings, left, right = pair_embeddings(encoder, tokenizer, data, batch_size, progress)

@@ -31,11 +31,6 @@ from embedline.errors import EmbedlineError
 
 log = logging.getLogger(__name__)
 
-HEAD_FILE = "head.onnx"
-LABELS_FILE = "labels.json"
-RECORD_FILE = "head.json"
-TRAIN_EMBEDDINGS_FILE = "train_embeddings.npy"
-TRAIN_LABELS_FILE = "train_labels.json"
 INPUT_NAME = "sentence_embedding"
 OUTPUT_NAME = "probabilities"
 OPSET = 17
@@ -172,18 +167,18 @@ def save_head(head: LogisticHead, head_dir: str | os.PathLike, *, train_embeddin
 
     head_dir = Path(head_dir)
     head_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (TRAIN_EMBEDDINGS_FILE, TRAIN_LABELS_FILE):
+    for stale in (art.TRAIN_EMBEDDINGS_FILE, art.TRAIN_LABELS_FILE):
         (head_dir / stale).unlink(missing_ok=True)
-    onnx.save(head_to_onnx(head), str(head_dir / HEAD_FILE))
-    art.write_json(head_dir / LABELS_FILE, list(head.labels))
+    onnx.save(head_to_onnx(head), str(head_dir / art.HEAD_FILE))
+    art.write_json(head_dir / art.LABELS_FILE, list(head.labels))
     if train_embeddings is not None:
         if train_labels is None or len(train_labels) != len(train_embeddings):
             raise HeadError("train_labels must give one label per training embedding")
-        np.save(head_dir / TRAIN_EMBEDDINGS_FILE, normalize_rows(train_embeddings).astype(np.float32),
+        np.save(head_dir / art.TRAIN_EMBEDDINGS_FILE, normalize_rows(train_embeddings).astype(np.float32),
                 allow_pickle=False)
-        art.write_json(head_dir / TRAIN_LABELS_FILE, list(train_labels))
-    art.write_json(head_dir / RECORD_FILE, {"type": "logistic_regression", "num_labels": len(head.labels),
-                                            "dim": head.dim, **(record or {})})
+        art.write_json(head_dir / art.TRAIN_LABELS_FILE, list(train_labels))
+    art.write_json(head_dir / art.HEAD_RECORD_FILE, {"type": "logistic_regression", "num_labels": len(head.labels),
+                                                     "dim": head.dim, **(record or {})})
     return head_dir
 
 
@@ -194,9 +189,9 @@ def load_head(head_dir: str | os.PathLike) -> LogisticHead:
     from onnx import numpy_helper
 
     head_dir = Path(head_dir)
-    onnx_path, labels_path = head_dir / HEAD_FILE, head_dir / LABELS_FILE
+    onnx_path, labels_path = head_dir / art.HEAD_FILE, head_dir / art.LABELS_FILE
     if not onnx_path.is_file() or not labels_path.is_file():
-        raise HeadError(f"{head_dir}: not a classifier head (expected {HEAD_FILE} and {LABELS_FILE})")
+        raise HeadError(f"{head_dir}: not a classifier head (expected {art.HEAD_FILE} and {art.LABELS_FILE})")
     try:
         graph = onnx.load(str(onnx_path)).graph
         labels = json.loads(labels_path.read_text(encoding="utf-8"))
@@ -207,14 +202,15 @@ def load_head(head_dir: str | os.PathLike) -> LogisticHead:
         raise HeadError(f"{onnx_path}: no 'weight'/'bias' initializers; not an embedline head")
     head = LogisticHead(weight=weights["weight"], bias=weights["bias"], labels=tuple(labels))
     if head.weight.shape[1] != len(head.labels):
-        raise HeadError(f"{head_dir}: {head.weight.shape[1]} outputs but {len(head.labels)} labels in {LABELS_FILE}")
+        raise HeadError(f"{head_dir}: {head.weight.shape[1]} outputs but {len(head.labels)} labels "
+                        f"in {art.LABELS_FILE}")
     return head
 
 
 def load_train_examples(head_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]] | None:
     """(embeddings (n, dim) float32, labels) kept for neighbours, or None when the head has none."""
     head_dir = Path(head_dir)
-    embeddings_path, labels_path = head_dir / TRAIN_EMBEDDINGS_FILE, head_dir / TRAIN_LABELS_FILE
+    embeddings_path, labels_path = head_dir / art.TRAIN_EMBEDDINGS_FILE, head_dir / art.TRAIN_LABELS_FILE
     if not embeddings_path.is_file() or not labels_path.is_file():
         return None
     embeddings = np.load(embeddings_path, allow_pickle=False)

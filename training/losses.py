@@ -3,7 +3,9 @@
 Each loss is a plain function of embedding tensors (and labels), so any loop can use it: the SimCSE
 trainer here, or a few-shot classifier trainer that feeds SetFit-style labelled pairs. `make_loss`
 binds an objective's hyperparameters into an `ObjectiveLoss`: (embedding columns, labels) -> scalar,
-where the columns are the per-column embeddings of a `data.Batch`.
+where the columns are the per-column embeddings of a `data.Batch`. `matryoshka_loss` wraps any
+`ObjectiveLoss` so that the first k dimensions of each embedding are trained to work on their own too;
+since it acts on the embedding columns, the plain and the cached (GradCache) step share it unchanged.
 
 All similarities are cosine; embeddings need not be normalized beforehand.
 """
@@ -98,12 +100,52 @@ def contrastive_loss(
     return 0.5 * losses.mean()
 
 
+def matryoshka_loss(
+    loss_fn: ObjectiveLoss, dims: Sequence[int], weights: Sequence[float] | None = None
+) -> ObjectiveLoss:
+    """Matryoshka Representation Learning (Kusupati et al., NeurIPS 2022, "Matryoshka Representation
+    Learning"): the same loss on nested prefixes of the embedding, so a served vector can be cut to its
+    first k dimensions (and re-normalized) and still work.
+
+    For each k in `dims`, `loss_fn` runs on the first k dimensions of every embedding column; its cosine
+    similarities re-normalize the truncated vectors (for SimCSE still scale = 1 / temperature). The result
+    is the weighted mean over the dims, equal weights by default:
+
+        L = sum_k w_k * loss(columns[:, :k]) / sum_k w_k
+
+    sentence-transformers' MatryoshkaLoss does the same with a weighted *sum*; the mean keeps the loss on
+    the plain loss's scale (so `dims == (full,)` is exactly the plain loss, and logged losses, the
+    learning rate and gradient clipping keep their meaning). The encoder runs once; only the loss, which
+    is cheap next to it, runs once per dim. `loss_fn` can be any `ObjectiveLoss` (unsup/sup SimCSE with
+    hard negatives, triplet, contrastive), and with several processes each dim gathers its own slice.
+    """
+    dims = tuple(int(k) for k in dims)
+    if not dims:
+        raise ValueError("matryoshka_loss needs at least one dimension")
+    if any(k < 1 for k in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"Matryoshka dims must be distinct and >= 1, got {dims}")
+    weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(dims)
+    if len(weights) != len(dims) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"need one non-negative weight per dim (not all 0), got {weights} for {dims}")
+    total_weight = sum(weights)
+
+    def loss(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        dim = columns[0].shape[-1]
+        if max(dims) > dim:
+            raise ValueError(f"Matryoshka dim {max(dims)} is larger than the embeddings' {dim}")
+        per_dim = [loss_fn([column[..., :k] for column in columns], labels) for k in dims]
+        return sum(w * value for w, value in zip(weights, per_dim)) / total_weight
+
+    return loss
+
+
 def make_loss(objective: str, temperature: float = 0.05, margin: float = 0.5,
-              gather: Gather = _no_gather) -> ObjectiveLoss:
+              gather: Gather = _no_gather, matryoshka_dims: Sequence[int] = ()) -> ObjectiveLoss:
     """The loss of a training objective, taking a batch's embedding columns (and labels).
 
     unsup: columns (view1, view2) of the same sentences; sup: (anchor, positive[, hard_negative]);
     triplet: (anchor, positive, negative); contrastive: (a, b) with labels.
+    `matryoshka_dims` non-empty: that loss wrapped in `matryoshka_loss` with equal weights.
     """
 
     def unsup_or_sup(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
@@ -121,4 +163,6 @@ def make_loss(objective: str, temperature: float = 0.05, margin: float = 0.5,
     losses = {"unsup": unsup_or_sup, "sup": unsup_or_sup, "triplet": triplet, "contrastive": contrastive}
     if objective not in losses:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(losses)}")
+    if matryoshka_dims:
+        return matryoshka_loss(losses[objective], matryoshka_dims)
     return losses[objective]

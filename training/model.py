@@ -52,10 +52,7 @@ class BaseModel:
 
 def describe_base(config: TrainConfig) -> BaseModel:
     path = Path(config.model)
-    if (path / art.METADATA_FILE).is_file():
-        max_len = art.load_artifact(path).max_seq_length
-    else:
-        max_len = int(art.describe_model_dir(path)["max_seq_length"])
+    max_len = int(art.describe_source(path)["max_seq_length"])
     return BaseModel(path, path / "tokenizer.json", max_len)
 
 

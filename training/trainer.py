@@ -6,7 +6,8 @@ Read top to bottom, `train` does:
   3. loop over optimizer steps: a batch (a pure function of seed and step, so resume is exact),
      `train_step` (plain or cached loss, gradient clipping, optimizer and schedule), logging, dev
      evaluation with the best weights kept, periodic checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
-  4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json);
+  4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json, and
+     `matryoshka_dims` when trained for truncation);
      a stop signal that arrives once every step is done waits for the artifact instead of losing it.
 
 `train_step` is public so other trainers (e.g. a SetFit-style classifier body on labelled pairs) can run
@@ -224,7 +225,7 @@ def train(
     if resume:
         state = ckpt.load_state(paths)
         _check_resume_config(config, resolve_config(from_dict(state["config"])))
-    elif ckpt.has_checkpoint(paths) or (paths.output / art.METADATA_FILE).exists():
+    elif ckpt.has_checkpoint(paths) or art.is_artifact(paths.output):
         raise ConfigError(
             f"{paths.output}: already holds an artifact or a checkpoint; resume it with --resume "
             "or choose another --output"
@@ -272,7 +273,10 @@ def train(
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
         )
-    loss_fn = make_loss(config.objective, config.temperature, config.margin, gather=distributed.gather_with_grad)
+    # With --matryoshka_dims the objective's loss is averaged over embedding prefixes (losses.matryoshka_loss);
+    # it acts on the embedding columns, so the plain and the cached step share it.
+    loss_fn = make_loss(config.objective, config.temperature, config.margin, gather=distributed.gather_with_grad,
+                        matryoshka_dims=config.matryoshka_dims)
     metrics_log = MetricsLog(paths.metrics, env.is_main, keep_until_step=step)
     autocast = _autocast(config, env.device)
     views = 2 if config.objective == "unsup" else 1
@@ -383,6 +387,7 @@ def train(
             save_artifact(
                 model.encoder.cpu(), config.output, tokenizer_dir=base.path, name=config.name, base_model=config.model,
                 max_seq_length=base.inference_max_seq_length, training=to_dict(config), metrics=metrics,
+                matryoshka_dims=config.matryoshka_dims,
             )
             plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
             ckpt.clean_up(paths)

@@ -119,3 +119,30 @@ def decode_requests(requests, pb_utils):
             spans.append((index, len(texts), len(texts) + len(decoded)))
             texts.extend(decoded)
     return texts, spans, errors
+
+
+def respond(requests, pb_utils, compute):
+    """One response per request of a dynamic batch that carries texts.
+
+    `compute(texts) -> {output name: array with one row per text}` runs once over the valid texts of every
+    request; each output is sliced back to its request. A request whose text is not valid UTF-8 fails on
+    its own; a failure inside `compute` fails this batch's requests with INTERNAL, not the server.
+    """
+    texts, spans, errors = decode_requests(requests, pb_utils)
+    responses = [None] * len(requests)
+    for index, error in errors.items():
+        responses[index] = pb_utils.InferenceResponse(error=error)
+    if not texts:
+        return responses
+    try:
+        outputs = compute(texts)
+    except Exception as exc:  # noqa: BLE001 - reported to the batch's callers
+        error = pb_utils.TritonError(f"inference failed: {exc}", pb_utils.TritonError.INTERNAL)
+        for index, _, _ in spans:
+            responses[index] = pb_utils.InferenceResponse(error=error)
+        return responses
+    for index, start, end in spans:
+        responses[index] = pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, values[start:end]) for name, values in outputs.items()])
+    return responses
+

@@ -11,7 +11,7 @@ import sys
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
-from text_batch import TextTokenizer, decode_requests, model_parameters, version_dir  # noqa: E402
+from text_batch import TextTokenizer, model_parameters, respond, version_dir  # noqa: E402
 
 
 class TritonPythonModel:
@@ -22,17 +22,9 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        texts, spans, errors = decode_requests(requests, pb_utils)
-        responses = [None] * len(requests)
-        for index, error in errors.items():
-            responses[index] = pb_utils.InferenceResponse(error=error)
-        if texts:
+        def compute(texts):
             ids, truncated = self.tokenizer.tokenize(texts)
             input_ids, attention_mask = self.tokenizer.pad(ids)
-            for index, start, end in spans:
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("input_ids", input_ids[start:end]),
-                    pb_utils.Tensor("attention_mask", attention_mask[start:end]),
-                    pb_utils.Tensor("truncated", truncated[start:end].reshape(-1, 1)),
-                ])
-        return responses
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "truncated": truncated.reshape(-1, 1)}
+
+        return respond(requests, pb_utils, compute)

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(__file__))
 from engines import load_engine  # noqa: E402
 from text_batch import (  # noqa: E402
-    TextTokenizer, arrival_groups, decode_requests, model_parameters, plan_groups, version_dir,
+    TextTokenizer, arrival_groups, model_parameters, plan_groups, respond, version_dir,
 )
 
 
@@ -49,21 +49,8 @@ class TritonPythonModel:
         return embeddings, truncated
 
     def execute(self, requests):
-        texts, spans, errors = decode_requests(requests, pb_utils)
-        responses = [None] * len(requests)
-        for index, error in errors.items():
-            responses[index] = pb_utils.InferenceResponse(error=error)
-        if texts:
-            try:
-                embeddings, truncated = self.embed(texts)
-            except Exception as exc:  # an engine failure fails this batch's requests, not the server
-                error = pb_utils.TritonError(f"inference failed: {exc}", pb_utils.TritonError.INTERNAL)
-                for index, _, _ in spans:
-                    responses[index] = pb_utils.InferenceResponse(error=error)
-                return responses
-            for index, start, end in spans:
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("sentence_embedding", embeddings[start:end]),
-                    pb_utils.Tensor("truncated", truncated[start:end].reshape(-1, 1)),
-                ])
-        return responses
+        def compute(texts):
+            embeddings, truncated = self.embed(texts)
+            return {"sentence_embedding": embeddings, "truncated": truncated.reshape(-1, 1)}
+
+        return respond(requests, pb_utils, compute)

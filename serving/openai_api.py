@@ -1,0 +1,532 @@
+"""An OpenAI-compatible embeddings API in front of Triton: `POST /v1/embeddings`, `GET /v1/models`, `GET /health`.
+
+Code written for OpenAI's embeddings endpoint (the `openai` package, LangChain, LlamaIndex...) works against
+embedline by changing its base url:
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="<EMBEDLINE_API_KEY, or anything without one>")
+    vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["A man is eating food."]).data
+
+Every request is forwarded to Triton over gRPC through the SDK's `AsyncEmbeddingClient` (one per served model,
+created on startup and closed on shutdown), so splitting, deadlines, retries and the error classification stay
+in one place (client/_common.py, client/errors.py); `dimensions` is the SDK's Matryoshka truncation. `usage`
+counts real tokens with the model's own tokenizer.json: special tokens included, cut at max_seq_length, as
+the server's model sees them.
+
+Stack: Starlette + uvicorn. Starlette is a small ASGI toolkit (routing, requests, responses, lifespan) with
+no validation or DI layer to pay for per request, and uvicorn is the standard, well-maintained ASGI server
+(graceful SIGTERM shutdown); together they add two pure-Python packages (+ h11, anyio) to the `serve` extra.
+
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
+
+    400  invalid JSON, wrong types, empty input, token-id input, bad `dimensions` / `encoding_format`,
+         text the server rejects (InvalidInputError)
+    401  missing or wrong `Authorization: Bearer <key>` (when an API key is set; /health is never guarded)
+    404  unknown model (or path)
+    413  a body over max_body_bytes (Content-Length, or the bytes actually streamed)
+    429  Triton's queue stayed full through the SDK's retries (ServerOverloadedError), with Retry-After
+    503  Triton unavailable through the SDK's retries (ServerUnavailableError), with Retry-After
+    504  the SDK's deadline passed (DeadlineExceededError)
+    500  anything else (details in the log, not in the response)
+
+Run it as a process (the API key comes from the environment only, never from argv):
+
+    EMBEDLINE_API_KEY=... python -m embedline.serving.openai_api --grpc-url 127.0.0.1:8001 --port 8080 \\
+        --model all-MiniLM-L6-v2=/path/artifact/tokenizer.json:256[:embed] [--model ...] [--default NAME]
+
+`openai_command(...)` builds that command line for a supervisor (serving/launcher.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from tokenizers import Tokenizer
+
+from embedline.client import (
+    AsyncEmbeddingClient,
+    DeadlineExceededError,
+    EmbeddingClientError,
+    InvalidInputError,
+    ServerOverloadedError,
+    ServerUnavailableError,
+)
+
+MODULE = "embedline.serving.openai_api"
+log = logging.getLogger(MODULE)  # not __name__: run with -m, that would be "__main__"
+
+API_KEY_ENV = "EMBEDLINE_API_KEY"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_INPUTS = 2048            # OpenAI's limit on texts per request
+RETRY_AFTER_S = 1            # the SDK's longest backoff: a retry sooner would meet the same full queue
+HEALTH_TIMEOUT_S = 2.0
+# Texts counted in a worker thread above this many (tokenizing thousands of texts would stall the event loop).
+TOKENIZE_INLINE_MAX = 64
+# Requests the route keeps in flight to Triton per model. Above the SDK's default of 4: the route multiplexes
+# many HTTP callers, and Triton's bounded queue (not a hidden queue here) is what turns overload away.
+DEFAULT_MAX_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model the route serves.
+
+    name: the public model name (`model` in requests, `id` in /v1/models).
+    tokenizer_path: the artifact's tokenizer.json, for the token counts of `usage`.
+    max_seq_length: where the server cuts texts (tokens), so counts match what the model sees.
+    client_kwargs: extra keyword arguments for its AsyncEmbeddingClient, e.g. {"embed_model": "embed"}
+        (the Triton model name), {"timeout": 10.0}, {"ssl": True, "root_certificates": "ca.pem"}.
+    """
+
+    name: str
+    tokenizer_path: str | os.PathLike
+    max_seq_length: int
+    client_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_artifact(cls, artifact: Any, name: str | None = None, **client_kwargs: Any) -> ServedModel:
+        """The model of an `embedline.artifact.Artifact`, named after it unless `name` is given."""
+        return cls(name=name or artifact.name, tokenizer_path=artifact.tokenizer_path,
+                   max_seq_length=artifact.max_seq_length, client_kwargs=client_kwargs)
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def sdk_error(exc: Exception) -> ApiError:
+    """The HTTP answer for an exception the SDK raised while embedding (one table, tested on its own)."""
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, ServerOverloadedError):
+        return ApiError(429, "the embedding server is overloaded; retry after a short wait",
+                        "rate_limit_error", code="server_overloaded", headers=retry)
+    if isinstance(exc, ServerUnavailableError):
+        return ApiError(503, "the embedding server is unavailable; retry after a short wait",
+                        "server_error", code="server_unavailable", headers=retry)
+    if isinstance(exc, DeadlineExceededError):
+        return ApiError(504, "the embedding server did not answer in time", "server_error", code="timeout")
+    if isinstance(exc, InvalidInputError):
+        return ApiError(400, str(exc).replace("texts[", "input["), param="input")
+    if isinstance(exc, ValueError):  # the SDK's own argument checks, e.g. dimensions > the model's dim
+        return ApiError(400, str(exc), param="dimensions" if "dimensions" in str(exc) else None)
+    return ApiError(500, "the embedding server failed to handle the request", "server_error", code="internal_error")
+
+
+# ----------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def parse_input(value: Any) -> list[str]:
+    """`input`: a string or a non-empty list of strings; token ids get a message of their own."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise _invalid("'input' must be a string or an array of strings", "input")
+    if not value:
+        raise _invalid("'input' must not be an empty array", "input")
+    if all(isinstance(item, str) for item in value):
+        if len(value) > MAX_INPUTS:
+            raise _invalid(f"'input' has {len(value)} items; at most {MAX_INPUTS} per request", "input")
+        return value
+
+    def is_ids(item: Any) -> bool:
+        return type(item) is int or (isinstance(item, list) and all(type(t) is int for t in item))
+
+    if all(is_ids(item) for item in value):
+        raise _invalid("token ids are not supported as 'input': send the text itself (a string or an array "
+                       "of strings); the server tokenizes with the model's own tokenizer", "input",
+                       "token_ids_not_supported")
+    raise _invalid("'input' must be a string or an array of strings", "input")
+
+
+def parse_dimensions(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        raise _invalid(f"'dimensions' must be a positive integer, got {json.dumps(value)}", "dimensions")
+    return value
+
+
+def parse_encoding_format(value: Any) -> str:
+    if value is None:
+        return "float"
+    if value not in ("float", "base64"):
+        raise _invalid(f"'encoding_format' must be 'float' or 'base64', got {json.dumps(value)}", "encoding_format")
+    return value
+
+
+def encode_vectors(embeddings: np.ndarray, encoding_format: str) -> list[Any]:
+    """float: lists of numbers; base64: each vector's little-endian float32 bytes, as OpenAI sends them."""
+    if encoding_format == "base64":
+        little = np.ascontiguousarray(embeddings, dtype="<f4")
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+    return embeddings.tolist()
+
+
+def embeddings_body(vectors: list[Any], model: str, tokens: int) -> bytes:
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
+    body = {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def load_tokenizer(path: str | os.PathLike, max_seq_length: int) -> Tokenizer:
+    """The model's tokenizer cut at max_seq_length, without padding: len(ids) is what the model sees."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_seq_length)
+    return tokenizer
+
+
+def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: ~15% less CPU, same ids.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return sum(len(encoding.ids) for encoding in encode(texts))
+
+
+# ----------------------------------------------------------------------------------------------
+# The app
+
+
+def check_api_key(api_key: str | None) -> str | None:
+    """An API key as the launcher accepts it: printable ASCII without spaces; empty means none."""
+    if api_key is None or not api_key.strip():
+        return None
+    api_key = api_key.strip()
+    if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
+    return api_key
+
+
+def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: str, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The ASGI app serving `models` (public name -> ServedModel) from the Triton server at `grpc_url`.
+
+    default_model: the name used when a request has no `model`.
+    api_key: required from callers as `Authorization: Bearer <key>` (compared in constant time) on every
+        route but /health, and sent to Triton by the SDK clients (unless a model's client_kwargs name
+        another). None: no key is asked for; the SDK then reads $EMBEDLINE_API_KEY for Triton as usual.
+    max_body_bytes: larger request bodies get 413 without being read to the end.
+
+    Tokenizers load here, so a bad path fails before anything is served; the gRPC clients are made on startup.
+    """
+    models = dict(models)
+    if not models:
+        raise ValueError("create_app needs at least one model")
+    for name, model in models.items():
+        if name != model.name:
+            raise ValueError(f"models[{name!r}] is named {model.name!r}; key the mapping by ServedModel.name")
+        if model.max_seq_length < 1:
+            raise ValueError(f"model {name!r}: max_seq_length must be >= 1, got {model.max_seq_length}")
+    if default_model not in models:
+        raise ValueError(f"default model {default_model!r} is not one of the served models {sorted(models)}")
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    api_key = check_api_key(api_key)
+    expected_auth = f"Bearer {api_key}".encode() if api_key else None
+    tokenizers = {name: load_tokenizer(model.tokenizer_path, model.max_seq_length) for name, model in models.items()}
+    clients: dict[str, AsyncEmbeddingClient] = {}
+
+    def client_kwargs(model: ServedModel) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_concurrency": DEFAULT_MAX_CONCURRENCY}
+        if api_key:
+            kwargs["api_key"] = api_key
+        return {**kwargs, **model.client_kwargs}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        for name, model in models.items():
+            clients[name] = AsyncEmbeddingClient(grpc_url, **client_kwargs(model))
+        log.info("serving %s from %s (default %s)", ", ".join(models), grpc_url, default_model)
+        try:
+            yield
+        finally:
+            for client in clients.values():
+                await client.close()
+            clients.clear()
+
+    def authorize(request: Request) -> None:
+        if expected_auth is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # Normalized spelling of the scheme, then one constant-time comparison of the whole header.
+        given_bytes = f"Bearer {token.strip()}".encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given_bytes, expected_auth):
+            message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
+                       else "incorrect API key provided")
+            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        too_large = ApiError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise _invalid("invalid Content-Length header")
+            if int(length) > max_body_bytes:
+                raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def embeddings(request: Request) -> Response:
+        try:
+            authorize(request)
+            body = await read_body(request)
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _invalid(f"the request body is not valid JSON ({exc})") from None
+            if not isinstance(payload, dict):
+                raise _invalid("the request body must be a JSON object")
+            name = payload.get("model")
+            if name is None:
+                name = default_model
+            elif not isinstance(name, str):
+                raise _invalid("'model' must be a string", "model")
+            if "input" not in payload:
+                raise _invalid("'input' is required", "input")
+            texts = parse_input(payload["input"])
+            dimensions = parse_dimensions(payload.get("dimensions"))
+            encoding_format = parse_encoding_format(payload.get("encoding_format"))
+            if name not in models:
+                raise ApiError(404, f"the model '{name}' does not exist; served: {', '.join(sorted(models))}",
+                               param="model", code="model_not_found")
+            client = clients[name]
+            try:
+                vectors = await client.embed(texts, dimensions=dimensions)
+            except (EmbeddingClientError, ValueError) as exc:
+                error = sdk_error(exc)
+                log_at = logging.WARNING if error.status >= 500 else logging.DEBUG
+                log.log(log_at, "embedding %d text(s) with %s failed: %s", len(texts), name, exc)
+                raise error from exc
+            if len(texts) > TOKENIZE_INLINE_MAX:
+                tokens = await asyncio.to_thread(count_tokens, tokenizers[name], texts)
+            else:
+                tokens = count_tokens(tokenizers[name], texts)
+            content = embeddings_body(encode_vectors(vectors, encoding_format), name, tokens)
+            return Response(content, media_type="application/json")
+        except ApiError as error:
+            return error.response()
+        except Exception:  # noqa: BLE001 - a bug here must still answer in OpenAI's shape
+            log.exception("unexpected error in POST /v1/embeddings")
+            return ApiError(500, "internal error", "server_error", code="internal_error").response()
+
+    def model_object(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "embedline"}
+
+    async def list_models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except ApiError as error:
+            return error.response()
+        return JSONResponse({"object": "list", "data": [model_object(name) for name in models]})
+
+    async def retrieve_model(request: Request) -> Response:
+        try:
+            authorize(request)
+            name = request.path_params["model"]
+            if name not in models:
+                raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        except ApiError as error:
+            return error.response()
+        return JSONResponse(model_object(name))
+
+    async def health(request: Request) -> Response:
+        checks = await asyncio.gather(*(client.health(timeout=HEALTH_TIMEOUT_S) for client in clients.values()))
+        healthy = bool(clients) and all(checks)
+        return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
+        return ApiError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'error')}",
+                        code=code, headers=getattr(exc, "headers", None)).response()
+
+    routes = [
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+
+
+# ----------------------------------------------------------------------------------------------
+# The process
+
+
+def parse_model_spec(spec: str) -> ServedModel:
+    """NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL] -> ServedModel (EMBED_MODEL: the Triton model name)."""
+    name, sep, rest = spec.partition("=")
+    parts = rest.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        path, length, embed_model = parts
+    else:
+        path, _, length = rest.rpartition(":")
+        embed_model = ""
+    if not sep or not name or not path or not length.isdigit() or int(length) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--model {spec!r}: expected NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL]")
+    return ServedModel(name=name, tokenizer_path=path, max_seq_length=int(length),
+                       client_kwargs={"embed_model": embed_model} if embed_model else {})
+
+
+def format_model_spec(model: ServedModel) -> str:
+    extra = set(model.client_kwargs) - {"embed_model"}
+    if extra:
+        raise ValueError(f"model {model.name!r}: client_kwargs {sorted(extra)} have no command-line form "
+                         "(only embed_model; timeout, retries and TLS are options of the whole process)")
+    embed_model = model.client_kwargs.get("embed_model")
+    return f"{model.name}={model.tokenizer_path}:{model.max_seq_length}" + (f":{embed_model}" if embed_model else "")
+
+
+def openai_command(grpc_url: str, models: Sequence[ServedModel], *, host: str = "127.0.0.1",
+                   port: int = DEFAULT_PORT, default_model: str | None = None, timeout: float | None = None,
+                   max_retries: int | None = None, max_body_bytes: int | None = None,
+                   grpc_root_certificates: str | os.PathLike | None = None, drain_timeout: float | None = None,
+                   insecure: bool = False, access_log: bool = False, python: str = sys.executable) -> list[str]:
+    """The argv that runs the route as a child process (`subprocess.Popen(argv, env=...)`).
+
+    The API key is not part of it: pass it in the child's environment as EMBEDLINE_API_KEY.
+    """
+    if not models:
+        raise ValueError("openai_command needs at least one model")
+    argv = [python, "-m", MODULE, "--grpc-url", grpc_url, "--host", host, "--port", str(port)]
+    for model in models:
+        argv += ["--model", format_model_spec(model)]
+    options = {"--default": default_model, "--timeout": timeout, "--max-retries": max_retries,
+               "--max-body-bytes": max_body_bytes, "--grpc-root-certificates": grpc_root_certificates,
+               "--drain-timeout": drain_timeout}
+    for flag, value in options.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    if insecure:
+        argv.append("--insecure")
+    if access_log:
+        argv.append("--access-log")
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description="OpenAI-compatible embeddings API (POST /v1/embeddings) forwarding to Triton over gRPC. "
+                    f"The API key, if any, is read from ${API_KEY_ENV}.")
+    parser.add_argument("--grpc-url", required=True, help="the Triton server's gRPC host:port")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs a key or --insecure)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--model", dest="models", action="append", type=parse_model_spec, required=True,
+                        metavar="NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL]",
+                        help="a served model: public name, its tokenizer.json, max_seq_length and the Triton "
+                             "model name (default 'embed'); repeat for several")
+    parser.add_argument("--default", default=None, help="model for requests without one (default: the first)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds one request may take in Triton, retries included (SDK default: 30)")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help="SDK retries of an overloaded or unavailable server within the timeout (default: SDK's)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--grpc-root-certificates", default=None,
+                        help="PEM CA file: talk to Triton's gRPC over TLS")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def app_from_args(args: argparse.Namespace, api_key: str | None) -> Starlette:
+    from embedline.serving.triton import is_loopback
+
+    if not is_loopback(args.host) and api_key is None and not args.insecure:
+        raise ValueError(f"refusing to serve on {args.host} without an API key: set {API_KEY_ENV}, "
+                         "or pass --insecure to serve openly")
+    names = [model.name for model in args.models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model names must be unique, got {names}")
+    shared: dict[str, Any] = {}
+    if args.timeout is not None:
+        shared["timeout"] = args.timeout
+    if args.max_retries is not None:
+        shared["max_retries"] = args.max_retries
+    if args.grpc_root_certificates is not None:
+        shared.update(ssl=True, root_certificates=args.grpc_root_certificates)
+    models = {model.name: ServedModel(model.name, model.tokenizer_path, model.max_seq_length,
+                                      {**shared, **model.client_kwargs}) for model in args.models}
+    return create_app(models, args.default or names[0], args.grpc_url, api_key=api_key,
+                      max_body_bytes=args.max_body_bytes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        api_key = check_api_key(os.environ.get(API_KEY_ENV))
+        for model in args.models:
+            if not Path(model.tokenizer_path).is_file():
+                raise ValueError(f"--model {model.name}: no tokenizer file {model.tokenizer_path}")
+        app = app_from_args(args, api_key)
+    except Exception as exc:  # a bad option or tokenizer file (tokenizers raises plain Exception): one line
+        log.error("%s", exc)
+        return 2
+    config = uvicorn.Config(app, host=args.host, port=args.port, workers=1, log_config=None, lifespan="on",
+                            access_log=args.access_log, log_level=args.log_level, server_header=False,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = uvicorn.Server(config)
+    # uvicorn turns SIGTERM / SIGINT into a graceful shutdown, restores the handlers it found and re-raises the
+    # signal it caught; with these no-op handlers in place that re-raise does not kill the process, so a
+    # SIGTERM ends in exit 0 after in-flight requests finish.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    server.run()
+    if not server.started:
+        log.error("the server did not start (is port %d on %s in use?)", args.port, args.host)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
