@@ -228,6 +228,7 @@ def main() -> None:
     save_results("faults", {"results": results})
     rows = [[fault, r["callers_saw"], r["readiness"], r["recovery"]] for fault, r in results.items()]
     update_readme_section("faults", (
+        "## Fault injection\n\n"
         f"Bundled model, default `embedline serve`, load from 4 SDK threads (default settings) or, for SIGTERM, "
         f"8 raw tritonclient threads that never retry; CPU flags: {' '.join(cpu_flags()) or 'none'}. "
         "`.venv/bin/python -m benchmarks.faults`\n\n"

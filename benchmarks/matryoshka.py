@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    REPO, command_line, cpu_flags, cpu_seconds, data_dir, load_average, markdown_table, parse_with_train_config,
-    pin_threads, save_results, update_readme_section,
+    REPO, RESULTS, command_line, cpu_flags, cpu_seconds, data_dir, load_average, markdown_table,
+    parse_with_train_config, pin_threads, save_results, update_readme_section,
 )
 
 log = logging.getLogger("matryoshka")
@@ -101,7 +101,7 @@ def fine_tune(config, output: Path, name: str, dims: tuple[int, ...]) -> dict:
         "train_seconds": result.metrics["train_seconds"],
         "wall_seconds": round(time.perf_counter() - wall_start, 1),
         "process_cpu_seconds": round(cpu_seconds() - cpu_start, 1),
-        "train_config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "train_config": result.artifact.metadata["training"],  # resolved: lr, device, ... filled in
     }
 
 
@@ -120,8 +120,12 @@ def main() -> int:
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "benchmarks" / "matryoshka")
     parser.add_argument("--name", default="matryoshka", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--no-readme", action="store_true", help="do not write the README section")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only rewrite the README section from benchmarks/results/NAME.json")
     data = data_dir()
     args, config = parse_with_train_config(parser, experiment_settings(data))
+    if args.readme_only:
+        return readme_only(args.name)
     dims = tuple(sorted({int(d) for d in args.dims.split(",")}, reverse=True))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
@@ -147,40 +151,62 @@ def main() -> int:
     gain = {k: round(table["matryoshka"][k] - table["control"][k], 2) for k in dims}
     interval = ({k: paired_bootstrap(cosines["matryoshka"][k], cosines["control"][k], scores, args.bootstrap)
                  for k in dims} if args.bootstrap else {})
-    columns = sorted(dims)
-    rows = [[ROWS[tag], *(f"{table[tag][k]:.2f}" for k in columns)] for tag in ("bundled", "matryoshka", "control")]
-    rows.append(["Matryoshka - control (95% CI, paired bootstrap)",
-                 *(f"**{gain[k]:+.2f}** [{interval[k][0]:+.2f}, {interval[k][1]:+.2f}]" if interval
-                   else f"**{gain[k]:+.2f}**" for k in columns)])
-    markdown = markdown_table(["STS-B dev Spearman x100", *(f"{k} dims" for k in columns)], rows)
-    print(markdown)
-
-    flags = cpu_flags()
-    path = save_results(args.name, {
-        "command": command_line(), "cpu_flags": flags, "threads": args.threads, "dims": list(dims),
+    results = {
+        "command": command_line(), "cpu_flags": cpu_flags(), "threads": args.threads, "dims": list(dims),
         "load_average_start": load_start, "load_average_end": load_average(), "stsb_dev_pairs": len(scores),
         "spearman_x100": {tag: {str(k): v for k, v in by_dim.items()} for tag, by_dim in table.items()},
         "matryoshka_minus_control": {str(k): v for k, v in gain.items()},
         "bootstrap_95ci": {str(k): v for k, v in interval.items()}, "bootstrap_rounds": args.bootstrap,
         "runs": runs,
-    })
+    }
+    path = save_results(args.name, results)
+    print(results_table(results))
     print(f"saved {path}")
     if not args.no_readme:
-        run = runs["matryoshka"]
-        settings = run["train_config"]
-        update_readme_section(args.name, (
-            f"## Matryoshka dimensions: STS-B dev Spearman of truncated embeddings ({args.threads} threads, "
-            f"CPU flags: {', '.join(flags) or 'none reported'})\n\n"
-            f"Each embedding cut to its first k dims and re-normalized, cosine vs the gold score "
-            f"({len(scores):,} STS-B dev pairs). Both fine-tunes: supervised SimCSE with hard negatives on "
-            f"`nli/nli_triples.csv.gz`, {run['steps']} steps (1 epoch) of batch {settings['batch_size']}, lr "
-            f"{settings['lr']:g}, temperature {settings['temperature']:g}, max_seq_length "
-            f"{settings['max_seq_length']}, seed {settings['seed']}, the same batches; the Matryoshka one with "
-            f"`--matryoshka_dims={','.join(map(str, dims))}` (equal weights, the mean over the dims), the control "
-            f"without. No dev file: the last weights are kept, so STS-B dev selects nothing.\n\n{markdown}\n\n"
-            f"Training took {runs['matryoshka']['train_seconds']:,.0f} s (Matryoshka) and "
-            f"{runs['control']['train_seconds']:,.0f} s (control) on a shared machine (load average "
-            f"{load_start[0]} at the start). Command: `{command_line()}`; numbers: `results/{path.name}`."))
+        write_readme_section(args.name, results)
+    return 0
+
+
+def results_table(results: dict) -> str:
+    """The markdown table (rows: models and the Matryoshka - control difference; columns: dims ascending)."""
+    columns = sorted(results["dims"])
+    table, gain, interval = results["spearman_x100"], results["matryoshka_minus_control"], results["bootstrap_95ci"]
+    rows = [[ROWS[tag], *(f"{table[tag][str(k)]:.2f}" for k in columns)] for tag in ROWS]
+    rows.append(["Matryoshka - control (95% CI, paired bootstrap)", *(
+        f"**{gain[str(k)]:+.2f}** [{interval[str(k)][0]:+.2f}, {interval[str(k)][1]:+.2f}]" if interval
+        else f"**{gain[str(k)]:+.2f}**" for k in columns)])
+    return markdown_table(["STS-B dev Spearman x100", *(f"{k} dims" for k in columns)], rows)
+
+
+def write_readme_section(name: str, results: dict) -> None:
+    """The "<name>" section of benchmarks/README.md, from a results dict (as saved in results/<name>.json)."""
+    runs = results["runs"]
+    settings = runs["matryoshka"]["train_config"]
+    dims = ",".join(map(str, results["dims"]))
+    update_readme_section(name, (
+        f"## Matryoshka dimensions: STS-B dev Spearman of truncated embeddings ({results['threads']} threads, "
+        f"CPU flags: {', '.join(results['cpu_flags']) or 'none reported'})\n\n"
+        f"Each embedding cut to its first k dims and re-normalized, cosine vs the gold score "
+        f"({results['stsb_dev_pairs']:,} STS-B dev pairs), as the SDK's `embed(texts, dimensions=k)` serves it. "
+        f"Both fine-tunes: supervised SimCSE with hard negatives from all-MiniLM-L6-v2 on "
+        f"`nli/nli_triples.csv.gz`, {runs['matryoshka']['steps']} steps (1 epoch) of batch "
+        f"{settings['batch_size']}, lr {settings['lr']:g}, temperature {settings['temperature']:g}, "
+        f"max_seq_length {settings['max_seq_length']}, seed {settings['seed']}, the same batches in the same "
+        f"order; the Matryoshka one with `--matryoshka_dims={dims}` (equal weights, the mean over the dims), "
+        f"the control without. No dev file: the last weights are kept, so STS-B dev selects nothing.\n\n"
+        f"{results_table(results)}\n\n"
+        f"Training took {runs['matryoshka']['train_seconds']:,.0f} s (Matryoshka) and "
+        f"{runs['control']['train_seconds']:,.0f} s (control) on 2 shared cores (load average "
+        f"{results['load_average_start'][0]} at the start, {results['load_average_end'][0]} at the end), so "
+        f"the times compare poorly. Command: `{results['command']}`; numbers: `results/{name}.json`; "
+        f"`--readme-only` rewrites this section from that file."))
+
+
+def readme_only(name: str) -> int:
+    path = RESULTS / f"{name}.json"
+    results = json.loads(path.read_text())
+    print(results_table(results))
+    write_readme_section(name, results)
     return 0
 
 

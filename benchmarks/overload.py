@@ -157,6 +157,7 @@ def main() -> None:
         ["max queue", "capacity req/s", "offered req/s", "sent", "ok", "refused at once", "dropped by timeout",
          "client deadline", "other", "ok p50 ms", "ok p99 ms", "refusal p50 ms"], rows)
     update_readme_section("overload", (
+        "## Overload: the queue bound\n\n"
         f"Open-loop load at {args.factor:g}x capacity for {args.seconds:g} s, {REQUEST_TEXTS}-text STS-B requests, "
         f"{DEADLINE_S:g} s deadlines sent as Triton's request timeout, no retries; bundled model, {variant}, "
         f"CPU flags: {flags}. `{'.venv/bin/python -m benchmarks.overload'}`\n\n{table}"))

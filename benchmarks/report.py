@@ -136,6 +136,16 @@ def compute_targets(results: dict) -> list[dict]:
                                  best and best["sentences_per_s"], inf_best and inf_best["sentences_per_s"], 3.0,
                                  infinity.get("error") or "32-text requests, best concurrency each"))
 
+    # 6. A corpus call (client.embed(N texts)) vs the same server's closed-loop best, same rounds.
+    corpus = results.get("corpus") or {}
+    median = corpus.get("median") or {}
+    targets.append(_ratio_target(
+        f"corpus call, {corpus.get('variant', variant)}: client.embed(N) / closed-loop best (32-text c16)",
+        median.get("client"), median.get("closed_loop_32x16"), 0.9,
+        corpus.get("error") or (f"N={corpus.get('texts')}, plan {corpus.get('plan', {}).get('batch_size')}-text "
+                                f"requests x {corpus.get('plan', {}).get('in_flight')} in flight, "
+                                f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds")))
+
     gpu = results.get("gpu") or {}
     if gpu.get("measured"):
         from benchmarks.gpu import gpu_targets
@@ -145,6 +155,36 @@ def compute_targets(results: dict) -> list[dict]:
         targets.append(_target("GPU targets (fp16 vs fp32 / sentence-transformers at batch 128, server / in-process)",
                                None, ">= 2x, >= 2x, >= 0.9x", None, gpu.get("reason", "not measured")))
     return targets
+
+
+def corpus_markdown(corpus: dict) -> list[str]:
+    """The corpus stage's table: sentences/s of each side (median over alternating rounds) and the ratios."""
+    if corpus.get("error"):
+        return [f"corpus call: {corpus['error']}", ""]
+    median = corpus.get("median")
+    if not median:
+        return []
+    plan = corpus.get("plan", {})
+    flags = ", ".join(f for f in corpus.get("cpu_flags", []) if "avx512" in f or "vnni" in f or "amx" in f) or "none"
+    rows = [
+        ["SentenceTransformer.encode(N) in-process (batch 32, length-sorted)", _fmt(median.get("sentence_transformers")),
+         "-"],
+        [f"client.embed(N) via the server ({plan.get('batch_size')}-text requests, {plan.get('in_flight')} in flight)",
+         _fmt(median.get("client")), _fmt(corpus.get("ratio_client_to_st"))],
+        ["client.embed(N), earlier SDK plan (64-text requests, 4 in flight)", _fmt(median.get("client_64x4")),
+         _fmt(round(median["client_64x4"] / median["sentence_transformers"], 3)
+              if median.get("sentence_transformers") else None)],
+        ["closed-loop best: 16 concurrent 32-text requests (asyncio SDK)", _fmt(median.get("closed_loop_32x16")),
+         _fmt(round(median["closed_loop_32x16"] / median["sentence_transformers"], 3)
+              if median.get("sentence_transformers") else None)],
+    ]
+    return [f"### Corpus call: `client.embed(N)` vs `SentenceTransformer.encode(N)` ({corpus.get('variant')}, "
+            f"N={corpus.get('texts')} {corpus.get('workload')} texts, {corpus.get('threads')} threads each, "
+            f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds)", "",
+            markdown_table(["", "sentences/s", "/ sentence-transformers"], rows), "",
+            f"client.embed(N) / closed-loop best: {_fmt(corpus.get('ratio_client_to_closed_loop'))} "
+            f"(earlier plan: {_fmt(corpus.get('ratio_64x4_to_closed_loop'))}). CPU int8 flags: {flags}; "
+            f"load average {corpus.get('load')}.", ""]
 
 
 def _cpu_model() -> str:
@@ -245,6 +285,7 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
                   latency_table(classify["latency"]), ""]
     elif classify.get("error"):
         lines += [f"classify latency: {classify['error']}", ""]
+    lines += corpus_markdown(results.get("corpus") or {})
     lines += [" ".join(f"![{p}]({p})" for p in plots), "",
               f"Command: `{command}`. Everything measured: `results/{results['result_file']}`."]
     return "\n".join(lines)

@@ -164,6 +164,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(samples, RESULTS / "soak.png")
     update_readme_section("soak", (
+        "## Soak\n\n"
         f"{args.concurrency} concurrent async SDK callers, request sizes {REQUEST_SIZES} texts, "
         f"{args.minutes:g} min, sampled every {SAMPLE_S:g} s; CPU flags: {' '.join(cpu_flags()) or 'none'}. "
         "`.venv/bin/python -m benchmarks.soak` ([plot](results/soak.png))\n\n" + markdown_table(

@@ -9,7 +9,9 @@ variant and OpenVINO (the ceiling a server on that engine can approach); our Tri
 variant under closed-loop load (1- and 32-text requests, concurrency 1..64) on short / medium / mixed
 texts; the server with length grouping off and with dynamic batching off (the baselines of the targets);
 Triton's perf_analyzer as an independent load generator; Infinity (torch) as the Python-server peer.
-Plus scaling curves (batch 1..256, sequence 16..512). Results: benchmarks/results/suite[_quick].json,
+Plus scaling curves (batch 1..256, sequence 16..512), and a corpus call: `client.embed(N texts)` through the
+server against `SentenceTransformer.encode(N texts)` in-process, in alternating rounds (`--only corpus`
+runs that stage alone). Results: benchmarks/results/suite[_quick].json,
 PNG plots, and a section of benchmarks/README.md (full mode). Everything heavy runs under the shared
 lock /tmp/embedline-heavy.lock (the machine is shared), with threads pinned everywhere.
 """
@@ -63,6 +65,7 @@ class Mode:
     sentence_transformers_scaling: bool
     scaling_cap_seconds: float
     classify_requests: int  # timed requests per (embed|classify, request size) in the classification stage
+    corpus_rounds: int = 2  # alternating rounds of the corpus stage (client.embed(N) vs encode(N) in-process)
 
 
 MODES = {
@@ -70,13 +73,13 @@ MODES = {
                   request_sizes=(1, 32), all_variants=False, scaling_batch=(1, 32, 128),
                   scaling_sequence=(16, 128, 512), scaling_seconds=0.3, perf_analyzer_concurrency=(16,),
                   infinity_concurrency=(), sentence_transformers_scaling=False, scaling_cap_seconds=0.5,
-                  classify_requests=30),
+                  classify_requests=30, corpus_rounds=2),
     "full": Mode("full", texts=1000, point_seconds=3.0, warmup_seconds=0.5, concurrency=(1, 2, 4, 8, 16, 32, 64),
                  request_sizes=(1, 32), all_variants=True, scaling_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                  scaling_sequence=(16, 32, 64, 128, 256, 512), scaling_seconds=1.0,
                  perf_analyzer_concurrency=(1, 4, 16, 64), infinity_concurrency=(1, 4),
                  sentence_transformers_scaling=True, scaling_cap_seconds=2.0,
-                 classify_requests=200),
+                 classify_requests=200, corpus_rounds=5),
 }
 # (request size, concurrency) of the mixed-length comparison (length grouping on vs off).
 MIXED_POINTS = ((32, 2), (1, 32))
@@ -97,6 +100,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lock", action="store_true", help=f"do not take {LOCK_FILE} (others' numbers suffer)")
     parser.add_argument("--output", default=None, help="results JSON (default: benchmarks/results/suite[_quick].json)")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--only", choices=("corpus",), default=None,
+                        help="run one stage alone: corpus (client.embed(N) vs SentenceTransformer.encode(N)); "
+                             "results in benchmarks/results/corpus[_quick].json")
 
 
 @contextlib.contextmanager
@@ -376,6 +382,77 @@ def measure_classify(mode: Mode, threads: int, tmp: Path) -> dict:
     return {"variant": "fp32", "labels": labels, "requests": mode.classify_requests, "latency": latency}
 
 
+def _corpus_call(url: str, texts: list[str], **client_settings) -> dict:
+    """One `client.embed(texts)` through the sync SDK (a fresh client, its channel and config look-up
+    warmed up by a one-request call first); -> sentences/s and the request plan it used."""
+    from embedline.client import EmbeddingClient
+
+    with EmbeddingClient(url, timeout=600.0, **client_settings) as client:
+        client.embed(texts[:8])
+        started = time.perf_counter()
+        client.embed(texts)
+        seconds = time.perf_counter() - started
+        spec = client._specs[client.embed_model]
+        plan = client._plan(spec, len(texts))
+    return {"sentences_per_s": round(len(texts) / seconds, 1), "seconds": round(seconds, 3),
+            "batch_size": plan.batch_size, "in_flight": plan.in_flight}
+
+
+def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, tmp: Path,
+                   workloads_file: Path) -> dict:
+    """A corpus call: `client.embed(N texts)` through the server against `SentenceTransformer.encode(N texts)`
+    in-process (the same N short texts, the same threads), in alternating rounds.
+
+    Each round runs: sentence-transformers over the N texts (batches of 32 cut from the length-sorted
+    list: what `encode` does with a list), the SDK's corpus call with its automatic request plan, the
+    same call with the plan of earlier SDKs (64-text requests, 4 in flight), and the server's closed-loop
+    best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should approach.
+    """
+    import math
+    import statistics
+
+    from embedline.serving.settings import RepositorySettings
+
+    from benchmarks.common import cpu_flags
+    from benchmarks.engine_process import EngineProcess
+    from benchmarks.load import closed_loop
+
+    w = workloads[SHORT]
+    texts = list(w.texts)
+    rounds: dict[str, list[float]] = {"sentence_transformers": [], "client": [], "client_64x4": [],
+                                      "closed_loop_32x16": []}
+    plan: dict[str, int] = {}
+    try:
+        settings = RepositorySettings(variant=variant, intra_op_threads=threads)
+        with EngineProcess(artifact.path, "sentence-transformers", threads, workloads_file) as st, \
+                triton(artifact, tmp, settings) as server:
+            for _ in range(mode.corpus_rounds):
+                # min_batches = every batch once, seconds 0: exactly one pass over the N texts.
+                point = st.batches(SHORT, 32, 0.0, min_batches=math.ceil(len(texts) / 32), sort_by_length=True)
+                rounds["sentence_transformers"].append(point["sentences_per_s"])
+                call = _corpus_call(server.grpc_url, texts)
+                plan = {"batch_size": call["batch_size"], "in_flight": call["in_flight"]}
+                rounds["client"].append(call["sentences_per_s"])
+                rounds["client_64x4"].append(
+                    _corpus_call(server.grpc_url, texts, batch_size=64, max_concurrency=4)["sentences_per_s"])
+                rounds["closed_loop_32x16"].append(closed_loop(
+                    server.grpc_url, texts, w.tokens, 32, 16, mode.point_seconds, mode.warmup_seconds)["sentences_per_s"])
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
+        log.exception("corpus stage failed")
+        return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
+    median = {name: round(statistics.median(values), 1) for name, values in rounds.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(median[a] / median[b], 3) if median[b] else None
+
+    return {"variant": variant, "texts": len(texts), "workload": SHORT, "threads": threads,
+            "rounds": rounds, "median": median, "plan": plan,
+            "ratio_client_to_st": ratio("client", "sentence_transformers"),
+            "ratio_client_to_closed_loop": ratio("client", "closed_loop_32x16"),
+            "ratio_64x4_to_closed_loop": ratio("client_64x4", "closed_loop_32x16"),
+            "cpu_flags": cpu_flags(), "load": load_average()}
+
+
 def sts_record(artifact) -> dict | None:
     """Spearman per variant from the artifact's export, and each variant's loss to fp32."""
     variants = artifact.parity().get("variants", {})
@@ -406,8 +483,8 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
     inprocess_variants = variants
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
     # progress steps: the in-process engines (sentence-transformers + variants); the server configurations
-    # (each variant, + dynamic batching off, + pad-to-longest); perf_analyzer, Infinity, GPU, classify
-    steps = (1 + len(inprocess_variants)) + (len(variants) + 2) + 4
+    # (each variant, + dynamic batching off, + pad-to-longest); perf_analyzer, Infinity, GPU, classify, corpus
+    steps = (1 + len(inprocess_variants)) + (len(variants) + 2) + 5
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
@@ -430,6 +507,9 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         bar.update(1)
         bar.set_postfix_str("classify")
         classify = measure_classify(mode, args.threads, tmp)
+        bar.update(1)
+        bar.set_postfix_str("corpus")
+        corpus = measure_corpus(artifact, default_variant, workloads, mode, args.threads, tmp, workloads_file)
         bar.update(1)
     results = {
         "suite": "benchmarks.suite",
@@ -454,10 +534,33 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         "infinity": infinity,
         "gpu": gpu,
         "classify": classify,
+        "corpus": corpus,
         "export": artifact.metadata.get("export"),
     }
     results["targets"] = report.compute_targets(results)
     return results
+
+
+def run_corpus_only(args: argparse.Namespace, mode: Mode) -> dict:
+    """The corpus stage alone (`--only corpus`), with the run's conditions."""
+    from embedline.export.variants import choose_variant
+
+    from benchmarks.engine_process import write_workloads
+
+    started = time.perf_counter()
+    load_before = load_average()
+    artifact = prepare_artifact(args.artifact)
+    variant = (args.variants or "").split(",")[0] or choose_variant(artifact, "cpu")
+    workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
+    with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        corpus = measure_corpus(artifact, variant, workloads, mode, args.threads, tmp,
+                                write_workloads(workloads, tmp / "workloads.json"))
+    return {"suite": "benchmarks.suite --only corpus", "mode": mode.name, "machine": machine_info(),
+            "conditions": {"threads": args.threads, "load_before": load_before, "load_after": load_average(),
+                           "seconds": round(time.perf_counter() - started, 1),
+                           "lock": LOCK_FILE if lock_is_held() else None, "shared_machine": True},
+            "model": artifact.name, "default_variant": variant, "corpus": corpus}
 
 
 def write_results(results: dict, args: argparse.Namespace, command: str) -> Path:
@@ -497,6 +600,16 @@ def run(args: argparse.Namespace) -> int:
 
             path = tuning.run_tuning(args, prepare_artifact(args.artifact), mode)
             print(f"saved {path}")
+            return 0
+        if args.only == "corpus":
+            results = run_corpus_only(args, mode)
+            path = Path(args.output) if args.output else RESULTS / f"corpus{'' if mode.name == 'full' else '_quick'}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+            print(json.dumps({k: results["corpus"].get(k) for k in ("median", "plan", "ratio_client_to_st",
+                                                                    "ratio_client_to_closed_loop",
+                                                                    "ratio_64x4_to_closed_loop", "error")}))
+            print(f"\nsaved {path}")
             return 0
         results = run_suite(args, mode)
     path = write_results(results, args, command)

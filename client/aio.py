@@ -50,7 +50,9 @@ class AsyncEmbeddingClient(common.ClientBase):
     def _setup(self) -> None:
         self._tritons: list[grpcaio.InferenceServerClient] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._semaphore = asyncio.Semaphore(self.max_concurrency)  # remade with the channels, per loop
+        # Bounds requests in flight over all calls; made at the first split list (max_concurrency, or the
+        # in-flight count planned from the server's config), and again for each new event loop.
+        self._semaphore: asyncio.Semaphore | None = None
 
     def _make_triton(self, url: str) -> grpcaio.InferenceServerClient:
         return grpcaio.InferenceServerClient(url, **self._channel_kwargs(grpcclient))
@@ -182,7 +184,7 @@ class AsyncEmbeddingClient(common.ClientBase):
             # the old ones are unusable (and cannot be closed from here), so they are dropped.
             self._tritons = [self._make_triton(url) for url in self.urls]
             self._loop = loop
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._semaphore = None
         return self._tritons
 
     async def _call(self, rpc: Callable[[Any, common.Attempt], Awaitable[T]], deadline: common.Deadline, model: str | None) -> T:
@@ -242,8 +244,11 @@ class AsyncEmbeddingClient(common.ClientBase):
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
-        chunks = common.plan_chunks(texts, common.effective_batch_size(spec, self.batch_size, spec.url))
+        plan = self._plan(spec, len(texts))
+        chunks = common.plan_chunks(texts, plan.batch_size)
         self._clients()  # the semaphore below belongs to the running loop
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(plan.in_flight)
         semaphore = self._semaphore
 
         async def infer(indices: list[int]) -> T:

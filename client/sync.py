@@ -66,8 +66,12 @@ class EmbeddingClient(common.ClientBase):
             times (default 100: in practice the deadline ends the retries, so a server restart within
             it is ridden out) and never past the deadline (see RetryPolicy). Authentication and input errors are never
             retried.
-        max_concurrency: requests in flight at once when a list is split.
-        batch_size: texts per request (default and cap: the model's max_batch_size).
+        max_concurrency: requests in flight at once when a list is split (shared by all the client's
+            calls). Default: chosen from the server's config (`_common.plan_requests`): at least 16, enough
+            to keep the server's dynamic batcher fed.
+        batch_size: texts per request (cap: the model's max_batch_size). Default: a list that fits in
+            one request is sent as one; a longer one is cut into requests of the server's length group
+            size (32 by default), sorted by length, which its dynamic batcher runs best.
         model: the name of a served model (`info().served_models`; a server started with several
             `--artifact`s serves each by name); default: the server's default model.
         embed_model, classify_model: Triton model names, for repositories not built by embedline.
@@ -267,11 +271,13 @@ class EmbeddingClient(common.ClientBase):
             raise ModelNotFoundError(common.classify_missing_message(exc.url or self.url, self.classify_model),
                                      status=exc.status, url=exc.url) from exc
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        """The request threads, shared by all calls; made at the first split list with `workers` threads
+        (max_concurrency, or the in-flight count planned from the server's config)."""
         with self._lock:
             self._check_open()
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="embedline-client")
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="embedline-client")
             return self._pool
 
     def _infer_chunks(self, spec: common._ModelSpec, texts: list[str], outputs: tuple[str, ...],
@@ -280,7 +286,8 @@ class EmbeddingClient(common.ClientBase):
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
-        chunks = common.plan_chunks(texts, common.effective_batch_size(spec, self.batch_size, spec.url))
+        plan = self._plan(spec, len(texts))
+        chunks = common.plan_chunks(texts, plan.batch_size)
 
         def infer(indices: list[int]) -> T:
             inputs = [common.text_input(grpcclient, [texts[i] for i in indices])]
@@ -294,7 +301,8 @@ class EmbeddingClient(common.ClientBase):
 
         if len(chunks) == 1:
             return chunks, [infer(chunks[0])]
-        futures = [self._executor().submit(infer, indices) for indices in chunks]
+        executor = self._executor(plan.in_flight)
+        futures = [executor.submit(infer, indices) for indices in chunks]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in futures:
             if future in done and future.exception() is not None:

@@ -2,18 +2,20 @@
 
     model.onnx --openvino.read_model--> --nncf.quantize(TRANSFORMER, SmoothQuant 0.75)--> onnx/openvino/model.xml + .bin
 
-On an AVX-512 VNNI host post-training int8 by NNCF was the fastest CPU route (5.5-5.9x sentence-transformers,
-no STS-B loss); on AVX2-only hosts it is slower than ONNX Runtime's dynamic int8, which stays the default
-(docs/architecture.md, "Measured decisions", OpenVINO). NNCF is
-needed only here, at export; the server needs only the `openvino` runtime. Both come with the optional
-`openvino` extra (pip install 'embedline[openvino]'); nothing else in embedline imports them.
+On an AVX-512 VNNI host post-training int8 by NNCF is the fastest CPU route (1.4-3x ONNX Runtime's dynamic
+int8 in-process, STS-B dev within 0.1 of fp32); on AVX2-only hosts it was slower than ONNX Runtime int8
+(docs/architecture.md, "Measured decisions", OpenVINO). The export's speed check on the exporting host
+decides which serves (export/variants.py: choose_variant). NNCF is needed only here, at export; the server
+needs only the `openvino` runtime. Both come with the `openvino` extra (pip install 'embedline[openvino]');
+nothing else in embedline imports them.
 
 Calibration (`calibration_texts`) covers the lengths real traffic has, whatever texts the user gives:
 static int8 fixes each activation's range from the calibration samples, and ranges taken on sentences
 alone do not hold for one- or two-word texts, where [CLS]/[SEP] dominate the mean pooling. Calibrated on
 the first 300 STS-B dev sentences, all-MiniLM-L6-v2 reached cosine to torch 0.745 on "Wow."; on the
-length-spread mix below, with SmoothQuant's alpha lowered from NNCF's 0.95 to 0.75, 0.98-0.99 on every
-parity text (benchmarks/README.md, "int8 calibration").
+length-spread mix below, with SmoothQuant's alpha lowered from NNCF's 0.95 to 0.75, min 0.977-0.988 and
+mean 0.996-0.997 over the parity texts, whichever shared STS file calibrated it (benchmarks/README.md,
+"int8 calibration").
 """
 
 from __future__ import annotations

@@ -175,24 +175,41 @@ def ort_session(path: str | os.PathLike, threads: int,
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
+# Each runner runs alone for turns of this long (at most; a quarter of the measurement when shorter), its
+# first batch of a turn untimed, and the runners take turns. Switching engine every batch, as this check
+# used to, measures each engine cold, which no server sees: on all-MiniLM-L6-v2 (AVX-512 VNNI host, 2
+# threads, same run) batch-by-batch turns put ORT int8 at 0.98-1.04x fp32 where each engine alone measured
+# 1.73-1.97x, and OpenVINO at 2.09-2.15x ORT int8 against 1.43-1.62x alone (benchmarks/README.md, "int8
+# calibration"). Turns still spread a shared machine's load changes over all runners alike.
+SPEED_TURN_SECONDS = 0.25
+
+
 def measure_throughput(runners: dict[str, Callable[[Batch], Any]], batches: list[Batch],
                        seconds: float) -> dict[str, float]:
-    """Sentences/s of each runner, taking turns batch by batch until each has run at least `seconds`."""
+    """Sentences/s of each runner, each running alone for turns of up to SPEED_TURN_SECONDS (cycling
+    through `batches`), the runners taking turns until each has run at least `seconds`."""
     for run in runners.values():
         for batch in batches:  # warm-up on every shape: first-call allocations and per-shape kernel selection
             run(batch)
+    seconds = max(seconds, 1e-9)  # at least one timed batch each
+    turn_seconds = min(SPEED_TURN_SECONDS, seconds / 4)
     elapsed = dict.fromkeys(runners, 0.0)
     sentences = dict.fromkeys(runners, 0)
-    turn = 0
-    while turn == 0 or any(t < seconds for t in elapsed.values()):
-        batch = batches[turn % len(batches)]
-        for name, run in runners.items():
-            if elapsed[name] < seconds:
+    position = dict.fromkeys(runners, 0)
+    while pending := [name for name in runners if elapsed[name] < seconds]:
+        for name in pending:
+            run = runners[name]
+            run(batches[position[name] % len(batches)])  # untimed: back into the caches after the others
+            turn_started = time.perf_counter()
+            while elapsed[name] < seconds:
+                batch = batches[position[name] % len(batches)]
+                position[name] += 1
                 start = time.perf_counter()
                 run(batch)
                 elapsed[name] += time.perf_counter() - start
                 sentences[name] += len(batch["input_ids"])
-        turn += 1
+                if time.perf_counter() - turn_started >= turn_seconds:
+                    break
     return {name: sentences[name] / elapsed[name] for name in runners}
 
 

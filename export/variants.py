@@ -5,7 +5,7 @@ among those whose measured cosine to torch is within tolerance and, when export 
 (`embedline export --sts-file`), whose Spearman is within SPEARMAN_MAX_LOSS of fp32's; fp16 never (CPU
 has no fp16 kernels for most of it). Besides the ONNX variants there is "openvino" (an NNCF int8
 OpenVINO IR, `embedline export --openvino`), served only where the openvino runtime is installed.
-A variant export rejected (parity outside tolerance: status "rejected" in parity.json) is never chosen.
+A variant that export rejected (parity outside tolerance: status "rejected" in parity.json) is never chosen.
 `host_mismatch` warns when the serving CPU's int8 instructions differ from the exporting host's, whose
 speed check made the CPU choice. Used by the server launcher and `embedline build-repo`; imports no torch.
 """
@@ -34,9 +34,6 @@ OPENVINO_VARIANT = "openvino"
 SERVABLE_VARIANTS = (*art.VARIANTS, OPENVINO_VARIANT)
 # A faster variant is served on CPU only if it loses at most this much STS-B dev Spearman (x100) to fp32.
 SPEARMAN_MAX_LOSS = 0.5
-
-
-
 # The CPU instructions int8 speed depends on (flags of /proc/cpuinfo): VNNI does int8 dot products in one
 # instruction (avx512_vnni, avx_vnni), AMX in tiles (amx_int8); AVX2 alone needs several and saturates.
 INT8_INSTRUCTIONS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
@@ -101,7 +98,8 @@ def host_mismatch(artifact: art.Artifact, current: list[str] | None = None) -> s
 
     return (f"{artifact.name} was exported on a CPU with {named(exported_on)}; this CPU has {named(here)}: "
             f"the CPU variant ({export.get('default_cpu_variant')}) was chosen by speed there and may not be the "
-            f"fastest here; re-export on this host to re-measure (embedline export --model {artifact.path})")
+            f"fastest here; re-export on this host to re-measure (embedline export --model {artifact.path}"
+            f"{' --openvino' if OPENVINO_VARIANT in export.get('variants', []) else ''}) or choose with --variant")
 
 
 def is_rejected(entry: dict[str, Any] | None) -> bool:
@@ -120,6 +118,10 @@ def variant_files(artifact: art.Artifact, variant: str) -> list[Path]:
     missing = [f for f in files if not f.is_file()]
     if missing:
         exported = ", ".join(servable_variants(artifact)) or "none"
+        entry = (artifact.parity().get("variants") or {}).get(variant)
+        if is_rejected(entry):
+            raise art.ArtifactError(f"{artifact.path}: variant {variant!r} was rejected at export "
+                                    f"({entry.get('reason')}); exported: {exported}")
         raise art.ArtifactError(
             f"{artifact.path}: variant {variant!r} is not exported ({missing[0]} missing; exported: "
             f"{exported}); {how}"

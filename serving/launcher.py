@@ -31,7 +31,14 @@ import time
 from pathlib import Path
 
 from embedline.serving.settings import add_server_options, settings_from_args
-from embedline.serving.triton import DEFAULT_PORTS, ServingError, TritonServer, is_loopback, port_in_use
+from embedline.serving.triton import (
+    DEFAULT_PORTS,
+    ServingError,
+    TritonServer,
+    die_with_parent,
+    is_loopback,
+    port_in_use,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +183,8 @@ class RouteProcess:
 
     def start(self, timeout_s: float = 60.0) -> None:
         # Its own session: Ctrl-C reaches the launcher only, which stops the route first on a drain.
-        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -281,7 +289,7 @@ class Supervisor:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.export.variants import available_device
+    from embedline.export.variants import available_device, host_mismatch
     from embedline.serving.repository import build_repository, served_names
     from embedline.serving.settings import artifact_variants
 
@@ -335,6 +343,11 @@ def run(args: argparse.Namespace) -> int:
             for artifact, model_names, variant in zip(artifacts, names, variants):
                 print(f"embedline: serving {artifact.name} as `{model_names.embed}` ({variant}, {device}) "
                       f"from {artifact.path}")
+            if device == "cpu":
+                for artifact in artifacts:
+                    warning = host_mismatch(artifact)
+                    if warning:
+                        print(f"  warning  {warning}")
             print(f"  gRPC     {server.grpc_url}{' (TLS)' if tls_cert else ''}")
             print(f"  HTTP     http://{server.http_url}")
             print(f"  metrics  {server.metrics_url}")

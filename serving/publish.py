@@ -80,7 +80,7 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     for key, value in (("model_name", artifact.name), ("variant", variant), ("pooling", artifact.pooling),
                        ("max_seq_length", artifact.max_seq_length),
                        ("engine", "openvino" if variant == "openvino" else "onnxruntime"),
-                       ("matryoshka_dims", json.dumps(artifact.metadata.get("matryoshka_dims") or []))):
+                       ("matryoshka_dims", json.dumps(list(artifact.matryoshka_dims)))):
         config.parameters[key].string_value = str(value)
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
     tmp_config.write_text(text_format.MessageToString(config), encoding="utf-8")

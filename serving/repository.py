@@ -24,7 +24,7 @@ from pathlib import Path
 from string import Template
 
 from embedline import artifact as art
-from embedline.export.variants import OPENVINO_VARIANT, variant_files
+from embedline.export.variants import OPENVINO_VARIANT, host_mismatch, variant_files
 from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,10 @@ def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, cata
         "spin_wait": str(settings.spin_wait).lower(),
         # Every served artifact's name -> its Triton models, so a client can address one by name.
         "served_models": catalog,
-        "matryoshka_dims": json.dumps(artifact.metadata.get("matryoshka_dims") or []),
+        "matryoshka_dims": json.dumps(list(artifact.matryoshka_dims)),
+        # Set when this CPU's int8 instructions differ from the exporting host's, whose speed check chose
+        # the CPU variant: `info().host_warning` and the serve banner say so.
+        "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",
     }
 
 

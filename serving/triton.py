@@ -84,6 +84,15 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """preexec_fn for a child of the launcher: SIGTERM it when the launcher dies, even by SIGKILL, so no
+    orphaned tritonserver or route keeps its ports (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -236,6 +245,7 @@ class TritonServer:
             stdout=log_handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # our Ctrl-C is handled here; tritonserver gets a clean SIGTERM
+            preexec_fn=die_with_parent,
         )
         log_handle.close()
         self.wait_ready(timeout_s)

@@ -312,3 +312,57 @@ def test_the_suite_runs_from_the_checkout_and_is_not_packaged():
     assert not any("benchmarks" in name for name in setuptools["packages"])
     assert not any("benchmarks" in folder for folder in setuptools["package-dir"].values())
     assert not any("benchmarks" in module for module, _ in VERBS.values())
+
+
+def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_path, monkeypatch):
+    """The corpus stage's structure: the server side is real, sentence-transformers is stood in for (the
+    stage's in-process side is EngineProcess.batches, tested above)."""
+    import contextlib
+
+    from benchmarks import engine_process, suite
+    from benchmarks.report import compute_targets, corpus_markdown
+
+    calls = []
+
+    class FakeST:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def batches(self, workload, batch_size, seconds, min_batches=3, sort_by_length=False):
+            calls.append((workload, batch_size, min_batches, sort_by_length))
+            return {"sentences_per_s": 100.0}
+
+    @contextlib.contextmanager
+    def fake_triton(artifact, tmp, settings):
+        yield served.server
+
+    monkeypatch.setattr(engine_process, "EngineProcess", FakeST)
+    monkeypatch.setattr(suite, "triton", fake_triton)
+    mode = suite.Mode("test", texts=60, point_seconds=0.3, warmup_seconds=0.1, concurrency=(1,), request_sizes=(1,),
+                      all_variants=False, scaling_batch=(1,), scaling_sequence=(16,), scaling_seconds=0.1,
+                      perf_analyzer_concurrency=(), infinity_concurrency=(), sentence_transformers_scaling=False,
+                      scaling_cap_seconds=0.1, classify_requests=1, corpus_rounds=2)
+    corpus = suite.measure_corpus(tiny_fp32, "fp32", workloads, mode, 1, tmp_path, tmp_path / "unused.json")
+    assert "error" not in corpus, corpus
+    n = len(workloads["short"].texts)
+    assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 2
+    assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_64x4", "closed_loop_32x16"}
+    assert all(len(values) == 2 and all(v > 0 for v in values) for values in corpus["rounds"].values())
+    assert corpus["plan"]["in_flight"] >= 1 and corpus["plan"]["batch_size"] >= 1
+    assert corpus["ratio_client_to_st"] == pytest.approx(corpus["median"]["client"] / 100.0, rel=1e-2)
+    assert corpus["cpu_flags"] is not None and len(corpus["load"]) == 3
+
+    results = _synthetic_results()
+    results["corpus"] = corpus
+    target = next(t for t in compute_targets(results) if t["target"].startswith("corpus call"))
+    assert target["measured"] == pytest.approx(corpus["ratio_client_to_closed_loop"], abs=1e-2)
+    assert "### Corpus call" in "\n".join(corpus_markdown(corpus))
+    results["corpus"] = {"error": "boom"}
+    assert next(t for t in compute_targets(results) if t["target"].startswith("corpus call"))["pass"] is None
+    assert corpus_markdown({}) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -234,9 +235,9 @@ def test_server_down_raises_unavailable_within_the_timeout():
     assert healthy is False and async_elapsed < timeout + 0.3
 
 
-def _embedline(*args: str, stdin: str) -> subprocess.CompletedProcess:
+def _embedline(*args: str, stdin: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "embedline.cli", *args], input=stdin.encode(),
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=120, env=None if env is None else {**os.environ, **env})
 
 
 def test_cli_embed_stdin_to_npy_and_jsonl(url, client, tmp_path):
@@ -258,6 +259,34 @@ def test_cli_embed_stdin_to_npy_and_jsonl(url, client, tmp_path):
     assert [r["truncated"] for r in records] == [False, False, False, True]
     embeddings = np.array([r["embedding"] for r in records], dtype=np.float32)
     assert cosine_rows(embeddings, expected.embeddings).min() >= 0.9999
+
+
+def test_cli_embed_streams_a_multi_block_input(url, client, tmp_path):
+    """Blocks of 3 lines (the env var, then --block-size): rows stay in input order across blocks, from a
+    file and from stdin, for .npy (written into a memory-mapped partial file) and JSON lines."""
+    texts = [f"sentence number {i} {'long ' * (i % 7)}" for i in range(10)] + [""]
+    stdin = "\n".join(texts) + "\n"
+    source = tmp_path / "texts.txt"
+    source.write_text(stdin, encoding="utf-8")
+    expected = client.embed(texts)
+
+    for input_args, out in (((), tmp_path / "stdin.npy"), (("--input", str(source)), tmp_path / "deep" / "file.npy")):
+        done = _embedline("embed", "--url", url, *input_args, "--output", str(out), stdin=stdin,
+                          env={"EMBEDLINE_CLI_BLOCK_SIZE": "3"})
+        assert done.returncode == 0, done.stderr.decode()
+        vectors = np.load(out)
+        assert vectors.shape == (len(texts), DIM)
+        assert cosine_rows(vectors, expected).min() >= 0.9999
+        assert not out.with_name(out.name + ".partial").exists()
+
+    out = tmp_path / "vectors.jsonl"
+    done = _embedline("embed", "--url", url, "--input", str(source), "--output", str(out), "--block-size", "4",
+                      stdin="")
+    assert done.returncode == 0, done.stderr.decode()
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in records] == texts
+    assert cosine_rows(np.array([r["embedding"] for r in records], dtype=np.float32), expected).min() >= 0.9999
+    assert b"\rembedded" not in done.stderr  # no progress line when stderr is not a terminal
 
 
 def test_cli_reports_a_down_server_in_one_line():

@@ -150,3 +150,23 @@ def test_every_batched_model_has_a_bounded_queue_that_honours_request_timeouts(t
     assert "encoder" in policies(["--max-queue-size", "7"], tmp_path / "ort", layout="onnxruntime")
     with pytest.raises(SystemExit):
         policies(["--max-queue-size", "-1"], tmp_path / "bad")
+
+
+def test_a_model_exported_on_another_cpu_carries_a_host_warning(tiny_fp32, tmp_path):
+    import json
+    import shutil
+
+    from embedline import artifact as art
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_fp32.path, copy)
+    metadata = json.loads((copy / art.METADATA_FILE).read_text())
+    metadata["export"] = {**(metadata.get("export") or {}), "host": {"int8_instructions": ["amx_int8", "avx512_vnni"]}}
+    (copy / art.METADATA_FILE).write_text(json.dumps(metadata))
+    moved = art.load_artifact(copy)
+    repo = build_repository(moved, tmp_path / "moved", RepositorySettings(variant="fp32"))
+    warning = read_config(repo / "embed" / "config.pbtxt").parameters["host_warning"].string_value
+    # Only a CPU without avx2 could have exactly these two: every host this runs on differs.
+    assert "was exported on a CPU with amx_int8 avx512_vnni" in warning
+    same = build_repository(tiny_fp32, tmp_path / "same", RepositorySettings(variant="fp32"))
+    assert read_config(same / "embed" / "config.pbtxt").parameters["host_warning"].string_value == ""

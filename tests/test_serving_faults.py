@@ -235,3 +235,15 @@ def test_a_queued_request_whose_deadline_passed_is_dropped_by_the_server(served_
     for thread in busy:
         thread.join(120)
     assert "timeout" in info.value.message().lower(), info.value.message()
+
+
+def test_a_killed_launcher_leaves_no_server_or_route_behind(launch_serve, tiny_fp32):
+    import psutil
+
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32")
+    children = psutil.Process(served.process.pid).children()
+    assert {"tritonserver"} <= {p.name() for p in children} and len(children) == 2  # server and route
+    served.process.kill()  # SIGKILL: the launcher cannot clean up
+    served.process.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], alive
