@@ -65,13 +65,10 @@ def onnxruntime_session(path, threads: int, provider: str = "CPUExecutionProvide
     in-process number the ceiling the server can approach on the same engine."""
     import onnxruntime as ort
 
+    from embedline.model_repository.common.ort_options import session_options
     from embedline.serving.settings import RepositorySettings
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if RepositorySettings.spin_wait else "0")
+    options = session_options(ort, threads, RepositorySettings.spin_wait, quiet=True)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 

@@ -220,24 +220,15 @@ async def throughput(grpc_url: str, base_url: str, texts: list[str], seconds: fl
     return measured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="single-text requests per way of calling")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one throughput window")
-    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds (one window per way of calling)")
-    args = parser.parse_args()
-
-    from embedline.export.variants import available_device, choose_variant
-    from embedline.serving.launcher import prepare_artifact
+def measure(artifact, variant: str, requests: int, seconds: float, rounds: int, threads: int = 0) -> dict:
+    """The route beside gRPC on one server: latency of single texts, throughput at c16 (the suite's stage too)."""
     from embedline.serving.openai_api import ServedModel, openai_command
     from embedline.serving.repository import build_repository
     from embedline.serving.settings import RepositorySettings
     from embedline.serving.triton import TritonServer, free_port
 
-    artifact = prepare_artifact(None)
-    variant = choose_variant(artifact, available_device())
     texts, source = sentences()
-    settings = RepositorySettings(variant=variant)
+    settings = RepositorySettings(variant=variant, intra_op_threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         repository = build_repository(artifact, Path(tmp) / "models", settings)
         with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),
@@ -249,11 +240,11 @@ def main() -> None:
             base_url = f"http://127.0.0.1:{port}"
             try:
                 wait_listening(base_url, route)
-                print(f"serving {MODEL_NAME} ({variant}); latency, {args.requests} sequential single-text "
+                print(f"serving {MODEL_NAME} ({variant}); latency, {requests} sequential single-text "
                       "requests each ...", flush=True)
-                lat = latency(server.grpc_url, base_url, texts, args.requests)
+                lat = latency(server.grpc_url, base_url, texts, requests)
                 print(f"throughput, {CONCURRENCY} callers x {REQUEST_TEXTS}-text requests ...", flush=True)
-                rates = asyncio.run(throughput(server.grpc_url, base_url, texts, args.seconds, args.rounds,
+                rates = asyncio.run(throughput(server.grpc_url, base_url, texts, seconds, rounds,
                                                route.pid, server.process.pid))
             finally:
                 route.send_signal(signal.SIGTERM)
@@ -261,31 +252,51 @@ def main() -> None:
 
     grpc_p50 = percentile(lat["gRPC SDK"], 50) * 1000
     results: dict = {"variant": variant, "texts": source, "concurrency": CONCURRENCY,
-                     "request_texts": REQUEST_TEXTS, "seconds_per_round": args.seconds, "rounds": args.rounds,
-                     "load_average": load_average(), "latency_ms": {}, "throughput": {}}
-    rows = []
+                     "request_texts": REQUEST_TEXTS, "seconds_per_round": seconds, "rounds": rounds,
+                     "load_average": load_average(), "cpu_flags": cpu_flags(), "latency_ms": {}, "throughput": {}}
     for name, values in lat.items():
         p50, p99 = percentile(values, 50) * 1000, percentile(values, 99) * 1000
         results["latency_ms"][name] = {"p50": round(p50, 2), "p99": round(p99, 2), "n": len(values),
                                        "added_p50": round(p50 - grpc_p50, 2)}
-        rows.append([f"1 text, sequential: {name}", f"{p50:.2f}", f"{p99:.2f}", f"{p50 - grpc_p50:+.2f}",
-                     "", "", "", ""])
     for name, entry in rates.items():
-        rate, ratio = float(np.median(entry["texts_per_s"])), float(np.median(entry["vs_grpc"]))
-        route_ms, server_ms = float(np.median(entry["route_cpu_ms"])), float(np.median(entry["server_cpu_ms"]))
         results["throughput"][name] = {
-            "texts_per_s_median": round(rate, 1), "vs_grpc_median_of_rounds": round(ratio, 3),
-            "route_cpu_ms_per_request": round(route_ms, 2), "server_cpu_ms_per_request": round(server_ms, 2),
+            "texts_per_s_median": round(float(np.median(entry["texts_per_s"])), 1),
+            "vs_grpc_median_of_rounds": round(float(np.median(entry["vs_grpc"])), 3),
+            "route_cpu_ms_per_request": round(float(np.median(entry["route_cpu_ms"])), 2),
+            "server_cpu_ms_per_request": round(float(np.median(entry["server_cpu_ms"])), 2),
             "rounds": {key: [round(v, 2) for v in values] for key, values in entry.items()}}
-        rows.append([f"c{CONCURRENCY} x {REQUEST_TEXTS} texts: {name}", "", "", "", f"{rate:.1f}",
-                     f"{ratio:.2f}x", f"{route_ms:.2f}", f"{server_ms:.1f}"])
-    flags = " ".join(cpu_flags()) or "none"
-    results["cpu_flags"] = cpu_flags()
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The table of one measurement (this script's output and the suite report's section)."""
+    rows = [[f"1 text, sequential: {name}", f"{r['p50']:.2f}", f"{r['p99']:.2f}", f"{r['added_p50']:+.2f}",
+             "", "", "", ""] for name, r in results["latency_ms"].items()]
+    rows += [[f"c{results['concurrency']} x {results['request_texts']} texts: {name}", "", "", "",
+              f"{r['texts_per_s_median']:.1f}", f"{r['vs_grpc_median_of_rounds']:.2f}x",
+              f"{r['route_cpu_ms_per_request']:.2f}", f"{r['server_cpu_ms_per_request']:.1f}"]
+             for name, r in results["throughput"].items()]
+    return markdown_table(["workload: client", "p50 ms", "p99 ms", "added p50 ms", "texts/s (median)",
+                           "vs gRPC (median of rounds)", "route CPU ms/req", "server CPU ms/req"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200, help="single-text requests per way of calling")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one throughput window")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds (one window per way of calling)")
+    args = parser.parse_args()
+
+    from embedline.export.variants import available_device, choose_variant
+    from embedline.serving.launcher import prepare_artifact
+
+    artifact = prepare_artifact(None)
+    variant = choose_variant(artifact, available_device())
+    results = measure(artifact, variant, args.requests, args.seconds, args.rounds)
     path = save_results("openai_route", results)
-    table = markdown_table(["workload: client", "p50 ms", "p99 ms", "added p50 ms", "texts/s (median)",
-                            "vs gRPC (median of rounds)", "route CPU ms/req", "server CPU ms/req"], rows)
-    print(f"\n{MODEL_NAME} ({variant}), {source}; CPU flags: {flags}; load {load_average()}\n\n{table}\n\n"
-          f"saved {path}")
+    flags = " ".join(cpu_flags()) or "none"
+    print(f"\n{MODEL_NAME} ({variant}), {results['texts']}; CPU flags: {flags}; load {load_average()}\n\n"
+          f"{markdown(results)}\n\nsaved {path}")
 
 
 if __name__ == "__main__":

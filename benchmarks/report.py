@@ -146,6 +146,9 @@ def compute_targets(results: dict) -> list[dict]:
                                 f"requests x {corpus.get('plan', {}).get('in_flight')} in flight, "
                                 f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds")))
 
+    # 7. The OpenAI-compatible route beside gRPC on the same server, same rounds.
+    targets.append(openai_route_target(results.get("openai_route") or {}))
+
     gpu = results.get("gpu") or {}
     if gpu.get("measured"):
         from benchmarks.gpu import gpu_targets
@@ -155,6 +158,23 @@ def compute_targets(results: dict) -> list[dict]:
         targets.append(_target("GPU targets (fp16 vs fp32 / sentence-transformers at batch 128, server / in-process)",
                                None, ">= 2x, >= 2x, >= 0.9x", None, gpu.get("reason", "not measured")))
     return targets
+
+
+def openai_route_target(route: dict) -> dict[str, Any]:
+    """Throughput through the route (the official AsyncOpenAI client) over the gRPC SDK's, same rounds."""
+    via_openai = (route.get("throughput") or {}).get("route, AsyncOpenAI (base64)") or {}
+    ratio = via_openai.get("vs_grpc_median_of_rounds")
+    return _target("OpenAI route / gRPC SDK throughput (32-text requests, c16, AsyncOpenAI)", ratio, ">= 0.8",
+                   None if ratio is None else ratio >= 0.8, route.get("error") or "median of the per-round ratios")
+
+
+def openai_route_markdown(route: dict) -> list[str]:
+    """The OpenAI route's table (benchmarks/openai_route.py): added latency and throughput beside gRPC."""
+    if not route or route.get("error"):
+        return [f"OpenAI route: {route.get('error', 'not measured')}", ""]
+    from benchmarks.openai_route import markdown
+
+    return [f"### OpenAI-compatible route beside gRPC ({route['variant']}, {route['texts']})", "", markdown(route), ""]
 
 
 def corpus_markdown(corpus: dict) -> list[str]:
@@ -286,6 +306,7 @@ def markdown(results: dict, command: str, plots: list[str]) -> str:
     elif classify.get("error"):
         lines += [f"classify latency: {classify['error']}", ""]
     lines += corpus_markdown(results.get("corpus") or {})
+    lines += openai_route_markdown(results.get("openai_route") or {})
     lines += [" ".join(f"![{p}]({p})" for p in plots), "",
               f"Command: `{command}`. Everything measured: `results/{results['result_file']}`."]
     return "\n".join(lines)

@@ -483,8 +483,9 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
     inprocess_variants = variants
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts)
     # progress steps: the in-process engines (sentence-transformers + variants); the server configurations
-    # (each variant, + dynamic batching off, + pad-to-longest); perf_analyzer, Infinity, GPU, classify, corpus
-    steps = (1 + len(inprocess_variants)) + (len(variants) + 2) + 5
+    # (each variant, + dynamic batching off, + pad-to-longest); perf_analyzer, Infinity, GPU, classify, corpus,
+    # the OpenAI route
+    steps = (1 + len(inprocess_variants)) + (len(variants) + 2) + 6
     with tempfile.TemporaryDirectory(prefix="embedline-bench-") as tmp_dir, \
             tqdm(total=steps, desc=f"bench ({mode.name})", unit="step") as bar:
         tmp = Path(tmp_dir)
@@ -511,6 +512,9 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         bar.set_postfix_str("corpus")
         corpus = measure_corpus(artifact, default_variant, workloads, mode, args.threads, tmp, workloads_file)
         bar.update(1)
+        bar.set_postfix_str("openai route")
+        openai_route = measure_openai_route(artifact, default_variant, mode, args.threads)
+        bar.update(1)
     results = {
         "suite": "benchmarks.suite",
         "mode": mode.name,
@@ -535,10 +539,23 @@ def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
         "gpu": gpu,
         "classify": classify,
         "corpus": corpus,
+        "openai_route": openai_route,
         "export": artifact.metadata.get("export"),
     }
     results["targets"] = report.compute_targets(results)
     return results
+
+
+def measure_openai_route(artifact, variant: str, mode: Mode, threads: int) -> dict:
+    """The OpenAI-compatible route beside gRPC on the same server (benchmarks/openai_route.py)."""
+    from benchmarks.openai_route import measure
+
+    try:
+        quick = mode.name == "quick"
+        return measure(artifact, variant, requests=40 if quick else 200, seconds=1.0 if quick else 3.0,
+                       rounds=2 if quick else 5, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def run_corpus_only(args: argparse.Namespace, mode: Mode) -> dict:

@@ -68,7 +68,7 @@ DEFAULT_MAX_CONCURRENCY = 4
 # when the server does not say how many its length groups hold (the server's default
 # length_group_size), and the bounds on requests in flight.
 DEFAULT_GROUP_SIZE = 32
-MIN_AUTO_IN_FLIGHT = 16
+MIN_AUTO_IN_FLIGHT = 4
 MAX_AUTO_IN_FLIGHT = 64
 # Retries are bounded by the call's deadline: a server restart (a few seconds) or a burst that fills
 # the queue is ridden out inside it. The count (about 50 s of waits with the default backoff) only
@@ -279,11 +279,13 @@ def plan_requests(n_texts: int, max_batch_size: int, *, instances: int = 1, grou
     * a longer list is cut into requests of min(max_batch_size, group_size) texts: the size of one
       of the server's length groups (its `length_group_size`, 32 by default), so each request is one
       engine run of texts of about the same length;
-    * max(16, 2 x the texts the server's instances batch at once / batch size) requests are kept in
-      flight, at most 64 and at most the server's queue bound: enough that while one dynamic batch runs
-      the next is already queued, and that the client's own per-request work (encoding, gRPC) overlaps
-      the server's. Measured on 2 cores: 4 requests of 64 left a third of the server idle, 16 of 32
-      reach the closed-loop best (docs/architecture.md, Client).
+    * 2 x (the texts the server's instances batch at once: max_batch_size x instances) / batch size
+      requests are kept in flight (at least 4, at most 64 and at most the server's queue bound): while
+      one dynamic batch runs, the next one is already queued, and no more. Requests beyond that only
+      wait in the server's queue, and on a machine where client and server share the cores, the
+      client's extra threads took CPU from the server: measured on 2 shared cores with the default
+      server (max_batch_size 64, one instance), 32-text requests x 4 in flight beat 64 x 4, 32 x 8,
+      32 x 16 and 64 x 16 (benchmarks/README.md, "Corpus call").
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

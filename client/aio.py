@@ -2,7 +2,8 @@
 
 Same constructor, methods, chunking, replicas, deadlines, retries and exceptions (the logic lives in
 `_common`); requests of a split list run concurrently with `asyncio.gather`, at most
-`max_concurrency` at once, spread over the replicas.
+`max_concurrency` at once (default: planned from the server's config, `_common.plan_requests`), spread
+over the replicas.
 """
 
 from __future__ import annotations

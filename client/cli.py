@@ -74,9 +74,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, output_help: str) -> N
     parser.add_argument("--input", default="-", help="text file, one text per line, or - for stdin (default -)")
     parser.add_argument("--output", default="-", help=output_help)
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="texts per request (default and cap: the server's max_batch_size)")
+                        help="texts per request (default: planned from the server's config; cap: its max_batch_size)")
     parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds allowed per block of {BLOCK_SIZE} texts (default {DEFAULT_TIMEOUT_S:g})")
+                        help=f"seconds allowed per block of texts (embed: --block-size, default {EMBED_BLOCK_SIZE}; "
+                             f"classify: {BLOCK_SIZE}) (default {DEFAULT_TIMEOUT_S:g})")
 
 
 def read_texts(source: str) -> list[str]:

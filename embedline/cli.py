@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval-sts": ("embedline.training.evaluate", "STS Spearman of an artifact on a TSV file"),
     "train-classifier": ("embedline.training.classifier", "few-shot classifier: contrastive body + head"),
     "plot-space": ("embedline.training.plot_space", "2-D picture of an artifact's embedding space by label"),
+    "diagnose": ("embedline.training.diagnose", "report on an embedding space: measures and named pathologies"),
 }
 
 

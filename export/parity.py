@@ -167,10 +167,9 @@ def ort_session(path: str | os.PathLike, threads: int,
     "Measured decisions", thread pinning)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # fp16 graphs on CPU log a warning per inserted Cast
+    from embedline.model_repository.common.ort_options import session_options
+
+    options = session_options(ort, threads, quiet=True)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 

@@ -212,7 +212,8 @@ def write_embed_version(artifact: art.Artifact, version: Path, model_files: list
     version.mkdir(parents=True)
     for source in sorted((templates / "python" / "embed" / "1").glob("*.py")):  # model.py and engines.py
         shutil.copy2(source, version / source.name)
-    shutil.copy2(templates / "common" / "text_batch.py", version / "text_batch.py")
+    for common in ("text_batch.py", "ort_options.py"):
+        shutil.copy2(templates / "common" / common, version / common)
     shutil.copy2(artifact.tokenizer_path, version / "tokenizer.json")
     for source in model_files:
         # model.onnx, or model.xml + model.bin (OpenVINO IR)
@@ -248,6 +249,7 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
     version = dest / names.head / "1"
     version.mkdir(parents=True)
     shutil.copy2(templates / "python" / "classifier_head" / "1" / "model.py", version / "model.py")
+    shutil.copy2(templates / "common" / "ort_options.py", version / "ort_options.py")
     # The model directory keeps the head's file names: classifier_head/1/model.py opens them by these names.
     _place(head / art.HEAD_FILE, version / art.HEAD_FILE)
     if neighbours:

@@ -366,3 +366,17 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
     results["corpus"] = {"error": "boom"}
     assert next(t for t in compute_targets(results) if t["target"].startswith("corpus call"))["pass"] is None
     assert corpus_markdown({}) == []
+
+
+def test_the_openai_route_stage_is_a_target_and_a_table():
+    from benchmarks.report import openai_route_markdown, openai_route_target
+
+    route = {"variant": "int8", "texts": "STS-B dev sentences", "concurrency": 16, "request_texts": 32,
+             "latency_ms": {"gRPC SDK": {"p50": 2.0, "p99": 5.0, "n": 10, "added_p50": 0.0}},
+             "throughput": {"route, AsyncOpenAI (base64)": {"texts_per_s_median": 300.0, "vs_grpc_median_of_rounds": 0.75,
+                                                            "route_cpu_ms_per_request": 2.5,
+                                                            "server_cpu_ms_per_request": 60.0}}}
+    target = openai_route_target(route)
+    assert target["measured"] == 0.75 and target["pass"] is False  # below the 0.8 goal
+    text = "\n".join(openai_route_markdown(route))
+    assert "OpenAI-compatible route beside gRPC" in text and "0.75x" in text

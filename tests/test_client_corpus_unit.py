@@ -27,9 +27,11 @@ def test_a_list_that_fits_one_request_goes_as_one():
 
 def test_a_long_list_is_cut_into_length_groups_with_enough_in_flight():
     # The default server: max_batch_size 64, one instance, length groups of 32, queue bound 32.
-    assert plan_requests(2000, 64, max_queue_size=32) == RequestPlan(batch_size=32, in_flight=16)
-    # A smaller max_batch_size caps the request; the in-flight count never drops below 16.
-    assert plan_requests(2000, 16) == RequestPlan(batch_size=16, in_flight=16)
+    # Two dynamic batches' worth in flight: 2 x 64 / 32 = 4.
+    assert plan_requests(2000, 64, max_queue_size=32) == RequestPlan(batch_size=32, in_flight=4)
+    # A smaller max_batch_size caps the request; the in-flight count never drops below 4.
+    assert plan_requests(2000, 16) == RequestPlan(batch_size=16, in_flight=4)
+    assert plan_requests(2000, 64, instances=4) == RequestPlan(batch_size=32, in_flight=16)
     # A server whose instances batch more texts at once gets more in flight: 2 x 4 x 128 / 32 = 32.
     assert plan_requests(2000, 128, instances=4) == RequestPlan(batch_size=32, in_flight=32)
     # ... bounded by 64 and by the server's queue bound.
@@ -66,7 +68,7 @@ def _config_response(max_batch_size=64, counts=(1,), queue=0, **parameters):
 def test_the_plan_follows_the_model_config():
     spec = _common.parse_model_config(_config_response(64, (1,), 32, length_group_size="32"), "h:1")
     assert (spec.instances, spec.max_queue_size) == (1, 32)
-    assert _common.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(32, 16)
+    assert _common.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(32, 4)
     spec = _common.parse_model_config(_config_response(128, (2, 2), 0, length_group_size="16"), "h:1")
     assert (spec.instances, spec.max_queue_size, _common.spec_group_size(spec)) == (4, 0, 16)
     assert _common.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(16, 64)

@@ -41,10 +41,9 @@ def tiny_exported(tiny_artifact, tmp_path_factory) -> art.Artifact:
 
 
 @pytest.fixture(scope="module")
-def minilm_exported(tmp_path_factory) -> art.Artifact:
-    artifact = art.import_model_dir(art.bundled_model_dir(), tmp_path_factory.mktemp("export-minilm") / "a",
-                                    name="all-MiniLM-L6-v2")
-    return export_artifact(artifact, show_progress=False, threads=THREADS, speed_seconds=0.3)
+def minilm_exported(minilm_artifact) -> art.Artifact:
+    """The suite's one MiniLM export (tests/conftest.py): every ONNX variant, exported once per session."""
+    return minilm_artifact
 
 
 # ---- tiny model: every variant, the records, the choice ----------------------------------------------

@@ -170,3 +170,13 @@ def test_a_model_exported_on_another_cpu_carries_a_host_warning(tiny_fp32, tmp_p
     assert "was exported on a CPU with amx_int8 avx512_vnni" in warning
     same = build_repository(tiny_fp32, tmp_path / "same", RepositorySettings(variant="fp32"))
     assert read_config(same / "embed" / "config.pbtxt").parameters["host_warning"].string_value == ""
+
+
+def test_every_onnx_runtime_model_carries_the_one_session_options_file(tiny_classifier, tmp_path):
+    """model_repository/common/ort_options.py is the one definition: each python model gets a copy."""
+    from importlib import resources
+
+    template = (Path(str(resources.files("embedline.model_repository"))) / "common" / "ort_options.py").read_text()
+    repo = build_repository(tiny_classifier, tmp_path / "models", RepositorySettings(variant="fp32"))
+    for model in ("embed", "classifier_head"):
+        assert (repo / model / "1" / "ort_options.py").read_text() == template

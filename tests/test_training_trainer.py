@@ -211,3 +211,44 @@ def test_cli_sigint_saves_checkpoint_and_resumes(tiny_model_dir, corpus, tmp_pat
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert art.load_artifact(out).metadata["metrics"]["steps"] == steps
+
+
+def test_the_start_is_kept_when_no_step_beats_it(tiny_model_dir, corpus, tmp_path, monkeypatch, caplog):
+    """A dev score that only falls: the artifact holds the starting weights and records both numbers."""
+    from embedline.training import trainer
+
+    calls = []
+
+    def falling_metrics(*args, **kwargs):
+        calls.append(1)
+        return {"spearman": 50.0 - len(calls), "alignment": 0.1, "uniformity": -1.0, "pairs": 30}
+
+    monkeypatch.setattr(trainer, "sts_metrics", falling_metrics)
+    config = _config(tiny_model_dir, corpus, tmp_path / "out", pooling="cls_no_mlp")
+    with caplog.at_level("WARNING"):
+        train(config)
+    artifact = art.load_artifact(tmp_path / "out")
+    metrics = artifact.metadata["metrics"]
+    assert metrics["best_step"] == 0 and metrics["kept_start"] is True
+    assert metrics["dev_spearman_start"] == metrics["dev_spearman"] == 49.0 and metrics["dev_spearman_last"] == 46.0
+    assert "no step beat the starting model" in caplog.text
+    # The written weights are the base model's, untouched (a trained step would have moved them: lr 1e-3).
+    start, written = load_file(tiny_model_dir / "model.safetensors"), load_file(artifact.path / "model.safetensors")
+    assert start.keys() == written.keys()
+    assert all(torch.equal(start[k], written[k]) for k in start)
+
+
+def test_a_step_that_beats_the_start_is_kept(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from embedline.training import trainer
+
+    calls = []
+
+    def rising_metrics(*args, **kwargs):
+        calls.append(1)
+        return {"spearman": 10.0 + len(calls), "alignment": 0.1, "uniformity": -1.0, "pairs": 30}
+
+    monkeypatch.setattr(trainer, "sts_metrics", rising_metrics)
+    train(_config(tiny_model_dir, corpus, tmp_path / "out"))
+    metrics = art.load_artifact(tmp_path / "out").metadata["metrics"]
+    assert metrics["best_step"] == 6 and metrics["kept_start"] is False
+    assert metrics["dev_spearman_start"] == 11.0 and metrics["dev_spearman"] == 14.0

@@ -2,15 +2,24 @@
 
     embedline train-classifier --train-file train.tsv --output my-classifier [--model DIR]
                                [--shots 8] [--seed 42] [--frozen-body] [--loss contrastive|triplet|sup]
+                               [--pairs-file pairs.tsv [--pairs-weight 1.0]] [--hard-schedule constant|linear]
 
 Stage 1, body (skipped with --frozen-body): contrastive fine-tuning of the encoder on examples drawn
 from the labels (`pairs.py`: positives from the same label, negatives from other labels, a share of
 them hard negatives mined with the starting encoder, positives and negatives balanced). The examples are
-written to `<output>/run/pairs.csv` and trained by the SimCSE trainer (`trainer.train`, objective
-`contrastive`, `triplet` or `sup`): the same loop, losses, schedule, logging and artifact writer.
+mixed with the rows of `--pairs-file` (user-written contrast pairs, `labeled_data.read_contrast_pairs`;
+each row repeated round(pairs_weight x iterations) times, at least once, so at weight 1 a user row is
+seen as often as each labelled example is visited as an anchor), written to `<output>/run/pairs.csv` and
+trained by the SimCSE trainer (`trainer.train`, objective `contrastive`, `triplet` or `sup`): the same
+loop, losses, schedule, logging and artifact writer.
+With `--hard-schedule linear` the hard share rises from 0 to `--hard-fraction` along the examples, and
+the CSV is laid out so that the trainer's (seeded, shuffled) first epoch visits them in that order
+(`data.batch_indices`); it takes a single epoch (`--iterations` lengthens stage 1).
 Stage 2, head: multinomial logistic regression on the normalized embeddings of the training texts
-(`head.py`), stored as `<output>/head/head.onnx` + `labels.json`, with the training embeddings and
-labels for neighbour look-ups. The result is one artifact that serves `embed` and `classify`.
+(`head.py`; the labelled training texts only: the user pairs are stage-1 data and never reach the head;
+there is no dev split and no dev-based selection in either stage), stored as
+`<output>/head/head.onnx` + `labels.json`, with the training embeddings and labels for neighbour
+look-ups. The result is one artifact that serves `embed` and `classify`.
 
 Why the pairwise contrastive loss by default (emotion validation split, 8 shots, seed 0, head C=10;
 benchmarks/results/fewshot_dev_probe*.json): frozen body 37.8; pairs with margin 1.0, 10 rounds 38.7
@@ -38,9 +47,9 @@ import numpy as np
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
 from embedline.training.config import option
-from embedline.training.data import TrainingData
-from embedline.training.labeled_data import LabeledData, read_labeled, sample_shots
-from embedline.training.pairs import PairSettings, make_pairs, make_triples
+from embedline.training.data import DataError, TrainingData
+from embedline.training.labeled_data import ContrastPairs, LabeledData, read_contrast_pairs, read_labeled, sample_shots
+from embedline.training.pairs import HARD_SCHEDULES, PairSettings, add_user_pairs, make_pairs, make_triples
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,14 @@ class ClassifierConfig:
     hard_fraction: float = option(0.5, "share of negatives drawn among the closest other-label examples",
                                   group=_BODY)
     hard_pool: int = option(3, "how many closest other-label examples a hard negative is drawn from", group=_BODY)
+    hard_schedule: str = option("constant", "constant: --hard-fraction for every negative; linear: the hard share "
+                                "rises from 0 to --hard-fraction over stage 1 (easy first; one epoch)",
+                                group=_BODY, choices=HARD_SCHEDULES)
+    pairs_file: str = option("", "TSV or CSV of user-written contrast pairs for stage 1: columns anchor, positive, "
+                             "negative, or text_a, text_b, same (1/0); never used by the head", group=_BODY)
+    pairs_weight: float = option(1.0, "each --pairs-file row enters stage 1 round(weight x iterations) times "
+                                 "(at least once): 1 = as often as each labelled example is an anchor",
+                                 group=_BODY)
     epochs: int = option(1, "passes over the stage-1 examples", group=_BODY)
     batch_size: int = option(16, "examples per optimizer step (at most the number of examples)", group=_BODY)
     lr: float = option(2e-5, "peak learning rate", group=_BODY)
@@ -113,16 +130,27 @@ class ClassifierConfig:
             (self.head_c > 0, "--head-c must be > 0"),
             (self.neighbours >= 0, "--neighbours must be >= 0"),
             (self.max_seq_length >= 2, "--max-seq-length must be >= 2"),
+            (self.hard_schedule in HARD_SCHEDULES, f"--hard-schedule must be one of {', '.join(HARD_SCHEDULES)}"),
+            (self.pairs_weight > 0, "--pairs-weight must be > 0"),
+            (not (self.pairs_file and self.frozen_body),
+             "--pairs-file trains the body: it cannot go with --frozen-body"),
+            (self.hard_schedule == "constant" or self.frozen_body or self.epochs == 1,
+             "--hard-schedule linear ramps over one pass: use --epochs 1 (--iterations lengthens stage 1)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ClassifierConfigError(message)
-        PairSettings(self.iterations, self.max_pairs, self.hard_fraction, self.hard_pool)  # checks its own
+        self.pair_settings  # checks its own
         return self
 
     @property
     def pair_settings(self) -> PairSettings:
-        return PairSettings(self.iterations, self.max_pairs, self.hard_fraction, self.hard_pool)
+        return PairSettings(self.iterations, self.max_pairs, self.hard_fraction, self.hard_pool, self.hard_schedule)
+
+    @property
+    def pairs_repeats(self) -> int:
+        """How many times each --pairs-file row enters stage 1."""
+        return max(1, round(self.pairs_weight * self.iterations))
 
 
 def load_examples(config: ClassifierConfig) -> LabeledData:
@@ -155,7 +183,53 @@ def _embed(encoder, tokenizer_json: Path, max_seq_length: int, texts: list[str])
     return embed_texts(encoder, tokenizer, texts, batch_size=64).numpy()
 
 
-def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.Artifact:
+def trainer_order(examples: TrainingData, batch_size: int, seed: int) -> TrainingData:
+    """`examples` laid out so that the trainer's first epoch (`data.batch_indices` with this batch size and
+    seed) visits them in their current order: row k goes to the file position the trainer reads k-th."""
+    from embedline.training.data import batch_indices, steps_per_epoch
+
+    n = len(examples)
+    visit = [i for step in range(steps_per_epoch(n, batch_size)) for i in batch_indices(n, batch_size, seed, step)]
+    seen = set(visit)
+    visit += [i for i in range(n) if i not in seen]  # the dropped partial batch: never trained on
+    position = [0] * n
+    for k, i in enumerate(visit):
+        position[i] = k  # file row i holds the k-th example
+    columns = tuple(tuple(column[position[i]] for i in range(n)) for column in examples.columns)
+    labels = tuple(examples.labels[position[i]] for i in range(n)) if examples.labels is not None else None
+    return dataclasses.replace(examples, columns=columns, labels=labels)
+
+
+def stage1_examples(config: ClassifierConfig, data: LabeledData, embeddings: np.ndarray | None,
+                    user_pairs: ContrastPairs | None = None) -> tuple[TrainingData, dict[str, Any]]:
+    """Stage 1's examples (drawn from the labels, plus the user pairs) in the trainer's file order, and
+    their record for embedline.json."""
+    texts, labels = list(data.texts), list(data.labels)
+    if config.loss == "contrastive":
+        examples = make_pairs(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
+    else:
+        examples = make_triples(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
+    drawn = len(examples)
+    record: dict[str, Any] = {"drawn_examples": drawn, "hard_schedule": config.hard_schedule}
+    if user_pairs is not None:
+        try:
+            examples = add_user_pairs(examples, user_pairs.columns, user_pairs.same, config.pairs_repeats, config.seed)
+        except DataError as exc:
+            raise ClassifierConfigError(f"{user_pairs.path}: {exc}") from None
+        record["pairs_file"] = {"path": str(user_pairs.path), "rows": len(user_pairs),
+                                "format": list(user_pairs.header),
+                                "weight": config.pairs_weight, "repeats": config.pairs_repeats,
+                                "examples": len(examples) - drawn,
+                                "share": round((len(examples) - drawn) / len(examples), 4)}
+        log.info("stage 1: %d user-written examples (%d rows x %d) among %d", len(examples) - drawn,
+                 len(user_pairs), config.pairs_repeats, len(examples))
+    if config.hard_schedule == "linear" and len(examples) >= 2:
+        examples = trainer_order(examples, min(config.batch_size, len(examples)), config.seed)
+    return examples, record
+
+
+def train_body(config: ClassifierConfig, data: LabeledData, base: Path,
+               user_pairs: ContrastPairs | None = None) -> tuple[art.Artifact, dict[str, Any]]:
     """Stage 1: mine examples with the starting encoder, then run the SimCSE trainer on them."""
     from embedline.training.config import TrainConfig
     from embedline.training.evaluate import load_any_encoder
@@ -164,11 +238,7 @@ def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.A
     encoder, tokenizer_json, _ = load_any_encoder(base)
     embeddings = _embed(encoder, tokenizer_json, config.max_seq_length, list(data.texts))
     del encoder
-    texts, labels = list(data.texts), list(data.labels)
-    if config.loss == "contrastive":
-        examples = make_pairs(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
-    else:
-        examples = make_triples(texts, labels, embeddings, config.pair_settings, config.seed, data.path)
+    examples, record = stage1_examples(config, data, embeddings, user_pairs)
     if len(examples) < 2:
         raise ClassifierConfigError(f"{data.path}: too few examples for contrastive training ({len(examples)}); "
                                     "add examples or use --frozen-body")
@@ -185,7 +255,7 @@ def train_body(config: ClassifierConfig, data: LabeledData, base: Path) -> art.A
         seed=config.seed, device=config.device, log_steps=5, checkpoint_steps=0,
     )
     log.info("stage 1: %d %s examples, batch %d, %d epoch(s)", len(examples), config.loss, batch_size, config.epochs)
-    return train(train_config).artifact
+    return train(train_config).artifact, record
 
 
 def copy_body(config: ClassifierConfig, base: Path) -> art.Artifact:
@@ -228,14 +298,23 @@ def train_classifier(config: ClassifierConfig) -> art.Artifact:
         raise ClassifierConfigError(f"{output}: already holds an artifact; choose another --output")
     base, _ = art.resolve_model_source(config.model or None)
     data = load_examples(config)
+    user_pairs = read_contrast_pairs(config.pairs_file) if config.pairs_file else None  # fail before training
+    if user_pairs is not None and not user_pairs.is_triples and config.loss != "contrastive":
+        raise ClassifierConfigError(f"{user_pairs.path}: text_a, text_b, same rows need --loss contrastive; "
+                                    f"--loss {config.loss} takes anchor, positive, negative rows")
     started = time.perf_counter()
-    body = copy_body(config, base) if config.frozen_body else train_body(config, data, base)
+    stage1: dict[str, Any] | None = None
+    if config.frozen_body:
+        body = copy_body(config, base)
+    else:
+        body, stage1 = train_body(config, data, base, user_pairs)
     body_seconds = time.perf_counter() - started
-    head_record = train_head(config, data, body)
+    head_record = train_head(config, data, body)  # the labelled texts only: never the user pairs
     return art.update_metadata(body.path, {"classifier": {
         "config": {**dataclasses.asdict(config), "model": str(base)},
         "labels": list(data.classes),
         "body_seconds": round(body_seconds, 1),
+        "stage1": stage1,
         "head": head_record,
     }})
 

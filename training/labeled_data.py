@@ -6,6 +6,13 @@ Formats (optionally gzip'd):
 Both need a `text` and a `label` column (labels are strings; other columns are ignored). Blank lines are
 skipped. Every problem is a `DataError` naming the file (and the line where there is one): a missing
 column, an empty text or label, a single class, a class with fewer examples than the requested shots.
+
+`read_contrast_pairs` reads the user-written pairs of `train-classifier --pairs-file`, in the same two
+formats, with a header naming one of two column sets (other columns are ignored):
+  * `anchor`, `positive`, `negative`: the positive is the anchor's intent in other words, the negative a
+    different intent in similar words;
+  * `text_a`, `text_b`, `same`: same is 1/0, true/false or yes/no (case-insensitive).
+A wrong field count, an empty text or a bad `same` value is a `DataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -47,11 +54,11 @@ class LabeledData:
         return {label: counts[label] for label in self.classes}
 
 
-def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+def _rows(path: Path, columns: str = "text and label") -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of every line of a TSV or CSV file, the header included."""
     name = path.name.lower().removesuffix(".gz")
     if not name.endswith((".tsv", ".csv")):
-        raise DataError(f"{path}: expected a .tsv or .csv file (optionally .gz) with columns text and label")
+        raise DataError(f"{path}: expected a .tsv or .csv file (optionally .gz) with columns {columns}")
     try:
         with open_text(path) as f:
             if name.endswith(".tsv"):
@@ -115,3 +122,67 @@ def sample_shots(data: LabeledData, shots: int, seed: int) -> LabeledData:
         by_class[label].append(i)
     chosen = [i for label in data.classes for i in sorted(rng.sample(by_class[label], shots))]
     return LabeledData(data.path, tuple(data.texts[i] for i in chosen), tuple(data.labels[i] for i in chosen))
+
+
+TRIPLE_HEADER = ("anchor", "positive", "negative")
+PAIR_HEADER = ("text_a", "text_b", "same")
+_SAME = {"1": 1.0, "true": 1.0, "yes": 1.0, "0": 0.0, "false": 0.0, "no": 0.0}
+
+
+@dataclass(frozen=True)
+class ContrastPairs:
+    """User-written contrast examples: `columns` are (anchor, positive, negative) with `same` None, or
+    (text_a, text_b) with `same` the 1.0 / 0.0 targets."""
+
+    path: Path
+    header: tuple[str, ...]  # TRIPLE_HEADER or PAIR_HEADER
+    columns: tuple[tuple[str, ...], ...]
+    same: tuple[float, ...] | None
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    @property
+    def is_triples(self) -> bool:
+        return self.same is None
+
+    def texts(self) -> set[str]:
+        return {text for column in self.columns for text in column}
+
+
+def read_contrast_pairs(path: str | os.PathLike) -> ContrastPairs:
+    """The rows of a pairs file (see the module docstring), checked; at least one row."""
+    path = Path(path).expanduser().resolve()
+    formats = "anchor, positive, negative or text_a, text_b, same"
+    rows = _rows(path, formats)
+    header_line, header = next(rows, (1, []))
+    header = [h.strip().lstrip("\ufeff").lower() for h in header]
+    kind = next((names for names in (TRIPLE_HEADER, PAIR_HEADER) if set(names) <= set(header)), None)
+    if kind is None:
+        raise DataError(f"{path}:{header_line}: a pairs file needs the columns {formats} (header is {header})")
+    at = [header.index(name) for name in kind]
+    columns: tuple[list[str], ...] = tuple([] for _ in kind)
+    same: list[float] = []
+    for line, fields in rows:
+        if all(not field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
+        values = [fields[i].strip() for i in at]
+        texts = values if kind is TRIPLE_HEADER else values[:2]
+        for name, text in zip(kind, texts):
+            if not text:
+                raise DataError(f"{path}:{line}: empty {name}")
+        if kind is PAIR_HEADER:
+            if values[2].lower() not in _SAME:
+                raise DataError(f"{path}:{line}: same must be 1/0, true/false or yes/no, got {values[2]!r}")
+            same.append(_SAME[values[2].lower()])
+        for column, text in zip(columns, texts):
+            column.append(text)
+    if not columns[0]:
+        raise DataError(f"{path}: no pairs (only a header)")
+    used = kind if kind is TRIPLE_HEADER else kind[:2]
+    pairs = ContrastPairs(path, kind, tuple(tuple(c) for c in columns[:len(used)]),
+                          tuple(same) if kind is PAIR_HEADER else None)
+    log.info("%s: %d user-written %s rows", path, len(pairs), ", ".join(kind))
+    return pairs

@@ -11,6 +11,11 @@ anchor (cosine on `embeddings`); the rest are uniform over the other labels, whi
 clearly-separable structure in the loss too. `max_pairs` caps the total for many-class sets (banking77
 has 77 x 8 anchors).
 
+`hard_schedule` is the curriculum: `constant` uses `hard_fraction` for every negative; `linear` ramps the
+share from 0 at the first anchor drawn to `hard_fraction` at the last (`hard_share`), so the examples come
+out easy first, hard last, in the order they are returned (the classifier lays them out so the trainer
+visits them in that order). `add_user_pairs` mixes user-written contrast rows into the result.
+
 The result is a `training.data.TrainingData`, the shape the SimCSE trainer's loop consumes.
 """
 
@@ -28,6 +33,17 @@ log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("sent0", "sent1")
 TRIPLE_COLUMNS = ("sent0", "sent1", "hard_neg")
+HARD_SCHEDULES = ("constant", "linear")
+
+
+def hard_share(schedule: str, fraction: float, progress: float) -> float:
+    """The share of hard negatives at `progress` (0 = first anchor drawn, 1 = last): `fraction` throughout
+    (constant), or rising linearly from 0 to `fraction` (linear)."""
+    if schedule == "constant":
+        return fraction
+    if schedule == "linear":
+        return fraction * min(1.0, max(0.0, progress))
+    raise DataError(f"hard_schedule must be one of {', '.join(HARD_SCHEDULES)}, got {schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,7 @@ class PairSettings:
     max_pairs: int = 0  # cap on pairs (or triples) in all; 0 = no cap
     hard_fraction: float = 0.5  # share of negatives drawn among the closest different-label examples
     hard_pool: int = 3  # how many closest different-label examples a hard negative is drawn from
+    hard_schedule: str = "constant"  # constant | linear (0 -> hard_fraction over the examples, in order)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -48,6 +65,7 @@ class PairSettings:
             raise DataError(f"hard_fraction must be in [0, 1], got {self.hard_fraction}")
         if self.hard_pool < 1:
             raise DataError(f"hard_pool must be >= 1, got {self.hard_pool}")
+        hard_share(self.hard_schedule, self.hard_fraction, 0.0)  # checks the schedule's name
 
 
 class _Sampler:
@@ -63,6 +81,10 @@ class _Sampler:
         self.settings = settings
         self.rng = np.random.default_rng(seed)
         self.hard: np.ndarray | None = None  # (n, pool) closest other-label examples, nearest first
+        self.hard_drawn = 0  # negatives drawn among the closest (for the log and the tests)
+        self.negatives_drawn = 0
+        has_positive = sum(len(m) for m in self.members if len(m) >= 2)
+        self.expected_anchors = settings.iterations * has_positive  # before any max_pairs cap
         if embeddings is not None and settings.hard_fraction > 0:
             if embeddings.shape[0] != len(labels):
                 raise DataError(f"{embeddings.shape[0]} embeddings for {len(labels)} examples")
@@ -91,8 +113,12 @@ class _Sampler:
             if candidate != anchor:
                 return candidate
 
-    def negative(self, anchor: int) -> int:
-        if self.hard is not None and self.rng.random() < self.settings.hard_fraction:
+    def negative(self, anchor: int, progress: float = 0.0) -> int:
+        """A negative for `anchor`; `progress` (0..1, the anchor's place among all drawn) sets the hard share."""
+        self.negatives_drawn += 1
+        share = hard_share(self.settings.hard_schedule, self.settings.hard_fraction, progress)
+        if self.hard is not None and self.rng.random() < share:
+            self.hard_drawn += 1
             return int(self.rng.choice(self.hard[anchor]))
         while True:  # uniform over the other labels' examples (rejection: at least 2 classes exist)
             candidate = int(self.rng.integers(len(self.codes)))
@@ -103,6 +129,11 @@ class _Sampler:
         """Anchor orders, one shuffled permutation per round."""
         for _ in range(self.settings.iterations):
             yield self.rng.permutation(len(self.codes))
+
+
+def _progress(done: int, total: int) -> float:
+    """The place of the `done`-th anchor (0-based) among `total`: 0 for the first, 1 for the last."""
+    return done / (total - 1) if total > 1 else 1.0
 
 
 def _check(texts: list[str], labels: list[str]) -> None:
@@ -127,6 +158,7 @@ def make_pairs(texts: list[str], labels: list[str], embeddings: np.ndarray | Non
     second: list[str] = []
     targets: list[float] = []
     cap = settings.max_pairs or None
+    total = min(sampler.expected_anchors, cap // 2) if cap is not None else sampler.expected_anchors
     for order in sampler.rounds():
         for anchor in order:
             if cap is not None and len(targets) + 2 > cap:
@@ -134,12 +166,12 @@ def make_pairs(texts: list[str], labels: list[str], embeddings: np.ndarray | Non
             positive = sampler.positive(anchor)
             if positive is None:
                 continue
-            negative = sampler.negative(anchor)
+            negative = sampler.negative(anchor, _progress(len(targets) // 2, total))
             first += [texts[anchor], texts[anchor]]
             second += [texts[positive], texts[negative]]
             targets += [1.0, 0.0]
-    log.info("%d pairs (%d positive, %d negative) from %d examples", len(targets), len(targets) // 2,
-             len(targets) // 2, len(texts))
+    log.info("%d pairs (%d positive, %d negative, %d of them hard, %s schedule) from %d examples", len(targets),
+             len(targets) // 2, len(targets) // 2, sampler.hard_drawn, settings.hard_schedule, len(texts))
     return TrainingData(source, PAIR_COLUMNS, (tuple(first), tuple(second)), tuple(targets), 0)
 
 
@@ -151,6 +183,7 @@ def make_triples(texts: list[str], labels: list[str], embeddings: np.ndarray | N
     sampler = _Sampler(labels, embeddings, settings, seed)
     columns: tuple[list[str], list[str], list[str]] = ([], [], [])
     cap = settings.max_pairs or None
+    total = min(sampler.expected_anchors, cap) if cap is not None else sampler.expected_anchors
     for order in sampler.rounds():
         for anchor in order:
             if cap is not None and len(columns[0]) >= cap:
@@ -158,7 +191,53 @@ def make_triples(texts: list[str], labels: list[str], embeddings: np.ndarray | N
             positive = sampler.positive(anchor)
             if positive is None:
                 continue
-            for column, index in zip(columns, (anchor, positive, sampler.negative(anchor))):
+            negative = sampler.negative(anchor, _progress(len(columns[0]), total))
+            for column, index in zip(columns, (anchor, positive, negative)):
                 column.append(texts[index])
-    log.info("%d triples from %d examples", len(columns[0]), len(texts))
+    log.info("%d triples (%d hard negatives, %s schedule) from %d examples", len(columns[0]), sampler.hard_drawn,
+             settings.hard_schedule, len(texts))
     return TrainingData(source, TRIPLE_COLUMNS, tuple(tuple(c) for c in columns), None, 0)
+
+
+def add_user_pairs(examples: TrainingData, columns: tuple[tuple[str, ...], ...], same: tuple[float, ...] | None,
+                   repeats: int, seed: int) -> TrainingData:
+    """`examples` with user-written rows mixed in, each `repeats` times, at seeded random places (so a
+    curriculum's easy-to-hard order keeps its shape around them).
+
+    `columns` are (anchor, positive, negative) when `same` is None, else (text_a, text_b) with `same` 1.0 / 0.0.
+    Pairs (examples with labels): a triple becomes (anchor, positive, 1) and (anchor, negative, 0), kept
+    adjacent. Triples (no labels): only (anchor, positive, negative) rows fit.
+    """
+    if repeats < 1:
+        raise DataError(f"repeats must be >= 1, got {repeats}")
+    pairs_mode = examples.labels is not None
+    units: list[list[tuple[tuple[str, ...], float | None]]] = []  # one unit = rows kept adjacent
+    for i in range(len(columns[0])):
+        if same is None:
+            anchor, positive, negative = columns[0][i], columns[1][i], columns[2][i]
+            unit = ([((anchor, positive), 1.0), ((anchor, negative), 0.0)] if pairs_mode
+                    else [((anchor, positive, negative), None)])
+        elif pairs_mode:
+            unit = [((columns[0][i], columns[1][i]), same[i])]
+        else:
+            raise DataError("text_a, text_b, same rows need the pairwise contrastive loss (--loss contrastive); "
+                            "triplet and sup take anchor, positive, negative rows")
+        units += [unit] * repeats
+    rng = np.random.default_rng(seed)
+    base = [[(tuple(column[j] for column in examples.columns), examples.labels[j] if pairs_mode else None)]
+            for j in range(len(examples))]
+    # Insert each user unit at a uniform random gap between the drawn examples (order within each kept).
+    gaps = np.sort(rng.integers(0, len(base) + 1, size=len(units)))
+    order = rng.permutation(len(units))
+    merged: list[list[tuple[tuple[str, ...], float | None]]] = []
+    k = 0
+    for gap in range(len(base) + 1):
+        while k < len(units) and gaps[k] == gap:
+            merged.append(units[order[k]])
+            k += 1
+        if gap < len(base):
+            merged.append(base[gap])
+    rows = [row for unit in merged for row in unit]
+    new_columns = tuple(tuple(texts[c] for texts, _ in rows) for c in range(len(examples.column_names)))
+    labels = tuple(float(y) for _, y in rows) if pairs_mode else None
+    return TrainingData(examples.path, examples.column_names, new_columns, labels, examples.skipped_empty)

@@ -7,7 +7,9 @@ Read top to bottom, `train` does:
      `train_step` (plain or cached loss, gradient clipping, optimizer and schedule), logging, dev
      evaluation with the best weights kept, periodic checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
   4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json, and
-     `matryoshka_dims` when trained for truncation);
+     `matryoshka_dims` when trained for truncation); with a dev file the starting model (step 0) is a
+     candidate too: when no step beats it strictly, the artifact holds the starting weights, the log says
+     so and the metrics record `best_step` 0, `kept_start` true, `dev_spearman_start` and `dev_spearman_last`;
      a stop signal that arrives once every step is done waits for the artifact instead of losing it.
 
 `train_step` is public so other trainers (e.g. a SetFit-style classifier body on labelled pairs) can run
@@ -308,7 +310,11 @@ def train(
         distributed.barrier()
 
     if step == 0 and dev is not None:
+        # The starting model is the first candidate for "best": a later step must beat it strictly.
         start_metrics = evaluate(0)
+        if env.is_main:
+            best = {"step": 0, **start_metrics}
+            ckpt.save_best(paths, model.state_dict())
 
     # 3. The loop.
     window_seconds, window_examples = 0.0, 0  # training time only: evaluations and checkpoints excluded
@@ -382,6 +388,11 @@ def train(
                                 "dev_uniformity": best["uniformity"]})
             if start_metrics is not None:
                 metrics["dev_spearman_start"] = start_metrics["spearman"]
+                metrics["kept_start"] = best is not None and best["step"] == 0
+                if metrics["kept_start"]:
+                    log.warning("no step beat the starting model on the dev set (Spearman %.2f at the start, "
+                                "%s last): the artifact holds the starting weights", start_metrics["spearman"],
+                                f"{last_eval['spearman']:.2f}" if last_eval is not None else "none")
             if last_eval is not None:
                 metrics["dev_spearman_last"] = last_eval["spearman"]
             save_artifact(

@@ -9,10 +9,14 @@ mixed neighbours flag a doubtful prediction. Reads only files inside its own mod
 
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ort_options import session_options  # noqa: E402  (copied next to this file by the repository builder)
 
 
 def _parameters(args):
@@ -25,10 +29,8 @@ class TritonPythonModel:
         params = _parameters(args)
         directory = os.path.join(args["model_repository"], args["model_version"])
         self.labels = np.array([label.encode("utf-8") for label in json.loads(params["labels"])], dtype=np.object_)
-        options = ort.SessionOptions()
         # The head is a (batch, dim) x (dim, labels) product: one thread, no pool to wake up.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
+        options = session_options(ort, 1)
         self.session = ort.InferenceSession(os.path.join(directory, "head.onnx"), options,
                                             providers=["CPUExecutionProvider"])
         self.k = int(params.get("neighbours", "0"))

@@ -24,13 +24,9 @@ class OrtEngine:
     def __init__(self, path, threads, gpu_device_id=None, gpu_provider="cuda", spin_wait=True):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # one graph at a time per instance: extra pools only oversubscribe
-        # Spinning workers pick up each operator's parallel work at once instead of waking from a futex:
-        # 1.6x faster batch-1 runs on 2 cores (serving/settings.py, RepositorySettings.spin_wait).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        from ort_options import session_options  # copied next to this file by the repository builder
+
+        options = session_options(ort, threads, spin_wait)
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         self.device_id = None
