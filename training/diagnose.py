@@ -41,7 +41,7 @@ import numpy as np
 
 from embedline.errors import EmbedlineError
 from embedline.training.data import DataError
-from embedline.training.labeled_data import LABEL_COLUMN, TEXT_COLUMN, _rows
+from embedline.training import labeled_data, plot_space
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ FLAG_FIXES = {
     "lost_general_semantics": "lower lr, start from a strong base",
 }
 
-METHODS = ("tsne", "umap")
+METHODS = plot_space.METHODS
 JSON_FILE = "diagnosis.json"
 PNG_FILE = "diagnosis.png"
 
@@ -419,32 +419,10 @@ def read_texts(path: str | os.PathLike) -> Texts:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    rows = _rows(path)
-    header_line, header = next(rows, (1, []))
-    header = [h.strip().lstrip("\ufeff") for h in header]
-    if TEXT_COLUMN not in header:
-        raise DataError(f"{path}:{header_line}: missing column {TEXT_COLUMN} (header is {header})")
-    text_at = header.index(TEXT_COLUMN)
-    label_at = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else None
-    texts: list[str] = []
-    labels: list[str] = []
-    for line, fields in rows:
-        if all(not field.strip() for field in fields):
-            continue
-        if len(fields) != len(header):
-            raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
-        text = fields[text_at].strip()
-        if not text:
-            raise DataError(f"{path}:{line}: empty text")
-        texts.append(text)
-        if label_at is not None:
-            label = fields[label_at].strip()
-            if not label:
-                raise DataError(f"{path}:{line}: empty label")
-            labels.append(label)
+    path, texts, labels = labeled_data.read_texts(path, label_required=False)
     if len(texts) < 3:
         raise DataError(f"{path}: {len(texts)} texts; diagnosing a space needs at least 3")
-    return Texts(path, tuple(texts), tuple(labels) if label_at is not None else None)
+    return Texts(path, tuple(texts), tuple(labels) if labels is not None else None)
 
 
 def subsample(data: Texts, max_points: int, seed: int) -> Texts:
@@ -643,17 +621,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="STS TSV: alignment over its top-quartile pairs, uniformity, dev Spearman")
     parser.add_argument("--baseline", default=None,
                         help="another artifact or model directory (e.g. the base model): same measures + deltas")
-    parser.add_argument("--method", choices=METHODS, default="tsne", help="2-D projection (umap needs umap-learn)")
-    parser.add_argument("--max-points", type=int, default=1500, help="subsample larger files per class")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0: torch's default)")
+    plot_space.add_space_options(parser, threads=2)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    plot_space.set_threads(args.threads)
     report = diagnose(args.artifact, args.data, args.output, args.dev_pairs, args.baseline, args.method,
                       args.max_points, args.seed)
     print(summary(report))

@@ -70,31 +70,53 @@ def _rows(path: Path, columns: str = "text and label") -> Iterator[tuple[int, li
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from exc
 
 
-def read_labeled(path: str | os.PathLike) -> LabeledData:
-    """All rows of a text/label file, checked: non-empty texts and labels, at least two classes."""
-    path = Path(path).expanduser().resolve()
-    rows = _rows(path)
+def _header(rows) -> tuple[int, list[str]]:
+    """(line number, column names) of a file's first row, a UTF-8 byte-order mark removed."""
     header_line, header = next(rows, (1, []))
-    header = [h.strip().lstrip("\ufeff") for h in header]
-    missing = [c for c in (TEXT_COLUMN, LABEL_COLUMN) if c not in header]
-    if missing:
-        raise DataError(f"{path}:{header_line}: missing column(s) {', '.join(missing)} "
-                        f"(header is {header}; the classifier reads 'text' and 'label')")
-    text_at, label_at = header.index(TEXT_COLUMN), header.index(LABEL_COLUMN)
-    texts: list[str] = []
-    labels: list[str] = []
+    return header_line, [h.strip().lstrip("\ufeff") for h in header]
+
+
+def _records(path: Path, rows, header: list[str]):
+    """(line number, fields) of every non-blank row after the header, each with the header's field count."""
     for line, fields in rows:
         if all(not field.strip() for field in fields):
             continue
         if len(fields) != len(header):
             raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
-        text, label = fields[text_at].strip(), fields[label_at].strip()
+        yield line, fields
+
+
+def read_texts(path: str | os.PathLike, label_required: bool = True) -> tuple[Path, list[str], list[str] | None]:
+    """(resolved path, texts, labels) of a text/label file; labels is None when the file has no label column
+    and `label_required` is False. Texts and labels are checked non-empty, with the file and line."""
+    path = Path(path).expanduser().resolve()
+    rows = _rows(path)
+    header_line, header = _header(rows)
+    required = (TEXT_COLUMN, LABEL_COLUMN) if label_required else (TEXT_COLUMN,)
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}:{header_line}: missing column(s) {', '.join(missing)} "
+                        f"(header is {header}; the classifier reads 'text' and 'label')")
+    text_at = header.index(TEXT_COLUMN)
+    label_at = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else None
+    texts: list[str] = []
+    labels: list[str] = []
+    for line, fields in _records(path, rows, header):
+        text = fields[text_at].strip()
+        label = fields[label_at].strip() if label_at is not None else None
         if not text:
-            raise DataError(f"{path}:{line}: empty text (label {label!r})")
-        if not label:
+            raise DataError(f"{path}:{line}: empty text" + (f" (label {label!r})" if label else ""))
+        if label_at is not None and not label:
             raise DataError(f"{path}:{line}: empty label")
         texts.append(text)
-        labels.append(label)
+        if label is not None:
+            labels.append(label)
+    return path, texts, labels if label_at is not None else None
+
+
+def read_labeled(path: str | os.PathLike) -> LabeledData:
+    """All rows of a text/label file, checked: non-empty texts and labels, at least two classes."""
+    path, texts, labels = read_texts(path)
     data = LabeledData(path, tuple(texts), tuple(labels))
     if len(data.classes) < 2:
         found = f"only the label {data.classes[0]!r}" if data.classes else "no examples"
@@ -155,19 +177,15 @@ def read_contrast_pairs(path: str | os.PathLike) -> ContrastPairs:
     path = Path(path).expanduser().resolve()
     formats = "anchor, positive, negative or text_a, text_b, same"
     rows = _rows(path, formats)
-    header_line, header = next(rows, (1, []))
-    header = [h.strip().lstrip("\ufeff").lower() for h in header]
+    header_line, header = _header(rows)
+    header = [h.lower() for h in header]
     kind = next((names for names in (TRIPLE_HEADER, PAIR_HEADER) if set(names) <= set(header)), None)
     if kind is None:
         raise DataError(f"{path}:{header_line}: a pairs file needs the columns {formats} (header is {header})")
     at = [header.index(name) for name in kind]
     columns: tuple[list[str], ...] = tuple([] for _ in kind)
     same: list[float] = []
-    for line, fields in rows:
-        if all(not field.strip() for field in fields):
-            continue
-        if len(fields) != len(header):
-            raise DataError(f"{path}:{line}: expected {len(header)} fields ({', '.join(header)}), found {len(fields)}")
+    for line, fields in _records(path, rows, header):
         values = [fields[i].strip() for i in at]
         texts = values if kind is TRIPLE_HEADER else values[:2]
         for name, text in zip(kind, texts):

@@ -178,17 +178,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="PNG file to write")
     parser.add_argument("--before", default=None,
                         help="model to compare with (default: the base model recorded in the artifact)")
+    add_space_options(parser, threads=0)
+
+
+def add_space_options(parser: argparse.ArgumentParser, threads: int) -> None:
+    """The options `plot-space` and `diagnose` share: projection, subsampling, seed, torch threads."""
     parser.add_argument("--method", choices=METHODS, default="tsne", help="2-D projection (umap needs umap-learn)")
     parser.add_argument("--max-points", type=int, default=1500, help="subsample larger files per class")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default {threads}; "
+                        "0: torch's default)")
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     panels = plot_space(args.artifact, args.data, args.output, args.before, args.method, args.max_points, args.seed)
     for panel in panels:
         print(f"{panel.title}: 10-NN label agreement {panel.knn_agreement:.3f}, silhouette {panel.silhouette:.3f}")
