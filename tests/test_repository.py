@@ -180,3 +180,24 @@ def test_every_onnx_runtime_model_carries_the_one_session_options_file(tiny_clas
     repo = build_repository(tiny_classifier, tmp_path / "models", RepositorySettings(variant="fp32"))
     for model in ("embed", "classifier_head"):
         assert (repo / model / "1" / "ort_options.py").read_text() == template
+
+
+def test_each_artifact_s_classifier_head_is_its_own_classify_model(tiny_classifier, tmp_path):
+    import json
+    import shutil
+
+    from embedline import artifact as art
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_classifier.path, second)
+    metadata = json.loads((second / art.METADATA_FILE).read_text())
+    (second / art.METADATA_FILE).write_text(json.dumps({**metadata, "name": "intent"}))
+    repo = build_repository([tiny_classifier, art.load_artifact(second)], tmp_path / "models",
+                            RepositorySettings(variant="fp32"))
+    assert {p.name for p in repo.iterdir()} == {"embed", "classify", "classifier_head",
+                                               "intent", "intent-classify", "intent-classifier-head"}
+    ensemble = read_config(repo / "intent-classify" / "config.pbtxt")
+    assert [step.model_name for step in ensemble.ensemble_scheduling.step] == ["intent", "intent-classifier-head"]
+    catalog = json.loads(read_config(repo / "embed" / "config.pbtxt").parameters["served_models"].string_value)
+    assert catalog == {tiny_classifier.name: {"embed": "embed", "classify": "classify"},
+                       "intent": {"embed": "intent", "classify": "intent-classify"}}
