@@ -30,11 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from embedline.client.errors import API_KEY_ENV
 from embedline.serving.settings import add_server_options, settings_from_args
 from embedline.serving.triton import (
     DEFAULT_PORTS,
     ServingError,
     TritonServer,
+    check_api_key,
     die_with_parent,
     is_loopback,
     port_in_use,
@@ -42,7 +44,6 @@ from embedline.serving.triton import (
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "EMBEDLINE_API_KEY"
 OPENAI_PORT = 8080
 WATCH_INTERVAL_S = 0.2
 RESTART_BACKOFF_S = 0.5  # the first restart's wait; doubles per restart in a row
@@ -110,10 +111,8 @@ def read_api_key(path: str | None) -> str | None:
         if not key:
             raise ServingError(f"--api-key-file {path} is empty")
     else:
-        key = os.environ.get(API_KEY_ENV, "").strip() or None
-    if key is not None and (not key.isascii() or not key.isprintable() or " " in key):
-        raise ServingError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
-    return key
+        key = os.environ.get(API_KEY_ENV)
+    return check_api_key(key)
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
@@ -308,8 +307,8 @@ def run(args: argparse.Namespace) -> int:
     artifacts = [prepare_artifact(path) for path in (args.artifact or [None])]
     names = served_names(artifacts)  # fails early on two artifacts with one name
     device = available_device()
-    settings = settings_from_args(args, artifacts[0], device)
     variants = artifact_variants(args, artifacts, device)
+    settings = settings_from_args(args, artifacts[0], device, variant=variants[0])
     log_file = Path(tempfile.gettempdir()) / f"embedline-serve-{args.grpc_port}.log"
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run
     with tempfile.TemporaryDirectory(prefix="embedline-serve-") as tmp:

@@ -71,11 +71,12 @@ from embedline.client import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
+from embedline.client.errors import API_KEY_ENV
+from embedline.serving.triton import check_api_key
 
 MODULE = "embedline.serving.openai_api"
 log = logging.getLogger(MODULE)  # not __name__: run with -m, that would be "__main__"
 
-API_KEY_ENV = "EMBEDLINE_API_KEY"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_INPUTS = 2048            # OpenAI's limit on texts per request
@@ -221,16 +222,6 @@ def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # The app
-
-
-def check_api_key(api_key: str | None) -> str | None:
-    """An API key as the launcher accepts it: printable ASCII without spaces; empty means none."""
-    if api_key is None or not api_key.strip():
-        return None
-    api_key = api_key.strip()
-    if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
-        raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
-    return api_key
 
 
 def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: str, api_key: str | None = None,

@@ -276,8 +276,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     artifacts = [art.load_artifact(path) for path in args.artifact]
-    settings = settings_from_args(args, artifacts[0], args.device, args.layout)
     variants = artifact_variants(args, artifacts, args.device)
+    settings = settings_from_args(args, artifacts[0], args.device, args.layout, variants[0])
     path = build_repository(artifacts, args.output, settings, variants)
     print(f"model repository ({settings.layout} layout, variants {', '.join(variants)}): {path}")
     return 0

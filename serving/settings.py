@@ -92,12 +92,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str,
-                       layout: str = "python") -> RepositorySettings:
-    """RepositorySettings from the options of `add_server_options`."""
+                       layout: str = "python", variant: str | None = None) -> RepositorySettings:
+    """RepositorySettings from the options of `add_server_options` (`variant`: one already chosen)."""
     from embedline.export.variants import choose_variant
 
     return RepositorySettings(
-        variant=args.variant or choose_variant(artifact, device),
+        variant=variant or args.variant or choose_variant(artifact, device),
         layout=layout,
         device=device,
         max_batch_size=args.max_batch_size,

@@ -122,6 +122,17 @@ GRPC_AUTH_HEADER = "triton-grpc-protocol-authorization"
 STUB_BINARY = "triton_python_backend_stub"
 
 
+def check_api_key(api_key: str | None) -> str | None:
+    """An API key as the server takes it: printable ASCII without spaces (it travels in an HTTP header and
+    on Triton's command line); blank or None means no key."""
+    if api_key is None or not api_key.strip():
+        return None
+    api_key = api_key.strip()
+    if not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        raise ServingError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
+    return api_key
+
+
 def is_loopback(host: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 

@@ -33,17 +33,19 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_fp32(tiny_artifact, tmp_path_factory):
-    """A copy of the tiny artifact with its fp32 ONNX exported (read-only for the tests that share it)."""
+    """A copy of the tiny artifact with its fp32 ONNX exported (read-only for the tests that share it).
+
+    A complete export (with its record), so `embedline serve` on it finds nothing left to export and never
+    writes into this shared directory.
+    """
     import shutil
 
     from embedline import artifact as art
-    from embedline.export.onnx_export import export_fp32
+    from embedline.export.pipeline import export_artifact
 
     dest = tmp_path_factory.mktemp("tiny-fp32") / "a"
     shutil.copytree(tiny_artifact.path, dest)
-    artifact = art.load_artifact(dest)
-    export_fp32(artifact)
-    return artifact
+    return export_artifact(art.load_artifact(dest), variants=("fp32",), show_progress=False, speed_seconds=0)
 
 
 def _cuda_available() -> bool:

@@ -579,15 +579,21 @@ def test_replicas_choose_in_turn_and_skip_cooling_ones():
 # Replicas, asyncio
 
 
-def test_async_failover_spreading_and_health(monkeypatch):
-    sleeps = []
+@pytest.fixture
+def async_sleeps(monkeypatch) -> list[float]:
+    """The asyncio client's back-off waits, recorded instead of slept (failovers wait 0: not recorded)."""
+    sleeps: list[float] = []
 
     async def fake_sleep(delay):
         if delay:
             sleeps.append(delay)
 
     monkeypatch.setattr(aio_module.asyncio, "sleep", fake_sleep)
+    return sleeps
 
+
+def test_async_failover_spreading_and_health(async_sleeps):
+    sleeps = async_sleeps
     async def main():
         down, up = DownTriton(queue_full), FakeTriton()
         client = make_async_replica_client({"down:1": down, "up:1": up}, now=[0.0])
@@ -611,15 +617,8 @@ def test_async_failover_spreading_and_health(monkeypatch):
     assert sleeps == []
 
 
-def test_async_all_replicas_down_gives_up_with_backoff_per_round(monkeypatch):
-    sleeps = []
-
-    async def fake_sleep(delay):
-        if delay:
-            sleeps.append(delay)
-
-    monkeypatch.setattr(aio_module.asyncio, "sleep", fake_sleep)
-
+def test_async_all_replicas_down_gives_up_with_backoff_per_round(async_sleeps):
+    sleeps = async_sleeps
     async def main():
         a, b = DownTriton(), DownTriton()
         client = make_async_replica_client({"a:1": a, "b:1": b}, max_retries=1, initial_backoff=0.01)

@@ -17,9 +17,10 @@ NEGATIVES = ["a woman cooks", "the car is red", "the train is slow", "he eats br
              "the fox jumps over the lazy dog", "they dance"]
 
 
-def _setup(tiny_model_dir, tmp_path, objective="unsup", pooling="auto", dropout=None):
+def _setup(tiny_model_dir, tmp_path, objective="unsup", pooling="auto", dropout=None, matryoshka_dims=()):
     config = resolve_config(TrainConfig(objective=objective, model=str(tiny_model_dir), train_file="x",
-                                        output=str(tmp_path / "o"), pooling=pooling, dropout=dropout))
+                                        output=str(tmp_path / "o"), pooling=pooling, dropout=dropout,
+                                        matryoshka_dims=matryoshka_dims))
     torch.manual_seed(0)
     model = build_model(config).double().train()
     tokenizer = load_tokenizer(tiny_model_dir / "tokenizer.json", 32)
@@ -30,7 +31,7 @@ def _setup(tiny_model_dir, tmp_path, objective="unsup", pooling="auto", dropout=
     else:
         batch, views = Batch([TEXTS, TEXTS[1:] + TEXTS[:1], NEGATIVES]), 1
     features, sizes, labels = batch_features(batch, tokenizer, views, torch.device("cpu"))
-    loss_fn = make_loss(objective, temperature=0.05)
+    loss_fn = make_loss(objective, temperature=0.05, matryoshka_dims=config.matryoshka_dims)
     return model, features, lambda embeddings: loss_fn(embeddings.split(sizes), labels)
 
 
@@ -44,9 +45,11 @@ def _assert_same(a, b, tol=1e-9):
         torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=name)
 
 
+@pytest.mark.parametrize("matryoshka_dims", [(), (16, 8)], ids=["plain-loss", "matryoshka"])
 @pytest.mark.parametrize("objective,pooling", [("unsup", "cls"), ("sup", "mean"), ("contrastive", "mean")])
-def test_cached_equals_plain_without_dropout(tiny_model_dir, tmp_path, objective, pooling):
-    model, features, loss_on = _setup(tiny_model_dir, tmp_path, objective, pooling, dropout=0.0)
+def test_cached_equals_plain_without_dropout(tiny_model_dir, tmp_path, objective, pooling, matryoshka_dims):
+    model, features, loss_on = _setup(tiny_model_dir, tmp_path, objective, pooling, dropout=0.0,
+                                      matryoshka_dims=matryoshka_dims)
     plain_loss = plain_backward(model, features, loss_on)
     plain = _grads(model)
     model.zero_grad()

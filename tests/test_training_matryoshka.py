@@ -12,23 +12,15 @@ import torch.nn.functional as F
 
 from embedline import artifact as art
 from embedline.cli import main
-from embedline.tokenization import load_tokenizer
-from embedline.training.cached_loss import cached_backward, plain_backward
 from embedline.training.config import (
     ConfigError, TrainConfig, apply_overrides, from_dict, parse_overrides, resolve_config, to_dict,
 )
-from embedline.training.data import Batch
 from embedline.training.losses import make_loss, matryoshka_loss
-from embedline.training.model import build_model
-from embedline.training.trainer import batch_features, train
+from embedline.training.trainer import train
 
 from tiny_model import WORDS
 
 OBJECTIVES = ["unsup", "sup", "triplet", "contrastive"]
-TEXTS = ["a man plays the guitar", "the cat sleeps on the bed", "a dog runs in the park", "she reads a book",
-         "the children play with a ball", "a bird sings", "people walk in the city at night"]
-NEGATIVES = ["a woman cooks", "the car is red", "the train is slow", "he eats bread", "it is cold today",
-             "the fox jumps over the lazy dog", "they dance"]
 
 
 def _columns(objective, rows=6, dim=16, seed=0):
@@ -85,41 +77,6 @@ def test_bad_dims_in_the_loss():
             matryoshka_loss(plain, dims)
     with pytest.raises(ValueError, match="larger than the embeddings' 16"):
         matryoshka_loss(plain, (32, 16))(_columns("sup")[0], None)
-
-
-@pytest.mark.parametrize("objective,pooling", [("unsup", "cls"), ("sup", "mean"), ("contrastive", "mean")])
-def test_cached_equals_plain_with_matryoshka(tiny_model_dir, tmp_path, objective, pooling):
-    config = resolve_config(TrainConfig(objective=objective, model=str(tiny_model_dir), train_file="x",
-                                        output=str(tmp_path / "o"), pooling=pooling, dropout=0.0,
-                                        matryoshka_dims=(16, 8)))
-    assert config.matryoshka_dims == (32, 16, 8)  # the tiny model's full dim added, largest first
-    torch.manual_seed(0)
-    model = build_model(config).double().train()
-    tokenizer = load_tokenizer(tiny_model_dir / "tokenizer.json", 32)
-    if objective == "unsup":
-        batch, views = Batch([TEXTS]), 2
-    elif objective == "contrastive":
-        batch, views = Batch([TEXTS, NEGATIVES], torch.tensor([1.0, 0, 1, 0, 1, 0, 1])), 1
-    else:
-        batch, views = Batch([TEXTS, TEXTS[1:] + TEXTS[:1], NEGATIVES]), 1
-    features, sizes, labels = batch_features(batch, tokenizer, views, torch.device("cpu"))
-    loss_fn = make_loss(objective, temperature=0.05, matryoshka_dims=config.matryoshka_dims)
-
-    def loss_on(embeddings):
-        return loss_fn(embeddings.split(sizes), labels)
-
-    def grads():
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss = plain_backward(model, features, loss_on)
-    plain = grads()
-    model.zero_grad()
-    cached_loss = cached_backward(model, features, loss_on, mini_batch_size=3)
-    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=1e-12)
-    cached = grads()
-    assert cached.keys() == plain.keys() and plain
-    for name in plain:
-        torch.testing.assert_close(cached[name], plain[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
 def test_option_parsing_and_validation(tiny_model_dir, tmp_path):
