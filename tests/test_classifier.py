@@ -13,7 +13,7 @@ from conftest import write_labeled_tsv
 from embedline.cli import main as embedline_main
 from embedline.training.data import DataError
 from embedline.training.head import (
-    fit_head, head_to_onnx, load_head, load_train_examples, nearest_labels, save_head,
+    choose_c, fit_head, head_to_onnx, load_head, load_train_examples, nearest_labels, save_head,
 )
 from embedline.training.labeled_data import read_labeled, sample_shots
 from embedline.training.pairs import PairSettings, make_pairs, make_triples
@@ -130,6 +130,30 @@ def test_head_matches_scikit_learn_and_class_weights_help_the_rare_class(blobs):
     weighted = fit_head(x, labels, c=0.5).probabilities(x)[rare, 2].mean()
     unweighted = fit_head(x, labels, c=0.5, class_weight=False).probabilities(x)[rare, 2].mean()
     assert weighted > unweighted
+
+
+def test_head_c_is_chosen_by_cross_validation_on_the_training_examples(blobs):
+    from sklearn.linear_model import LogisticRegression
+
+    x, labels = blobs
+    candidates = (0.01, 1.0, 100.0)
+    best, scores = choose_c(x, labels, candidates=candidates, folds=4)
+    # The same folds by hand (each class dealt round-robin in file order), scored with scikit-learn.
+    y = np.array(labels)
+    fold = np.empty(len(y), dtype=int)
+    for label in set(labels):
+        members = np.flatnonzero(y == label)
+        fold[members] = np.arange(len(members)) % 4
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for c in candidates:
+        correct = sum(int((LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
+                           .fit(unit[fold != k], y[fold != k]).predict(unit[fold == k]) == y[fold == k]).sum())
+                      for k in range(4))
+        assert scores[f"{c:g}"] == pytest.approx(correct / len(y))
+    top = max(scores.values())
+    assert best == min(c for c in candidates if scores[f"{c:g}"] == top)  # ties: the stronger regularization
+    # Nothing to hold out (one example per class): the middle candidate, C = 10, and no scores.
+    assert choose_c(x[[0, 30, 38]], ["cat", "dog", "eel"]) == (10.0, {})
 
 
 def test_knn_agreement_counts_same_label_neighbours():

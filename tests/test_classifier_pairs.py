@@ -17,7 +17,7 @@ from embedline.training.classifier import ClassifierConfig, ClassifierConfigErro
 from embedline.training.data import DataError, TrainingData, batch_indices, steps_per_epoch
 from embedline.training.head import load_train_examples
 from embedline.training.labeled_data import LabeledData, read_contrast_pairs
-from embedline.training.pairs import PairSettings, add_user_pairs, hard_share, make_pairs
+from embedline.training.pairs import PairSettings, add_user_pairs, hard_share, make_class_pairs, make_pairs
 
 
 def write(path: Path, text: str) -> Path:
@@ -86,6 +86,8 @@ def test_help_lists_the_new_options(capsys):
     ({"pairs_weight": 0.0}, "--pairs-weight must be > 0"),
     ({"pairs_file": "p.tsv", "frozen_body": True}, "cannot go with --frozen-body"),
     ({"hard_schedule": "linear", "epochs": 2}, "use --epochs 1"),
+    ({"loss": "supcon", "pairs_file": "p.tsv"}, "rows carry no class"),
+    ({"loss": "supcon", "hard_schedule": "linear"}, "--hard-schedule does not apply"),
 ])
 def test_inconsistent_settings(changes, problem):
     with pytest.raises(ClassifierConfigError, match=problem):
@@ -126,7 +128,7 @@ def test_same_rows_become_labelled_pairs_and_need_the_pair_loss(tmp_path):
     rows = list(zip(*mixed.columns, mixed.labels))
     assert rows.count(("hi, there", "hello", 1.0)) == 2 and rows.count(("refund please", "refund status", 0.0)) == 2
     triples = TrainingData(Path("x"), ("sent0", "sent1", "hard_neg"), (("a",), ("b",), ("c",)), None, 0)
-    with pytest.raises(DataError, match="need the pairwise contrastive loss"):
+    with pytest.raises(DataError, match=r"need a pair loss \(--loss contrastive or cosine\)"):
         add_user_pairs(triples, pairs.columns, pairs.same, repeats=1, seed=0)
 
 
@@ -220,3 +222,32 @@ def test_tiny_run_with_pairs_and_linear_schedule(tiny_model_dir, tmp_path):
     embeddings, labels = load_train_examples(artifact.head_dir)
     assert len(embeddings) == 12 and set(labels) == {"positive", "negative", "neutral"}
     assert json.loads((artifact.head_dir / "labels.json").read_text()) == sorted({"positive", "negative", "neutral"})
+
+
+def test_class_pairs_share_a_class_and_carry_its_id():
+    texts = [f"t{i}" for i in range(9)]
+    labels = ["b", "b", "b", "a", "a", "a", "c", "c", "solo"]
+    pairs = make_class_pairs(texts, labels, PairSettings(iterations=2), seed=1)
+    by_text = dict(zip(texts, labels))
+    ids = {"a": 0.0, "b": 1.0, "c": 2.0, "solo": 3.0}
+    assert len(pairs) == 2 * 8  # every anchor with a classmate, each round; "solo" has none
+    for anchor, positive, class_id in zip(*pairs.columns, pairs.labels):
+        assert anchor != positive and by_text[anchor] == by_text[positive] and ids[by_text[anchor]] == class_id
+    assert len(make_class_pairs(texts, labels, PairSettings(iterations=2, max_pairs=5), seed=1)) == 5
+
+
+def test_tiny_supcon_run(tiny_model_dir, tmp_path):
+    from embedline.training.classifier import train_classifier
+
+    train_file = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
+    artifact = train_classifier(ClassifierConfig(
+        train_file=str(train_file), output=str(tmp_path / "out"), model=str(tiny_model_dir), loss="supcon",
+        iterations=2, batch_size=8, lr=1e-3, neighbours=0, device="cpu", head_c=0,
+    ))
+    with open(artifact.path / "run" / "pairs.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["sent0", "sent1", "label"] and len(rows) - 1 == 2 * 12
+    assert {row[2] for row in rows[1:]} == {"0", "1", "2"}
+    assert artifact.metadata["training"]["objective"] == "supcon"
+    head = artifact.metadata["classifier"]["head"]  # --head-c 0: chosen by cross-validation, both recorded
+    assert head["c"] in (0.1, 1.0, 10.0, 100.0) and set(head["cv_accuracy_by_c"]) == {"0.1", "1", "10", "100"}

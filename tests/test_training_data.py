@@ -59,14 +59,30 @@ def test_csv_triples_pairs_and_labels(tmp_path):
     pairs = data.load_training_data(path, "sup", hard_negatives=False)
     assert pairs.column_names == ("sent0", "sent1")
     # contrastive without a label column: each triple -> (anchor, positive, 1) and (anchor, negative, 0).
-    labelled = data.load_training_data(path, "contrastive")
-    assert labelled.columns[1] == ("a man", "a dog", "a woman", "a cat") and labelled.labels == (1.0, 1.0, 0.0, 0.0)
+    for objective in ("contrastive", "cosine"):
+        labelled = data.load_training_data(path, objective)
+        assert labelled.columns[1] == ("a man", "a dog", "a woman", "a cat")
+        assert labelled.labels == (1.0, 1.0, 0.0, 0.0)
 
     plain = tmp_path / "pairs.csv"
     plain.write_text("sent0,sent1\na,b\nc,d\n")
     assert data.load_training_data(plain, "sup").column_names == ("sent0", "sent1")
     with pytest.raises(data.DataError, match=r"pairs.csv:1: header .* lacks column\(s\) hard_neg"):
         data.load_training_data(plain, "triplet")
+
+
+def test_supcon_reads_class_ids(tmp_path):
+    path = tmp_path / "classes.csv"
+    path.write_text("sent0,sent1,label,hard_neg\na,b,0,x\nc,d,12,y\n")
+    pairs = data.load_training_data(path, "supcon")
+    assert pairs.column_names == ("sent0", "sent1") and pairs.labels == (0.0, 12.0)
+    for bad, problem in (("1.5", "not a class id"), ("-1", "not a class id"), ("cat", "not a class id")):
+        path.write_text(f"sent0,sent1,label\na,b,0\nc,d,{bad}\n")
+        with pytest.raises(data.DataError, match=rf"classes.csv:3: label '{bad}' is {problem}"):
+            data.load_training_data(path, "supcon")
+    path.write_text("sent0,sent1\na,b\n")
+    with pytest.raises(data.DataError, match=r"lacks column\(s\) label \(the class id\)"):
+        data.load_training_data(path, "supcon")
 
 
 def test_malformed_csv_names_file_and_line(tmp_path):

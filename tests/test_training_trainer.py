@@ -78,11 +78,21 @@ def test_tiny_run_writes_a_servable_artifact(tiny_model_dir, corpus, tmp_path):
     assert result.metrics["dev_spearman"] == metrics["dev_spearman"]
 
 
-@pytest.mark.parametrize("objective", ["sup", "triplet", "contrastive"])
+@pytest.mark.parametrize("objective", ["sup", "triplet", "contrastive", "cosine"])
 def test_labelled_objectives_run(tiny_model_dir, corpus, tmp_path, objective):
     result = train(_config(tiny_model_dir, corpus, tmp_path / "out", objective=objective,
                            train_file=str(corpus / "triples.csv"), dev_file="", max_steps=2, mini_batch_size=5))
     assert result.steps == 2 and result.artifact.metadata["training"]["objective"] == objective
+
+
+def test_supcon_runs_plain_and_cached(tiny_model_dir, corpus, tmp_path):
+    classes = tmp_path / "classes.csv"
+    classes.write_text("sent0,sent1,label\n" + "".join(
+        f"text {i} of class {i % 3},other text {i} of class {i % 3},{i % 3}\n" for i in range(12)))
+    for mini_batch_size in (0, 5):
+        result = train(_config(tiny_model_dir, corpus, tmp_path / f"out{mini_batch_size}", objective="supcon",
+                               train_file=str(classes), dev_file="", max_steps=2, mini_batch_size=mini_batch_size))
+        assert result.steps == 2 and result.artifact.metadata["training"]["objective"] == "supcon"
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

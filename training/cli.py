@@ -1,6 +1,6 @@
 """The `embedline train` verb.
 
-    embedline train --objective unsup|sup|triplet|contrastive --model DIR --train-file FILE
+    embedline train --objective unsup|sup|triplet|contrastive|cosine|supcon --model DIR --train-file FILE
                     [--dev-file FILE] --output DIR [--resume] [--key=value ...]
 
 Every field of `TrainConfig` is an option (`--batch_size=128` or `--batch-size=128`); an unknown key is

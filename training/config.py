@@ -27,13 +27,14 @@ from typing import Any, NoReturn
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
 
-OBJECTIVES = ("unsup", "sup", "triplet", "contrastive")
+OBJECTIVES = ("unsup", "sup", "triplet", "contrastive", "cosine", "supcon")
 # cls = [CLS] + SimCSE's MLP during training only; cls_no_mlp = [CLS] throughout; auto = the base model's.
 POOLINGS = ("auto", "cls", "cls_no_mlp", "mean")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Objectives whose negatives are the other examples of the batch (they need >= 2 distinct sentences).
-IN_BATCH_OBJECTIVES = ("unsup", "sup")
-PAPER_LR = {"unsup": 3e-5, "sup": 5e-5, "triplet": 5e-5, "contrastive": 5e-5}
+IN_BATCH_OBJECTIVES = ("unsup", "sup", "supcon")
+PAPER_LR = {"unsup": 3e-5, "sup": 5e-5, "triplet": 5e-5, "contrastive": 5e-5, "cosine": 5e-5,
+            "supcon": 5e-5}
 
 
 class ConfigError(EmbedlineError):
@@ -51,9 +52,10 @@ class TrainConfig:
     """Everything a training run depends on. Empty strings and None mean "auto" until resolved."""
 
     # Data, model and output.
-    objective: str = option("unsup", "unsup, sup, triplet or contrastive")
+    objective: str = option("unsup", "unsup, sup, triplet, contrastive, cosine or supcon")
     model: str = option("", "artifact or sentence-transformers / HF directory; '' = bundled all-MiniLM-L6-v2")
-    train_file: str = option("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label]")
+    train_file: str = option("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label] "
+                            "(supcon: label = class id)")
     dev_file: str = option("", "STS TSV (score + two sentences) evaluated every eval_steps; '' = none")
     output: str = option("", "the artifact directory to write; its run/ folder holds metrics, plot, checkpoints")
     name: str = option("", "artifact name; '' = the output directory's name")
@@ -67,7 +69,7 @@ class TrainConfig:
     freeze_word_embeddings: bool = option(False, "keep the word embeddings fixed (with random_layers: all it knows)")
 
     # Objective.
-    temperature: float = option(0.05, "InfoNCE temperature: scale = 1 / temperature")
+    temperature: float = option(0.05, "InfoNCE / supcon temperature: scale = 1 / temperature")
     margin: float = option(0.5, "margin of the triplet and contrastive losses (cosine distance)")
     hard_negatives: bool = option(True, "sup: use the CSV's hard_neg column when it has one")
     matryoshka_dims: tuple[int, ...] = option(

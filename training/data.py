@@ -31,6 +31,11 @@ from embedline.errors import EmbedlineError
 
 log = logging.getLogger(__name__)
 
+# Objectives whose pairs carry a similarity label in [0, 1] (a triple becomes a positive and a negative pair).
+SIMILARITY_PAIR_OBJECTIVES = ("contrastive", "cosine")
+# Objectives that read the CSV's label column: a similarity, or (supcon) a class id.
+LABELLED_OBJECTIVES = (*SIMILARITY_PAIR_OBJECTIVES, "supcon")
+
 
 class DataError(EmbedlineError):
     """A training or evaluation file that is missing, malformed or too small for the configuration."""
@@ -43,7 +48,7 @@ class TrainingData:
     path: Path
     column_names: tuple[str, ...]
     columns: tuple[tuple[str, ...], ...]
-    labels: tuple[float, ...] | None  # contrastive pairs only
+    labels: tuple[float, ...] | None  # contrastive, cosine: pair similarity; supcon: class id
     skipped_empty: int
 
     def __len__(self) -> int:
@@ -113,28 +118,31 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def read_pairs_csv(path: str | os.PathLike, objective: str, hard_negatives: bool = True) -> TrainingData:
-    """sent0/sent1[/hard_neg|label] rows for the sup, triplet and contrastive objectives.
+    """sent0/sent1[/hard_neg|label] rows for the sup, triplet, contrastive, cosine and supcon objectives.
 
-    contrastive: a `label` column gives each pair's label; without one, triples become two labelled
-    pairs, (sent0, sent1, 1) and (sent0, hard_neg, 0).
+    contrastive, cosine: a `label` column gives each pair's label; without one, triples become two
+    labelled pairs, (sent0, sent1, 1) and (sent0, hard_neg, 0). supcon: `label` is the pair's class id (an
+    integer >= 0); any hard_neg column is not read.
     """
     path = Path(path)
     rows = _csv_rows(path)
     header_line, header = next(rows, (1, []))
     header = [h.strip() for h in header]
     missing = [c for c in ("sent0", "sent1") if c not in header]
-    use_hard_neg = "hard_neg" in header and (hard_negatives or objective != "sup")
+    use_hard_neg = "hard_neg" in header and objective != "supcon" and (hard_negatives or objective != "sup")
     if objective == "triplet" and "hard_neg" not in header:
         missing.append("hard_neg")
-    if objective == "contrastive" and "label" not in header and "hard_neg" not in header:
+    if objective in SIMILARITY_PAIR_OBJECTIVES and "label" not in header and "hard_neg" not in header:
         missing.append("label or hard_neg")
+    if objective == "supcon" and "label" not in header:
+        missing.append("label (the class id)")
     if missing:
         raise DataError(
             f"{path}:{header_line}: header {header} lacks column(s) {', '.join(missing)} "
             f"(the {objective} objective reads sent0, sent1 and hard_neg or label)"
         )
     wanted = ["sent0", "sent1"] + (["hard_neg"] if use_hard_neg else [])
-    use_label = objective == "contrastive" and "label" in header
+    use_label = objective in LABELLED_OBJECTIVES and "label" in header
     index = {name: header.index(name) for name in header}
     columns: list[list[str]] = [[] for _ in wanted]
     labels: list[float] = []
@@ -151,18 +159,11 @@ def read_pairs_csv(path: str | os.PathLike, objective: str, hard_negatives: bool
                 hint = "; pass --hard_negatives=false to ignore that column" if name == "hard_neg" else ""
                 raise DataError(f"{path}:{line}: empty {name}{hint}")
         if use_label:
-            raw = row[index["label"]].strip()
-            try:
-                label = float(raw)
-            except ValueError:
-                raise DataError(f"{path}:{line}: label {raw!r} is not a number (1 = similar, 0 = dissimilar)") from None
-            if not 0.0 <= label <= 1.0:
-                raise DataError(f"{path}:{line}: label {raw!r} is outside [0, 1]")
-            labels.append(label)
+            labels.append(_read_label(row[index["label"]].strip(), objective, f"{path}:{line}"))
         for column, value in zip(columns, values):
             column.append(value)
 
-    if objective == "contrastive" and not use_label:
+    if objective in SIMILARITY_PAIR_OBJECTIVES and not use_label:
         # Triples -> labelled pairs: (anchor, positive, 1) then (anchor, hard negative, 0).
         anchors, positives, negatives = columns
         columns = [anchors + anchors, positives + negatives]
@@ -172,9 +173,24 @@ def read_pairs_csv(path: str | os.PathLike, objective: str, hard_negatives: bool
         path,
         tuple(wanted),
         tuple(tuple(c) for c in columns),
-        tuple(labels) if objective == "contrastive" else None,
+        tuple(labels) if objective in LABELLED_OBJECTIVES else None,
         skipped,
     )
+
+
+def _read_label(raw: str, objective: str, where: str) -> float:
+    """A pair's label: similarity in [0, 1] (contrastive, cosine) or an integer class id >= 0 (supcon)."""
+    if objective == "supcon":
+        if not raw.isdigit():
+            raise DataError(f"{where}: label {raw!r} is not a class id (an integer >= 0)")
+        return float(raw)
+    try:
+        label = float(raw)
+    except ValueError:
+        raise DataError(f"{where}: label {raw!r} is not a number (1 = similar, 0 = dissimilar)") from None
+    if not 0.0 <= label <= 1.0:
+        raise DataError(f"{where}: label {raw!r} is outside [0, 1]")
+    return label
 
 
 def load_training_data(path: str | os.PathLike, objective: str, hard_negatives: bool = True) -> TrainingData:

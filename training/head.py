@@ -127,6 +127,44 @@ def fit_head(embeddings: np.ndarray, labels: list[str], classes: tuple[str, ...]
     )
 
 
+C_CANDIDATES = (0.1, 1.0, 10.0, 100.0)
+
+
+def choose_c(embeddings: np.ndarray, labels: list[str], classes: tuple[str, ...] | None = None,
+             candidates: tuple[float, ...] = C_CANDIDATES, folds: int = 4,
+             class_weight: bool = True) -> tuple[float, dict[str, float]]:
+    """C chosen by stratified k-fold cross-validation on the training examples alone: (best C, mean
+    held-out-fold accuracy per C). Each class's examples are dealt round-robin over the folds, in file
+    order (deterministic); a tie goes to the stronger regularization (the smaller C). With fewer than 2
+    examples in every class there is nothing to hold out, and the middle candidate is returned."""
+    labels = list(labels)
+    classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
+    counts = {label: labels.count(label) for label in set(labels)}
+    folds = min(folds, max(counts.values()))
+    if folds < 2:
+        middle = sorted(candidates)[len(candidates) // 2]
+        return middle, {}
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        fold_of[i] = seen.get(label, 0) % folds
+        seen[label] = seen.get(label, 0) + 1
+    x = np.asarray(embeddings)
+    y = np.asarray(labels)
+    scores: dict[str, float] = {}
+    for c in sorted(candidates):
+        correct = 0
+        for fold in range(folds):
+            held = fold_of == fold
+            head = fit_head(x[~held], list(y[~held]), classes, c=c, class_weight=class_weight)
+            correct += int(np.sum(np.array(head.predict(x[held])) == y[held]))
+        scores[f"{c:g}"] = correct / len(labels)
+    best = max(sorted(candidates), key=lambda c: scores[f"{c:g}"])  # max keeps the first (smallest) of ties
+    log.info("head C by %d-fold cross-validation on the training examples: %g (%s)", folds, best,
+             ", ".join(f"C={k}: {v:.3f}" for k, v in scores.items()))
+    return best, scores
+
+
 def head_to_onnx(head: LogisticHead) -> Any:
     """The head as an onnx.ModelProto: sentence_embedding [batch, dim] -> probabilities [batch, K]."""
     import onnx

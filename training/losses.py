@@ -1,4 +1,5 @@
-"""Contrastive losses over sentence embeddings: InfoNCE (SimCSE), triplet and pairwise contrastive.
+"""Contrastive losses over sentence embeddings: InfoNCE (SimCSE), supervised contrastive, triplet,
+pairwise contrastive and cosine-similarity regression (SetFit's).
 
 Each loss is a plain function of embedding tensors (and labels), so any loop can use it: the SimCSE
 trainer here, or a few-shot classifier trainer that feeds SetFit-style labelled pairs. `make_loss`
@@ -100,6 +101,42 @@ def contrastive_loss(
     return 0.5 * losses.mean()
 
 
+def cosine_similarity_loss(
+    embeddings_a: torch.Tensor, embeddings_b: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """mean( (cos(a, b) - y)^2 ): sentence-transformers' CosineSimilarityLoss, the pair loss of SetFit
+    (Tunstall et al. 2022) with y = 1 for a same-class pair and 0 for a different-class one. Unlike the
+    contrastive loss with margin 1, a negative pair below cos 0 is pulled back up to 0."""
+    cosines = F.cosine_similarity(embeddings_a, embeddings_b, dim=-1)
+    return (cosines - labels.to(cosines.dtype)).pow(2).mean()
+
+
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor, classes: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., NeurIPS 2020, eq. 2, "L_out"): every other text of the
+    same class in the batch is a positive, every text of another class a negative.
+
+    embeddings (n, dim), classes (n,) integer class ids. For each text i that has at least one positive,
+
+        -1/|P(i)| * sum_{p in P(i)} log( exp(cos(h_i, h_p) / t) / sum_{a != i} exp(cos(h_i, h_a) / t) )
+
+    averaged over those texts. Unlike InfoNCE over (anchor, positive) pairs, a same-class text elsewhere
+    in the batch is never pushed away as a negative: with few classes most of a batch shares a class.
+    """
+    scores = cosine_similarity_matrix(embeddings, embeddings) / temperature  # (n, n)
+    self_mask = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    scores = scores.masked_fill(self_mask, float("-inf"))  # a text is neither its own positive nor negative
+    log_prob = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+    positives = (classes[:, None] == classes[None, :]) & ~self_mask
+    counts = positives.sum(dim=1)
+    has_positive = counts > 0
+    if not bool(has_positive.any()):
+        raise ValueError("supervised contrastive loss: no two texts of the batch share a class")
+    positive_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
+    return -(positive_log_prob[has_positive] / counts[has_positive]).mean()
+
+
 def matryoshka_loss(
     loss_fn: ObjectiveLoss, dims: Sequence[int], weights: Sequence[float] | None = None
 ) -> ObjectiveLoss:
@@ -144,7 +181,8 @@ def make_loss(objective: str, temperature: float = 0.05, margin: float = 0.5,
     """The loss of a training objective, taking a batch's embedding columns (and labels).
 
     unsup: columns (view1, view2) of the same sentences; sup: (anchor, positive[, hard_negative]);
-    triplet: (anchor, positive, negative); contrastive: (a, b) with labels.
+    triplet: (anchor, positive, negative); contrastive, cosine: (a, b) with labels; supcon: (a, b) of the class
+    `labels` (integer ids), every same-class text of the batch a positive.
     `matryoshka_dims` non-empty: that loss wrapped in `matryoshka_loss` with equal weights.
     """
 
@@ -160,7 +198,19 @@ def make_loss(objective: str, temperature: float = 0.05, margin: float = 0.5,
             raise ValueError("the contrastive loss needs labels")
         return contrastive_loss(columns[0], columns[1], labels, margin)
 
-    losses = {"unsup": unsup_or_sup, "sup": unsup_or_sup, "triplet": triplet, "contrastive": contrastive}
+    def cosine(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("the cosine similarity loss needs labels")
+        return cosine_similarity_loss(columns[0], columns[1], labels)
+
+    def supcon(columns: Sequence[torch.Tensor], labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise ValueError("the supervised contrastive loss needs class labels")
+        classes = labels.long().repeat(len(columns))  # every column's row i has row i's class
+        return supervised_contrastive_loss(torch.cat(list(columns)), classes, temperature)
+
+    losses = {"unsup": unsup_or_sup, "sup": unsup_or_sup, "triplet": triplet, "contrastive": contrastive,
+              "cosine": cosine, "supcon": supcon}
     if objective not in losses:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(losses)}")
     if matryoshka_dims:

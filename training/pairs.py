@@ -3,7 +3,9 @@
 From a handful of labelled texts, stage 1 of the few-shot classifier builds:
   * pairs (a, b, y): y = 1 for two texts of the same label, y = 0 for different labels, as many
     positives as negatives (SetFit's balanced sampling), for the pairwise contrastive loss; or
-  * triples (anchor, positive, negative) for the triplet and InfoNCE losses.
+  * triples (anchor, positive, negative) for the triplet and InfoNCE losses; or
+  * same-class pairs (anchor, positive) with the class id, for the supervised contrastive loss, where
+    the batch's other-class texts are the negatives.
 Each round visits every example once as an anchor (in a fresh random order) and draws one positive and
 one negative for it; `iterations` rounds are SetFit's R. A `hard_fraction` of the negatives are hard:
 drawn among the `hard_pool` different-label examples that the current encoder places closest to the
@@ -199,6 +201,30 @@ def make_triples(texts: list[str], labels: list[str], embeddings: np.ndarray | N
     return TrainingData(source, TRIPLE_COLUMNS, tuple(tuple(c) for c in columns), None, 0)
 
 
+def make_class_pairs(texts: list[str], labels: list[str], settings: PairSettings = PairSettings(), seed: int = 0,
+                     source: Path = Path("<labelled texts>")) -> TrainingData:
+    """(anchor, positive) pairs of one class each: columns (sent0, sent1), labels the class ids (0.0, 1.0, ...
+    in sorted label order), for the supervised contrastive loss. No negatives are drawn: every text of
+    another class in the batch is one (so the hard-negative settings have no effect)."""
+    _check(texts, labels)
+    sampler = _Sampler(labels, None, settings, seed)
+    columns: tuple[list[str], list[str]] = ([], [])
+    classes: list[float] = []
+    cap = settings.max_pairs or None
+    for order in sampler.rounds():
+        for anchor in order:
+            if cap is not None and len(classes) >= cap:
+                break
+            positive = sampler.positive(anchor)
+            if positive is None:
+                continue
+            columns[0].append(texts[anchor])
+            columns[1].append(texts[positive])
+            classes.append(float(sampler.codes[anchor]))
+    log.info("%d same-class pairs of %d classes from %d examples", len(classes), len(set(classes)), len(texts))
+    return TrainingData(source, PAIR_COLUMNS, tuple(tuple(c) for c in columns), tuple(classes), 0)
+
+
 def add_user_pairs(examples: TrainingData, columns: tuple[tuple[str, ...], ...], same: tuple[float, ...] | None,
                    repeats: int, seed: int) -> TrainingData:
     """`examples` with user-written rows mixed in, each `repeats` times, at seeded random places (so a
@@ -220,7 +246,7 @@ def add_user_pairs(examples: TrainingData, columns: tuple[tuple[str, ...], ...],
         elif pairs_mode:
             unit = [((columns[0][i], columns[1][i]), same[i])]
         else:
-            raise DataError("text_a, text_b, same rows need the pairwise contrastive loss (--loss contrastive); "
+            raise DataError("text_a, text_b, same rows need a pair loss (--loss contrastive or cosine); "
                             "triplet and sup take anchor, positive, negative rows")
         units += [unit] * repeats
     rng = np.random.default_rng(seed)
