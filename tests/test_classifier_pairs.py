@@ -63,6 +63,26 @@ def test_bad_pairs_files_name_the_file_and_line(tmp_path, name, content, problem
     assert str(path) in str(error.value) and problem in str(error.value)
 
 
+def test_label_column_is_read_and_checked_against_the_training_labels(tmp_path, capsys, tiny_model_dir):
+    pairs = read_contrast_pairs(write(tmp_path / "p.tsv", "anchor\tpositive\tnegative\tlabel\n"
+                                      "great film\tsuperb movie\tawful film\tpositive\n"
+                                      "dull song\tboring tune\tlovely song\t\n"))
+    assert pairs.labels == ("positive", "") and pairs.lines == (2, 3)
+    with pytest.raises(DataError, match=r"p.csv:3: label 'x' on a row with same = 0"):
+        read_contrast_pairs(write(tmp_path / "p.csv", "text_a,text_b,same,label\na,b,1,positive\nc,d,0,x\n"))
+    train = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
+    bad = write(tmp_path / "bad.tsv", "anchor\tpositive\tnegative\tlabel\na\tb\tc\tpositive\nd\te\tf\tpostive\n")
+    argv = ["train-classifier", "--model", str(tiny_model_dir), "--train-file", str(train),
+            "--output", str(tmp_path / "out"), "--pairs-file", str(bad)]
+    assert embedline_main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"{bad}:3: label 'postive' is not in the training file" in errors[0], errors
+    assert "negative, neutral, positive" in errors[0] and not (tmp_path / "out").exists()
+    # supcon takes pairs rows only with their class.
+    assert embedline_main(argv[:-1] + [str(write(tmp_path / "nolabel.tsv", TRIPLES_TSV)), "--loss", "supcon"]) == 1
+    assert "nolabel.tsv:2: --loss supcon needs a label column" in capsys.readouterr().err
+
+
 def test_cli_bad_pairs_row_is_a_one_line_error_before_training(tmp_path, capsys, tiny_model_dir):
     train = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     pairs = write(tmp_path / "pairs.csv", "text_a,text_b,same\na,b,1\nc,d,2\n")
@@ -86,7 +106,6 @@ def test_help_lists_the_new_options(capsys):
     ({"pairs_weight": 0.0}, "--pairs-weight must be > 0"),
     ({"pairs_file": "p.tsv", "frozen_body": True}, "cannot go with --frozen-body"),
     ({"hard_schedule": "linear", "epochs": 2}, "use --epochs 1"),
-    ({"loss": "supcon", "pairs_file": "p.tsv"}, "rows carry no class"),
     ({"loss": "supcon", "hard_schedule": "linear"}, "--hard-schedule does not apply"),
 ])
 def test_inconsistent_settings(changes, problem):
@@ -242,12 +261,17 @@ def test_tiny_supcon_run(tiny_model_dir, tmp_path):
     train_file = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     artifact = train_classifier(ClassifierConfig(
         train_file=str(train_file), output=str(tmp_path / "out"), model=str(tiny_model_dir), loss="supcon",
-        iterations=2, batch_size=8, lr=1e-3, neighbours=0, device="cpu", head_c=0,
+        iterations=2, batch_size=8, lr=1e-3, neighbours=0, device="cpu", head_c=0, pairs_weight=1.0,
+        pairs_file=str(write(tmp_path / "p.tsv", "anchor\tpositive\tnegative\tlabel\n"
+                                                 "zz great\tzz superb\tzz awful\tpositive\n")),
     ))
     with open(artifact.path / "run" / "pairs.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["sent0", "sent1", "label"] and len(rows) - 1 == 2 * 12
+    assert rows[0] == ["sent0", "sent1", "label"] and len(rows) - 1 == 2 * 12 + 2
     assert {row[2] for row in rows[1:]} == {"0", "1", "2"}
     assert artifact.metadata["training"]["objective"] == "supcon"
+    # Labelled user rows join as (anchor, positive, class id): "positive" is class 2 of negative/neutral/positive.
+    user = [r for r in rows[1:] if r[0] == "zz great"]
+    assert len(user) == 2 and all(r[1] == "zz superb" and r[2] == "2" for r in user)
     head = artifact.metadata["classifier"]["head"]  # --head-c 0: chosen by cross-validation, both recorded
     assert head["c"] in (0.1, 1.0, 10.0, 100.0) and set(head["cv_accuracy_by_c"]) == {"0.1", "1", "10", "100"}

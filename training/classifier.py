@@ -50,7 +50,9 @@ from embedline import artifact as art
 from embedline.errors import EmbedlineError
 from embedline.training.config import option
 from embedline.training.data import SIMILARITY_PAIR_OBJECTIVES, DataError, TrainingData
-from embedline.training.labeled_data import ContrastPairs, LabeledData, read_contrast_pairs, read_labeled, sample_shots
+from embedline.training.labeled_data import (
+    ContrastPairs, LabeledData, check_pair_labels, read_contrast_pairs, read_labeled, sample_shots,
+)
 from embedline.training.pairs import (
     HARD_SCHEDULES, PairSettings, add_user_pairs, make_class_pairs, make_pairs, make_triples,
 )
@@ -99,7 +101,8 @@ class ClassifierConfig:
                                 "rises from 0 to --hard-fraction over stage 1 (easy first; one epoch)",
                                 group=_BODY, choices=HARD_SCHEDULES)
     pairs_file: str = option("", "TSV or CSV of user-written contrast pairs for stage 1: columns anchor, positive, "
-                             "negative, or text_a, text_b, same (1/0); never used by the head", group=_BODY)
+                             "negative, or text_a, text_b, same (1/0), optionally label (the anchor's class; "
+                             "needed by --loss supcon); never used by the head", group=_BODY)
     pairs_weight: float = option(1.0, "each --pairs-file row enters stage 1 round(weight x iterations) times "
                                  "(at least once): 1 = as often as each labelled example is an anchor",
                                  group=_BODY)
@@ -145,8 +148,6 @@ class ClassifierConfig:
             (self.pairs_weight > 0, "--pairs-weight must be > 0"),
             (not (self.pairs_file and self.frozen_body),
              "--pairs-file trains the body: it cannot go with --frozen-body"),
-            (not (self.pairs_file and self.loss == "supcon"),
-             "--pairs-file rows carry no class: use them with --loss contrastive, triplet or sup"),
             (not (self.hard_schedule != "constant" and self.loss == "supcon"),
              "--loss supcon draws no negatives (the batch's other classes are): --hard-schedule does not apply"),
             (self.hard_schedule == "constant" or self.frozen_body or self.epochs == 1,
@@ -229,8 +230,11 @@ def stage1_examples(config: ClassifierConfig, data: LabeledData, embeddings: np.
     drawn = len(examples)
     record: dict[str, Any] = {"drawn_examples": drawn, "hard_schedule": config.hard_schedule}
     if user_pairs is not None:
+        columns, targets = user_pairs.columns, user_pairs.same
+        if config.loss == "supcon":  # (anchor, positive) of the row's class; the batch supplies the negatives
+            columns, targets = columns[:2], tuple(float(data.classes.index(label)) for label in user_pairs.labels)
         try:
-            examples = add_user_pairs(examples, user_pairs.columns, user_pairs.same, config.pairs_repeats, config.seed)
+            examples = add_user_pairs(examples, columns, targets, config.pairs_repeats, config.seed)
         except DataError as exc:
             raise ClassifierConfigError(f"{user_pairs.path}: {exc}") from None
         record["pairs_file"] = {"path": str(user_pairs.path), "rows": len(user_pairs),
@@ -309,6 +313,23 @@ def train_head(config: ClassifierConfig, data: LabeledData, body: art.Artifact) 
     return record
 
 
+def check_user_pairs(config: ClassifierConfig, data: LabeledData, pairs: ContrastPairs) -> None:
+    """The pairs file fits the loss and the training file: its labels are training labels, and with
+    --loss supcon every row names its class."""
+    try:
+        check_pair_labels(pairs, data.classes)
+    except DataError as exc:
+        raise ClassifierConfigError(str(exc)) from None
+    if config.loss == "supcon":
+        unlabelled = [line for label, line in zip(pairs.labels or ("",) * len(pairs), pairs.lines) if not label]
+        if unlabelled:
+            raise ClassifierConfigError(f"{pairs.path}:{unlabelled[0]}: --loss supcon needs a label column naming "
+                                        "each row's class (the anchor's and the positive's)")
+    elif not pairs.is_triples and config.loss not in SIMILARITY_PAIR_OBJECTIVES:
+        raise ClassifierConfigError(f"{pairs.path}: text_a, text_b, same rows need --loss contrastive, cosine or "
+                                    f"supcon; --loss {config.loss} takes anchor, positive, negative rows")
+
+
 def train_classifier(config: ClassifierConfig) -> art.Artifact:
     """Both stages; returns the artifact (serves `embed` and `classify`)."""
     config = config.validate()
@@ -319,9 +340,8 @@ def train_classifier(config: ClassifierConfig) -> art.Artifact:
     base, _ = art.resolve_model_source(config.model or None)
     data = load_examples(config)
     user_pairs = read_contrast_pairs(config.pairs_file) if config.pairs_file else None  # fail before training
-    if user_pairs is not None and not user_pairs.is_triples and config.loss not in SIMILARITY_PAIR_OBJECTIVES:
-        raise ClassifierConfigError(f"{user_pairs.path}: text_a, text_b, same rows need --loss contrastive or "
-                                    f"cosine; --loss {config.loss} takes anchor, positive, negative rows")
+    if user_pairs is not None:
+        check_user_pairs(config, data, user_pairs)
     started = time.perf_counter()
     stage1: dict[str, Any] | None = None
     if config.frozen_body:

@@ -12,7 +12,10 @@ formats, with a header naming one of two column sets (other columns are ignored)
   * `anchor`, `positive`, `negative`: the positive is the anchor's intent in other words, the negative a
     different intent in similar words;
   * `text_a`, `text_b`, `same`: same is 1/0, true/false or yes/no (case-insensitive).
-A wrong field count, an empty text or a bad `same` value is a `DataError` naming the file and line.
+An optional `label` column names the class the anchor and the positive (text_a and text_b of a `same`
+row) belong to; it is checked against the training file's labels (`check_pair_labels`) and lets the rows
+join a supervised contrastive stage 1. A wrong field count, an empty text, a bad `same` value, a label on
+a different-class row or a label the training file does not have is a `DataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ class ContrastPairs:
     header: tuple[str, ...]  # TRIPLE_HEADER or PAIR_HEADER
     columns: tuple[tuple[str, ...], ...]
     same: tuple[float, ...] | None
+    labels: tuple[str, ...] | None = None  # the optional label column ("" where a row leaves it empty)
+    lines: tuple[int, ...] = ()  # each row's line in the file
 
     def __len__(self) -> int:
         return len(self.columns[0])
@@ -183,8 +188,11 @@ def read_contrast_pairs(path: str | os.PathLike) -> ContrastPairs:
     if kind is None:
         raise DataError(f"{path}:{header_line}: a pairs file needs the columns {formats} (header is {header})")
     at = [header.index(name) for name in kind]
+    label_at = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else None
     columns: tuple[list[str], ...] = tuple([] for _ in kind)
     same: list[float] = []
+    labels: list[str] = []
+    lines: list[int] = []
     for line, fields in _records(path, rows, header):
         values = [fields[i].strip() for i in at]
         texts = values if kind is TRIPLE_HEADER else values[:2]
@@ -195,12 +203,28 @@ def read_contrast_pairs(path: str | os.PathLike) -> ContrastPairs:
             if values[2].lower() not in _SAME:
                 raise DataError(f"{path}:{line}: same must be 1/0, true/false or yes/no, got {values[2]!r}")
             same.append(_SAME[values[2].lower()])
+        label = fields[label_at].strip() if label_at is not None else ""
+        if label and kind is PAIR_HEADER and same[-1] == 0.0:
+            raise DataError(f"{path}:{line}: label {label!r} on a row with same = 0: a label names the class "
+                            "both texts share")
+        labels.append(label)
+        lines.append(line)
         for column, text in zip(columns, texts):
             column.append(text)
     if not columns[0]:
         raise DataError(f"{path}: no pairs (only a header)")
     used = kind if kind is TRIPLE_HEADER else kind[:2]
     pairs = ContrastPairs(path, kind, tuple(tuple(c) for c in columns[:len(used)]),
-                          tuple(same) if kind is PAIR_HEADER else None)
+                          tuple(same) if kind is PAIR_HEADER else None,
+                          tuple(labels) if label_at is not None else None, tuple(lines))
     log.info("%s: %d user-written %s rows", path, len(pairs), ", ".join(kind))
     return pairs
+
+
+def check_pair_labels(pairs: ContrastPairs, classes: tuple[str, ...]) -> None:
+    """Every label a pairs row names is one of the training file's `classes` (else a DataError naming the
+    pairs file and the row's line)."""
+    for label, line in zip(pairs.labels or (), pairs.lines):
+        if label and label not in classes:
+            raise DataError(f"{pairs.path}:{line}: label {label!r} is not in the training file "
+                            f"(its labels: {', '.join(classes)})")
