@@ -101,11 +101,13 @@ def accuracies(train_x, train_y, test_x, test_y, classes, cs, class_weight=True)
     training examples alone chooses (`--head-c 0` of train-classifier)."""
     from embedline.training.head import choose_c, fit_head
 
-    chosen, _ = choose_c(train_x, train_y, classes, class_weight=class_weight)
-    out = {}
-    for key, c in [*((f"{c:g}", c) for c in cs), ("cv", chosen)]:
+    def accuracy(c: float) -> float:
         head = fit_head(train_x, train_y, classes, c=c, class_weight=class_weight)
-        out[key] = 100.0 * float(np.mean(np.array(head.predict(test_x)) == np.array(test_y)))
+        return 100.0 * float(np.mean(np.array(head.predict(test_x)) == np.array(test_y)))
+
+    out = {f"{c:g}": accuracy(c) for c in cs}
+    chosen, _ = choose_c(train_x, train_y, classes, class_weight=class_weight)
+    out["cv"] = out[f"{chosen:g}"] if f"{chosen:g}" in out else accuracy(chosen)
     return out
 
 
@@ -118,12 +120,13 @@ def run_contrastive(base: Path, train_file: Path, shots: int, seed: int, overrid
     from embedline.training.classifier import ClassifierConfig, train_classifier
     from embedline.training.head import load_head
 
+    settings = {"lr": args.lr} if args.lr is not None else {}  # else train-classifier's default
+    settings.update(overrides)  # a method's own lr wins over --lr
     with tempfile.TemporaryDirectory(prefix="embedline-fewshot-") as tmp:
         config = ClassifierConfig(
             train_file=str(train_file), output=str(Path(tmp) / "artifact"), model=str(base), shots=shots,
             seed=seed, iterations=args.iterations, max_pairs=args.max_pairs, head_c=args.head_c[0],
-            batch_size=args.batch_size, epochs=args.epochs, neighbours=0,
-            **{**({"lr": args.lr} if args.lr is not None else {}), **overrides},
+            batch_size=args.batch_size, epochs=args.epochs, neighbours=0, **settings,
         )
         started = time.perf_counter()
         artifact = train_classifier(config)

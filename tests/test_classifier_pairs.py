@@ -70,28 +70,30 @@ def test_label_column_is_read_and_checked_against_the_training_labels(tmp_path, 
     assert pairs.labels == ("positive", "") and pairs.lines == (2, 3)
     with pytest.raises(DataError, match=r"p.csv:3: label 'x' on a row with same = 0"):
         read_contrast_pairs(write(tmp_path / "p.csv", "text_a,text_b,same,label\na,b,1,positive\nc,d,0,x\n"))
-    train = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     bad = write(tmp_path / "bad.tsv", "anchor\tpositive\tnegative\tlabel\na\tb\tc\tpositive\nd\te\tf\tpostive\n")
-    argv = ["train-classifier", "--model", str(tiny_model_dir), "--train-file", str(train),
-            "--output", str(tmp_path / "out"), "--pairs-file", str(bad)]
-    assert embedline_main(argv) == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    errors = _cli_errors(tmp_path, capsys, tiny_model_dir, bad)
     assert len(errors) == 1 and f"{bad}:3: label 'postive' is not in the training file" in errors[0], errors
-    assert "negative, neutral, positive" in errors[0] and not (tmp_path / "out").exists()
+    assert "negative, neutral, positive" in errors[0]
     # supcon takes pairs rows only with their class.
-    assert embedline_main(argv[:-1] + [str(write(tmp_path / "nolabel.tsv", TRIPLES_TSV)), "--loss", "supcon"]) == 1
-    assert "nolabel.tsv:2: --loss supcon needs a label column" in capsys.readouterr().err
+    unlabelled = write(tmp_path / "nolabel.tsv", TRIPLES_TSV)
+    errors = _cli_errors(tmp_path, capsys, tiny_model_dir, unlabelled, "--loss", "supcon")
+    assert "nolabel.tsv:2: --loss supcon needs a label column" in errors[0]
+
+
+def _cli_errors(tmp_path, capsys, model_dir, pairs, *options) -> list[str]:
+    """The error lines of a train-classifier run with `pairs` that must fail before training."""
+    train = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
+    argv = ["train-classifier", "--model", str(model_dir), "--train-file", str(train),
+            "--output", str(tmp_path / "out"), "--pairs-file", str(pairs), *options]
+    assert embedline_main(argv) == 1
+    assert not (tmp_path / "out").exists()
+    return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
 
 
 def test_cli_bad_pairs_row_is_a_one_line_error_before_training(tmp_path, capsys, tiny_model_dir):
-    train = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     pairs = write(tmp_path / "pairs.csv", "text_a,text_b,same\na,b,1\nc,d,2\n")
-    argv = ["train-classifier", "--model", str(tiny_model_dir), "--train-file", str(train),
-            "--output", str(tmp_path / "out"), "--pairs-file", str(pairs)]
-    assert embedline_main(argv) == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    errors = _cli_errors(tmp_path, capsys, tiny_model_dir, pairs)
     assert len(errors) == 1 and f"{pairs}:3: same must be" in errors[0], errors
-    assert not (tmp_path / "out").exists()
 
 
 def test_help_lists_the_new_options(capsys):

@@ -321,9 +321,10 @@ def check_user_pairs(config: ClassifierConfig, data: LabeledData, pairs: Contras
     except DataError as exc:
         raise ClassifierConfigError(str(exc)) from None
     if config.loss == "supcon":
-        unlabelled = [line for label, line in zip(pairs.labels or ("",) * len(pairs), pairs.lines) if not label]
-        if unlabelled:
-            raise ClassifierConfigError(f"{pairs.path}:{unlabelled[0]}: --loss supcon needs a label column naming "
+        unlabelled = next((line for label, line in zip(pairs.labels or (), pairs.lines) if not label),
+                          None if pairs.labels else pairs.lines[0])
+        if unlabelled is not None:
+            raise ClassifierConfigError(f"{pairs.path}:{unlabelled}: --loss supcon needs a label column naming "
                                         "each row's class (the anchor's and the positive's)")
     elif not pairs.is_triples and config.loss not in SIMILARITY_PAIR_OBJECTIVES:
         raise ClassifierConfigError(f"{pairs.path}: text_a, text_b, same rows need --loss contrastive, cosine or "

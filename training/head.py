@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,7 @@ def choose_c(embeddings: np.ndarray, labels: list[str], classes: tuple[str, ...]
     examples in every class there is nothing to hold out, and the middle candidate is returned."""
     labels = list(labels)
     classes = tuple(sorted(set(labels))) if classes is None else tuple(classes)
-    counts = {label: labels.count(label) for label in set(labels)}
-    folds = min(folds, max(counts.values()))
+    folds = min(folds, max(Counter(labels).values()))
     if folds < 2:
         middle = sorted(candidates)[len(candidates) // 2]
         return middle, {}
