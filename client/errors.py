@@ -30,7 +30,8 @@ because Triton reports some conditions under a status that would mislead the tab
     "is not healthy"                INTERNAL   -> ServerUnavailableError  (a python-backend stub died and
                                                                            Triton is restarting it)
 
-then the status alone, through STATUS_TO_ERROR: UNAVAILABLE -> ServerUnavailableError,
+then the status alone, through STATUS_TO_ERROR: UNAVAILABLE and CANCELLED (what gRPC's server sends
+for calls still pending when it shuts down at the end of a drain) -> ServerUnavailableError,
 RESOURCE_EXHAUSTED -> ServerOverloadedError, UNAUTHENTICATED / PERMISSION_DENIED ->
 AuthenticationError, INVALID_ARGUMENT... -> InvalidInputError, NOT_FOUND -> ModelNotFoundError,
 DEADLINE_EXCEEDED -> DeadlineExceededError; anything else (or absent) is ServerError.
@@ -110,7 +111,9 @@ STATUS_TO_ERROR: dict[str, type[EmbeddingClientError]] = {
     "UNKNOWN": ServerError,
     "UNIMPLEMENTED": ServerError,
     "UNSUPPORTED": ServerError,
-    "CANCELLED": ServerError,
+    # gRPC's server cancels the calls it has not yet handed to a handler when it shuts down (the end
+    # of a drain); the SDK never cancels a call itself, so CANCELLED means "not served here".
+    "CANCELLED": ServerUnavailableError,
     "ABORTED": ServerError,
     "ALREADY_EXISTS": ServerError,
     "DATA_LOSS": ServerError,

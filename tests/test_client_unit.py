@@ -415,6 +415,7 @@ def test_bad_constructor_arguments():
     ("status", "expected"),
     [
         ("StatusCode.UNAVAILABLE", ServerUnavailableError),
+        ("StatusCode.CANCELLED", ServerUnavailableError),  # gRPC's server shutting down
         ("StatusCode.INVALID_ARGUMENT", InvalidInputError),
         ("StatusCode.NOT_FOUND", ModelNotFoundError),
         ("StatusCode.DEADLINE_EXCEEDED", DeadlineExceededError),
@@ -453,7 +454,7 @@ def test_every_table_entry_is_a_client_error_subclass():
         ServerUnavailableError, ServerOverloadedError, AuthenticationError, InvalidInputError,
         ModelNotFoundError, DeadlineExceededError, ServerError}
     retryable = {name for name, cls in errors.STATUS_TO_ERROR.items() if errors.is_retryable(cls("x"))}
-    assert retryable == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert retryable == {"UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED"}
 
 
 def test_server_error_in_one_request_of_a_split_list_raises_typed_error():
