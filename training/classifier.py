@@ -92,13 +92,16 @@ class ClassifierConfig:
                        "SetFit's (cos - y)^2; triplet / sup (InfoNCE): "
                        "(anchor, pos, neg); supcon: same-class pairs, every same-class text in the batch a "
                        "positive, the others negatives", group=_BODY, choices=LOSSES)
-    iterations: int = option(20, "rounds of one positive + one negative per example (SetFit's R)", group=_BODY)
-    max_pairs: int = option(0, "cap on pairs/triples; 0 = iterations x examples x 2", group=_BODY)
-    hard_fraction: float = option(0.5, "share of negatives drawn among the closest other-label examples",
-                                  group=_BODY)
-    hard_pool: int = option(3, "how many closest other-label examples a hard negative is drawn from", group=_BODY)
-    hard_schedule: str = option("constant", "constant: --hard-fraction for every negative; linear: the hard share "
-                                "rises from 0 to --hard-fraction over stage 1 (easy first; one epoch)",
+    iterations: int = option(PairSettings.iterations, "rounds of one positive + one negative per example "
+                             "(SetFit's R)", group=_BODY)
+    max_pairs: int = option(PairSettings.max_pairs, "cap on pairs/triples; 0 = iterations x examples x 2", group=_BODY)
+    hard_fraction: float = option(PairSettings.hard_fraction, "share of negatives drawn among the closest "
+                                  "other-label examples", group=_BODY)
+    hard_pool: int = option(PairSettings.hard_pool, "how many closest other-label examples a hard negative is "
+                            "drawn from", group=_BODY)
+    hard_schedule: str = option(PairSettings.hard_schedule, "constant: --hard-fraction for every negative; "
+                                "linear: the hard share rises from 0 to --hard-fraction over stage 1 (easy "
+                                "first; one epoch)",
                                 group=_BODY, choices=HARD_SCHEDULES)
     pairs_file: str = option("", "TSV or CSV of user-written contrast pairs for stage 1: columns anchor, positive, "
                              "negative, or text_a, text_b, same (1/0), optionally label (the anchor's class; "
