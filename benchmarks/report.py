@@ -145,6 +145,10 @@ def compute_targets(results: dict) -> list[dict]:
         corpus.get("error") or (f"N={corpus.get('texts')}, plan {corpus.get('plan', {}).get('batch_size')}-text "
                                 f"requests x {corpus.get('plan', {}).get('in_flight')} in flight, "
                                 f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds")))
+    targets.append(_ratio_target(
+        f"corpus call, {corpus.get('variant', variant)}: AsyncEmbeddingClient.embed(N) / closed-loop best",
+        median.get("client_async"), median.get("closed_loop_32x16"), 0.9,
+        corpus.get("error") or "the same rounds, asyncio SDK"))
 
     # 7. The OpenAI-compatible route beside gRPC on the same server, same rounds.
     targets.append(openai_route_target(results.get("openai_route") or {}))
@@ -185,12 +189,16 @@ def corpus_markdown(corpus: dict) -> list[str]:
     if not median:
         return []
     plan = corpus.get("plan", {})
+    server = corpus.get("server") or {}
     flags = ", ".join(f for f in corpus.get("cpu_flags", []) if "avx512" in f or "vnni" in f or "amx" in f) or "none"
     rows = [
         ["SentenceTransformer.encode(N) in-process (batch 32, length-sorted)", _fmt(median.get("sentence_transformers")),
          "-"],
         [f"client.embed(N) via the server ({plan.get('batch_size')}-text requests, {plan.get('in_flight')} in flight)",
          _fmt(median.get("client")), _fmt(corpus.get("ratio_client_to_st"))],
+        ["await AsyncEmbeddingClient.embed(N), the same plan", _fmt(median.get("client_async")),
+         _fmt(round(median["client_async"] / median["sentence_transformers"], 3)
+              if median.get("client_async") and median.get("sentence_transformers") else None)],
         ["client.embed(N), earlier SDK plan (64-text requests, 4 in flight)", _fmt(median.get("client_64x4")),
          _fmt(round(median["client_64x4"] / median["sentence_transformers"], 3)
               if median.get("sentence_transformers") else None)],
@@ -200,10 +208,12 @@ def corpus_markdown(corpus: dict) -> list[str]:
     ]
     return [f"### Corpus call: `client.embed(N)` vs `SentenceTransformer.encode(N)` ({corpus.get('variant')}, "
             f"N={corpus.get('texts')} {corpus.get('workload')} texts, {corpus.get('threads')} threads each, "
-            f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds)", "",
+            f"median of {len(corpus.get('rounds', {}).get('client', []))} alternating rounds; server "
+            f"{server.get('instances', 1)} instance(s) x {server.get('threads_per_instance')} thread(s))", "",
             markdown_table(["", "sentences/s", "/ sentence-transformers"], rows), "",
-            f"client.embed(N) / closed-loop best: {_fmt(corpus.get('ratio_client_to_closed_loop'))} "
-            f"(earlier plan: {_fmt(corpus.get('ratio_64x4_to_closed_loop'))}). CPU int8 flags: {flags}; "
+            f"client.embed(N) / closed-loop best: {_fmt(corpus.get('ratio_client_to_closed_loop'))}, asyncio "
+            f"{_fmt(corpus.get('ratio_async_to_closed_loop'))} (earlier plan: "
+            f"{_fmt(corpus.get('ratio_64x4_to_closed_loop'))}). CPU int8 flags: {flags}; "
             f"load average {corpus.get('load')}.", ""]
 
 

@@ -79,7 +79,7 @@ MODES = {
                  scaling_sequence=(16, 32, 64, 128, 256, 512), scaling_seconds=1.0,
                  perf_analyzer_concurrency=(1, 4, 16, 64), infinity_concurrency=(1, 4),
                  sentence_transformers_scaling=True, scaling_cap_seconds=2.0,
-                 classify_requests=200, corpus_rounds=5),
+                 classify_requests=200, corpus_rounds=9),
 }
 # (request size, concurrency) of the mixed-length comparison (length grouping on vs off).
 MIXED_POINTS = ((32, 2), (1, 32))
@@ -398,6 +398,22 @@ def _corpus_call(url: str, texts: list[str], **client_settings) -> dict:
             "batch_size": plan.batch_size, "in_flight": plan.in_flight}
 
 
+def _async_corpus_call(url: str, texts: list[str]) -> float:
+    """`await client.embed(texts)` through the asyncio SDK, warmed up the same way; -> sentences/s."""
+    import asyncio
+
+    from embedline.client import AsyncEmbeddingClient
+
+    async def call() -> float:
+        async with AsyncEmbeddingClient(url, timeout=600.0) as client:
+            await client.embed(texts[:8])
+            started = time.perf_counter()
+            await client.embed(texts)
+            return time.perf_counter() - started
+
+    return round(len(texts) / asyncio.run(call()), 1)
+
+
 def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, tmp: Path,
                    workloads_file: Path) -> dict:
     """A corpus call: `client.embed(N texts)` through the server against `SentenceTransformer.encode(N texts)`
@@ -405,13 +421,14 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
 
     Each round runs: sentence-transformers over the N texts (batches of 32 cut from the length-sorted
     list: what `encode` does with a list), the SDK's corpus call with its automatic request plan, the
-    same call with the plan of earlier SDKs (64-text requests, 4 in flight), and the server's closed-loop
+    same call through the asyncio SDK, the sync call with the plan of earlier SDKs (64-text requests, 4 in
+    flight), and the server's closed-loop
     best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should approach.
     """
     import math
     import statistics
 
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import RepositorySettings, engine_layout
 
     from benchmarks.common import cpu_flags
     from benchmarks.engine_process import EngineProcess
@@ -419,11 +436,13 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
 
     w = workloads[SHORT]
     texts = list(w.texts)
-    rounds: dict[str, list[float]] = {"sentence_transformers": [], "client": [], "client_64x4": [],
-                                      "closed_loop_32x16": []}
+    rounds: dict[str, list[float]] = {"sentence_transformers": [], "client": [], "client_async": [],
+                                      "client_64x4": [], "closed_loop_32x16": []}
     plan: dict[str, int] = {}
     try:
-        settings = RepositorySettings(variant=variant, intra_op_threads=threads)
+        # The layout `embedline serve` gives the variant, within the same thread budget as the in-process side.
+        instances, per_instance = engine_layout(variant, "cpu", threads)
+        settings = RepositorySettings(variant=variant, instances=instances, intra_op_threads=per_instance or threads)
         with EngineProcess(artifact.path, "sentence-transformers", threads, workloads_file) as st, \
                 triton(artifact, tmp, settings) as server:
             for _ in range(mode.corpus_rounds):
@@ -433,6 +452,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
                 call = _corpus_call(server.grpc_url, texts)
                 plan = {"batch_size": call["batch_size"], "in_flight": call["in_flight"]}
                 rounds["client"].append(call["sentences_per_s"])
+                rounds["client_async"].append(_async_corpus_call(server.grpc_url, texts))
                 rounds["client_64x4"].append(
                     _corpus_call(server.grpc_url, texts, batch_size=64, max_concurrency=4)["sentences_per_s"])
                 rounds["closed_loop_32x16"].append(closed_loop(
@@ -446,9 +466,11 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
         return round(median[a] / median[b], 3) if median[b] else None
 
     return {"variant": variant, "texts": len(texts), "workload": SHORT, "threads": threads,
+            "server": {"instances": settings.instances, "threads_per_instance": settings.intra_op_threads},
             "rounds": rounds, "median": median, "plan": plan,
             "ratio_client_to_st": ratio("client", "sentence_transformers"),
             "ratio_client_to_closed_loop": ratio("client", "closed_loop_32x16"),
+            "ratio_async_to_closed_loop": ratio("client_async", "closed_loop_32x16"),
             "ratio_64x4_to_closed_loop": ratio("client_64x4", "closed_loop_32x16"),
             "cpu_flags": cpu_flags(), "load": load_average()}
 

@@ -68,7 +68,7 @@ class EmbeddingClient(common.ClientBase):
             retried.
         max_concurrency: requests in flight at once when a list is split (shared by all the client's
             calls). Default: chosen from the server's config (`_common.plan_requests`): enough to keep its
-            dynamic batcher fed, 2 x max_batch_size x instances / batch size (4 for the default server).
+            dynamic batcher fed, 2 x max_batch_size x instances / batch size (4 for a one-instance server).
         batch_size: texts per request (cap: the model's max_batch_size). Default: a list that fits in
             one request is sent as one; a longer one is cut into requests of the server's length group
             size (32 by default), sorted by length, which its dynamic batcher runs best.

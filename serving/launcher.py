@@ -347,6 +347,9 @@ def run(args: argparse.Namespace) -> int:
                     warning = host_mismatch(artifact)
                     if warning:
                         print(f"  warning  {warning}")
+            threads = settings.intra_op_threads or "one per core"
+            print(f"  engine   {settings.instances} instance{'s' if settings.instances > 1 else ''} x "
+                  f"{threads} thread{'s' if threads != 1 else ''}")
             print(f"  gRPC     {server.grpc_url}{' (TLS)' if tls_cert else ''}")
             print(f"  HTTP     http://{server.http_url}")
             print(f"  metrics  {server.metrics_url}")

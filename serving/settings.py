@@ -7,6 +7,7 @@ arguments into settings with `settings_from_args`, so the two verbs cannot drift
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from embedline import artifact as art
@@ -17,9 +18,10 @@ class RepositorySettings:
     """How the server runs the models (dynamic batching, queue, instances, threads, length grouping).
 
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
-    and docs/architecture.md): one instance using both cores beats two single-thread instances; no queue
-    delay; ONNX Runtime workers that spin-wait; length groups of at most 32 texts with a per-run cost of
-    64 padded tokens; a queue bounded at 32 requests per model (benchmarks/overload.py).
+    and docs/architecture.md): one instance using both cores for the ONNX Runtime variants (two instances
+    for openvino when `serve` chooses: `engine_layout`); no queue delay; ONNX Runtime workers that
+    spin-wait; length groups of at most 32 texts with a per-run cost of 64 padded tokens; a queue bounded
+    at 32 requests per model (benchmarks/overload.py).
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
@@ -57,6 +59,36 @@ class RepositorySettings:
     spin_wait: bool = True
 
 
+def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
+    """(model instances, engine threads per instance) when neither --instances nor --threads is given.
+
+    ONNX Runtime variants, and every GPU variant: one instance, one thread per core. It keeps the best
+    single-request latency, and two single-thread instances of the int8 variant were no faster at 32-text
+    requests (benchmarks/README.md, "Server tuning"). The openvino variant on CPU: two instances, each with
+    half the cores. Between two executions of one instance the engine sits idle for up to ~15 ms while
+    Triton hands the python model its next batch, even with requests queued; a second instance runs in
+    that gap. On 2 cores (benchmarks/README.md, "Engine layout"), 2 x 1 thread against 1 x 2 threads:
+    closed loop 1,770 vs 1,301 sentences/s, `client.embed(2,000 texts)` 1,799 vs 1,281, at a single-text
+    p50 latency of 4.3 vs 3.0 ms. Throughput wins: a query embedding is one request of a few ms either way.
+    """
+    if variant == "openvino" and device == "cpu" and cores >= 2:
+        return 2, cores // 2
+    return 1, 0
+
+
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup v2 CPU
+    quota rounded up (`docker run --cpus 2`, a Kubernetes CPU limit), which affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open(cpu_max, encoding="ascii").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -78,9 +110,12 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the dynamic batcher waits to fill a batch")
     parser.add_argument("--max-queue-size", type=_non_negative_int, default=defaults.max_queue_size,
                         help="most requests waiting per model; more get a fast UNAVAILABLE (0: unbounded)")
-    parser.add_argument("--instances", type=int, default=defaults.instances, help="model instances")
-    parser.add_argument("--threads", type=int, default=defaults.intra_op_threads,
-                        help="ONNX Runtime intra-op threads per instance (0: one per core)")
+    # Both default to None: unset, `engine_layout` chooses them for the variant.
+    parser.add_argument("--instances", type=int, default=None,
+                        help="model instances (default: 1; 2 for the openvino variant on a CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="engine threads per instance (0: one per core; default: 0, or half the cores "
+                             "each for the openvino variant's two instances)")
     parser.add_argument("--streams", type=int, default=defaults.streams,
                         help="OpenVINO CPU streams per instance (openvino variant)")
     parser.add_argument("--no-length-grouping", action="store_true",
@@ -96,15 +131,21 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
     """RepositorySettings from the options of `add_server_options` (`variant`: one already chosen)."""
     from embedline.export.variants import choose_variant
 
+    variant = variant or args.variant or choose_variant(artifact, device)
+    if args.instances is None and args.threads is None:
+        instances, threads = engine_layout(variant, device, usable_cores())
+    else:
+        instances = RepositorySettings.instances if args.instances is None else args.instances
+        threads = RepositorySettings.intra_op_threads if args.threads is None else args.threads
     return RepositorySettings(
-        variant=variant or args.variant or choose_variant(artifact, device),
+        variant=variant,
         layout=layout,
         device=device,
         max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us,
         max_queue_size=args.max_queue_size,
-        instances=args.instances,
-        intra_op_threads=args.threads,
+        instances=instances,
+        intra_op_threads=threads,
         streams=args.streams,
         # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
         group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,

@@ -352,7 +352,8 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
     assert "error" not in corpus, corpus
     n = len(workloads["short"].texts)
     assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 2
-    assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_64x4", "closed_loop_32x16"}
+    assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_async", "client_64x4",
+                                     "closed_loop_32x16"}
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in corpus["rounds"].values())
     assert corpus["plan"]["in_flight"] >= 1 and corpus["plan"]["batch_size"] >= 1
     assert corpus["ratio_client_to_st"] == pytest.approx(corpus["median"]["client"] / 100.0, rel=1e-2)
@@ -360,8 +361,10 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
 
     results = _synthetic_results()
     results["corpus"] = corpus
-    target = next(t for t in compute_targets(results) if t["target"].startswith("corpus call"))
-    assert target["measured"] == pytest.approx(corpus["ratio_client_to_closed_loop"], abs=1e-2)
+    sync_target, async_target = [t for t in compute_targets(results) if t["target"].startswith("corpus call")]
+    assert sync_target["measured"] == pytest.approx(corpus["ratio_client_to_closed_loop"], abs=1e-2)
+    assert async_target["measured"] == pytest.approx(corpus["ratio_async_to_closed_loop"], abs=1e-2)
+    assert "AsyncEmbeddingClient" in async_target["target"]
     assert "### Corpus call" in "\n".join(corpus_markdown(corpus))
     results["corpus"] = {"error": "boom"}
     assert next(t for t in compute_targets(results) if t["target"].startswith("corpus call"))["pass"] is None

@@ -117,6 +117,58 @@ def test_spin_wait_is_on_by_default_and_off_with_the_cli_flag(tiny_fp32, tmp_pat
     assert spin_param(["--no-spin-wait"], tmp_path / "off") == "false"
 
 
+def test_engine_layout_gives_openvino_two_instances_on_a_cpu():
+    from embedline.serving.settings import engine_layout
+
+    assert engine_layout("openvino", "cpu", 2) == (2, 1)
+    assert engine_layout("openvino", "cpu", 16) == (2, 8)
+    assert engine_layout("openvino", "cpu", 1) == (1, 0)  # one core: nothing to run beside the engine
+    for variant in ("fp32", "fused", "int8"):
+        assert engine_layout(variant, "cpu", 16) == (1, 0)
+    assert engine_layout("fp16", "gpu", 16) == (1, 0)
+
+
+def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
+    import os
+
+    from embedline.serving.settings import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(str(cpu_max)) == affinity
+    cpu_max.write_text("150000 100000\n")  # --cpus 1.5: rounded up
+    assert usable_cores(str(cpu_max)) == min(affinity, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(str(cpu_max)) == 1
+    assert usable_cores(str(tmp_path / "absent")) == affinity
+
+
+def test_instances_and_threads_follow_the_variant_unless_given(tiny_fp32, tmp_path, monkeypatch):
+    import argparse
+
+    from embedline.serving import settings as server_settings
+    from embedline.serving.repository import configure, settings_from_args
+
+    monkeypatch.setattr(server_settings, "usable_cores", lambda: 4)
+
+    def layout(variant, *argv):
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        args = parser.parse_args(["--artifact", str(tiny_fp32.path), "--output", str(tmp_path), *argv])
+        settings = settings_from_args(args, tiny_fp32, "cpu", variant=variant)
+        return settings.instances, settings.intra_op_threads
+
+    assert layout("openvino") == (2, 2)
+    assert layout("fp32") == (1, 0)
+    assert layout("openvino", "--threads", "4") == (1, 4)  # either option given: the rest are plain defaults
+    assert layout("openvino", "--instances", "3") == (3, 0)
+    assert layout("fp32", "--instances", "2", "--threads", "1") == (2, 1)
+    config = read_config(build_repository(tiny_fp32, tmp_path / "m", RepositorySettings(instances=2)) / "embed"
+                         / "config.pbtxt")
+    assert config.instance_group[0].count == 2
+
+
 def test_missing_variant_is_clear_error(tiny_fp32, tmp_path):
     from embedline.artifact import ArtifactError
 
