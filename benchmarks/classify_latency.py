@@ -65,12 +65,13 @@ def measure_classify_latency(artifact, variant: str, threads: int, requests: int
 
     Returns ({"embed x1": summary, "classify x1": ..., ...}, number of labels)."""
     from embedline.client import EmbeddingClient
-    from embedline.serving.repository import RepositorySettings, build_repository
+    from embedline.serving.repository import build_repository
+    from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
     results: dict[str, dict] = {}
     repository = build_repository(artifact, tmp / "classify-models",
-                                  RepositorySettings(variant=variant, intra_op_threads=threads))
+                                  served_settings(variant, threads))
     with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server, \
             EmbeddingClient(server.grpc_url, timeout=60) as client:
         labels = len(client.info().labels)

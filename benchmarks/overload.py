@@ -127,7 +127,7 @@ def main() -> None:
     from embedline.export.variants import available_device, choose_variant
     from embedline.serving.launcher import prepare_artifact
     from embedline.serving.repository import build_repository
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
     artifact = prepare_artifact(None)
@@ -136,7 +136,7 @@ def main() -> None:
     requests = [sentences[i:i + REQUEST_TEXTS] for i in range(0, len(sentences), REQUEST_TEXTS)]
     rows, results = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:
-        settings = RepositorySettings(variant=variant, max_queue_size=size, intra_op_threads=args.threads)
+        settings = served_settings(variant, args.threads, max_queue_size=size)
         with tempfile.TemporaryDirectory() as tmp:
             repository = build_repository(artifact, Path(tmp) / "models", settings)
             with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),

@@ -281,22 +281,20 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
     it (pad-to-longest, no dynamic batching), then the other variants; in-process references bracket each."""
     from dataclasses import asdict
 
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import served_settings
 
-    base = RepositorySettings(intra_op_threads=threads)
+    base = served_settings(default_variant, threads)
     sweep = [(SHORT, size, c) for size in mode.request_sizes for c in mode.concurrency]
     extra = [(MEDIUM, 32, 2), (MEDIUM, 1, 16)] + [(MIXED, s, c) for s, c in MIXED_POINTS]
     if 16 not in mode.concurrency:
         extra.append((SHORT, 1, 16))
     # (name, settings, sweep points, extra points, bracket with references)
-    configs = [(default_variant, replace(base, variant=default_variant), sweep, extra, True),
-               (f"{default_variant} length grouping off",
-                replace(base, variant=default_variant, length_grouping=False), [],
+    configs = [(default_variant, base, sweep, extra, True),
+               (f"{default_variant} length grouping off", replace(base, length_grouping=False), [],
                 [(MIXED, s, c) for s, c in MIXED_POINTS], False),
-               (f"{default_variant} dynamic batching off",
-                replace(base, variant=default_variant, dynamic_batching=False), [],
+               (f"{default_variant} dynamic batching off", replace(base, dynamic_batching=False), [],
                 [(SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2)], False)]
-    configs += [(v, replace(base, variant=v), sweep, [], True) for v in variants if v != default_variant]
+    configs += [(v, served_settings(v, threads), sweep, [], True) for v in variants if v != default_variant]
 
     from benchmarks.engine_process import EngineProcess
     from benchmarks.report import inprocess_name
@@ -330,14 +328,14 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
 
 
 def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int, tmp: Path) -> dict:
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import served_settings
 
     from benchmarks import perf_analyzer
 
     try:
         perf_analyzer.binary()
         # No queue policy (max_queue_size 0): perf_analyzer records no request from a model that has one.
-        settings = RepositorySettings(variant=variant, intra_op_threads=threads, max_queue_size=0)
+        settings = served_settings(variant, threads, max_queue_size=0)
         with triton(artifact, tmp, settings) as server:
             points = [perf_analyzer.run(server.grpc_url, workloads[SHORT].texts, c, tmp / "perf_analyzer",
                                         measurement_ms=int(1000 * max(1.0, mode.point_seconds)))
@@ -428,7 +426,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     import math
     import statistics
 
-    from embedline.serving.settings import RepositorySettings, engine_layout
+    from embedline.serving.settings import served_settings
 
     from benchmarks.common import cpu_flags
     from benchmarks.engine_process import EngineProcess
@@ -440,9 +438,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
                                       "client_64x4": [], "closed_loop_32x16": []}
     plan: dict[str, int] = {}
     try:
-        # The layout `embedline serve` gives the variant, within the same thread budget as the in-process side.
-        instances, per_instance = engine_layout(variant, "cpu", threads)
-        settings = RepositorySettings(variant=variant, instances=instances, intra_op_threads=per_instance or threads)
+        settings = served_settings(variant, threads)  # within the thread budget of the in-process side
         with EngineProcess(artifact.path, "sentence-transformers", threads, workloads_file) as st, \
                 triton(artifact, tmp, settings) as server:
             for _ in range(mode.corpus_rounds):

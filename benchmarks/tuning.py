@@ -32,8 +32,10 @@ ROUNDS = {"full": 3, "quick": 1}
 def candidate_settings(base, variant: str) -> dict[str, object]:
     """name -> RepositorySettings, each one change away from the defaults."""
     candidates = {
-        f"defaults (queue delay {base.queue_delay_us} us)": base,
-        "2 instances x 1 thread": replace(base, instances=2, intra_op_threads=1),
+        f"defaults ({base.instances} x {base.intra_op_threads} threads, queue delay {base.queue_delay_us} us)": base,
+        # the other engine layout (serving/settings.py: engine_layout)
+        **({"1 instance x all threads": replace(base, instances=1, intra_op_threads=base.instances * base.intra_op_threads)}
+           if base.instances > 1 else {"2 instances x 1 thread": replace(base, instances=2, intra_op_threads=1)}),
         f"ORT threads spin-wait {'off' if base.spin_wait else 'on'}": replace(base, spin_wait=not base.spin_wait),
         "group overhead 16 tokens": replace(base, group_overhead_tokens=16),
         "group overhead 512 tokens": replace(base, group_overhead_tokens=512),
@@ -45,7 +47,7 @@ def candidate_settings(base, variant: str) -> dict[str, object]:
         if delay != base.queue_delay_us:
             candidates[f"queue delay {delay} us"] = replace(base, queue_delay_us=delay)
     if variant == "openvino":
-        candidates["openvino 2 streams x 1 thread"] = replace(base, streams=2)
+        candidates["openvino 2 streams per instance"] = replace(base, streams=2)
     return candidates
 
 
@@ -66,13 +68,13 @@ def median_points(rounds: list[list[dict]]) -> list[dict]:
 
 
 def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import served_settings
     from embedline.export.variants import choose_variant
 
     from benchmarks.suite import sequential_point, sweep_points, triton
 
     variant = args.variants.split(",")[0] if args.variants else choose_variant(artifact, "cpu")
-    base = RepositorySettings(variant=variant, intra_op_threads=args.threads)
+    base = served_settings(variant, args.threads)
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts,
                                 names=(SHORT, MIXED))
     load_before = load_average()

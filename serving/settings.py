@@ -76,6 +76,14 @@ def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
     return 1, 0
 
 
+def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) -> RepositorySettings:
+    """The settings `embedline serve` gives `variant` on `cores` CPUs (its `engine_layout`, the threads
+    spelled out), with `overrides`: what the benchmarks serve, so that they measure what users run."""
+    instances, threads = engine_layout(variant, device, cores)
+    return RepositorySettings(variant=variant, device=device, instances=instances,
+                              intra_op_threads=threads or cores, **overrides)
+
+
 def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup v2 CPU
     quota rounded up (`docker run --cpus 2`, a Kubernetes CPU limit), which affinity does not show."""

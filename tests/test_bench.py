@@ -269,12 +269,19 @@ def test_tuning_candidates_change_one_setting_each():
     from benchmarks.tuning import candidate_settings
     from embedline.serving.settings import RepositorySettings
 
+    from embedline.serving.settings import served_settings
+
     base = RepositorySettings(variant="int8")
     candidates = candidate_settings(base, "int8")
     assert "ORT threads spin-wait off" in candidates and not candidates["ORT threads spin-wait off"].spin_wait
     for name, settings in candidates.items():
         changed = {k for k, v in asdict(settings).items() if asdict(base)[k] != v}
         assert len(changed) <= 2, (name, changed)  # instances x threads move together
+    # The openvino defaults are two instances (engine_layout): the layout candidate is one using every thread.
+    openvino = candidate_settings(served_settings("openvino", 2), "openvino")
+    layout = openvino["1 instance x all threads"]
+    assert (layout.instances, layout.intra_op_threads) == (1, 2)
+    assert "2 instances x 1 thread" not in openvino and "openvino 2 streams per instance" in openvino
 
 
 def test_experiments_pass_training_config_fields_through():

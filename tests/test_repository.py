@@ -126,6 +126,12 @@ def test_engine_layout_gives_openvino_two_instances_on_a_cpu():
     for variant in ("fp32", "fused", "int8"):
         assert engine_layout(variant, "cpu", 16) == (1, 0)
     assert engine_layout("fp16", "gpu", 16) == (1, 0)
+    # What the benchmarks serve: the same layouts, the threads spelled out.
+    from embedline.serving.settings import served_settings
+
+    assert (served_settings("openvino", 2).instances, served_settings("openvino", 2).intra_op_threads) == (2, 1)
+    assert (served_settings("int8", 2).instances, served_settings("int8", 2).intra_op_threads) == (1, 2)
+    assert served_settings("int8", 2, max_queue_size=0).max_queue_size == 0
 
 
 def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
