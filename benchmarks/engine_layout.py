@@ -8,7 +8,8 @@ from here.
 
     .venv/bin/python -m benchmarks.engine_layout [--artifact DIR] [--variant openvino] [--rounds 6]
 
-Writes benchmarks/results/engine_layout[_VARIANT].json and the "engine_layout" table in benchmarks/README.md.
+Writes benchmarks/results/engine_layout_VARIANT.json, and the "engine_layout" table in benchmarks/README.md from
+every such file.
 """
 
 from __future__ import annotations
@@ -69,18 +70,35 @@ def main() -> None:
     record = {"artifact": artifact.name, "variant": args.variant, "threads": args.threads, "texts": len(texts),
               "rounds": rounds, "median": median, "rounds_won_by_shared_layout": wins, "cpu_flags": cpu_flags(),
               "load_before": load_before, "load_after": load_average(), "command": command_line()}
-    name = "engine_layout" if args.variant == "openvino" else f"engine_layout_{args.variant}"
-    path = save_results(name, record)
-    rows = [[layout, *(median[layout][m] for m in MEASURES)] for layout in layouts]
-    table = markdown_table(["layout", f"client.embed({len(texts)}) sent/s", "asyncio client.embed sent/s",
+    path = save_results(f"engine_layout_{args.variant}", record)
+    print(f"saved {path}")
+    if not args.no_readme:
+        update_readme_section("engine_layout", readme_section())
+
+
+def readme_section() -> str:
+    """One table over every variant measured (results/engine_layout_*.json), with each run's conditions."""
+    import json
+
+    from benchmarks.common import RESULTS
+
+    rows, notes = [], []
+    for path in sorted(RESULTS.glob("engine_layout_*.json")):
+        record = json.loads(path.read_text())
+        for layout, median in record["median"].items():
+            won = "" if layout.startswith("1 ") else f" ({record['rounds_won_by_shared_layout']['client']} of " \
+                f"{len(record['rounds'][layout]['client'])} rounds)"
+            rows.append([record["variant"], layout, f"{median['client']}{won}", median["client_async"],
+                         median["closed_loop_32x16"], median["c1_p50_ms"]])
+        notes.append(f"- {record['variant']}: `{record['command']}`, {len(record['rounds'][layout]['client'])} "
+                     f"rounds, load average {record['load_before']} -> {record['load_after']}, CPU flags "
+                     f"{', '.join(record['cpu_flags'])} (`results/{path.name}`)")
+    table = markdown_table(["variant", "layout", "client.embed(2,000) sent/s", "asyncio client.embed sent/s",
                             "closed loop 16 x 32 sent/s", "1 text c1 p50 ms"], rows)
-    print(table)
-    if not args.no_readme and args.variant == "openvino":
-        update_readme_section("engine_layout", (
-            f"## Engine layout ({args.variant}, {args.threads} cores)\n\n{table}\n\n"
-            f"Medians of {args.rounds} alternating rounds, both servers up side by side; rounds the shared layout "
-            f"won: {wins}. CPU flags: {', '.join(record['cpu_flags'])}; load average {load_before} -> "
-            f"{record['load_after']}. Command: `{record['command']}`; numbers: `results/{path.name}`."))
+    return ("## Engine layout: one instance on every core, or two on half each\n\n" + table + "\n\n"
+            "Medians of alternating rounds, both servers up side by side on the same cores (in brackets: the rounds "
+            "in which the two-instance `client.embed` was faster). `embedline serve` runs two instances on a CPU "
+            "(`serving/settings.py: engine_layout`).\n\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

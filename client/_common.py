@@ -283,8 +283,8 @@ def plan_requests(n_texts: int, max_batch_size: int, *, instances: int = 1, grou
       requests are kept in flight (at least 4, at most 64 and at most the server's queue bound): while
       one dynamic batch runs, the next one is already queued, and no more. Requests beyond that only
       wait in the server's queue, and on a machine where client and server share the cores, the
-      client's extra threads took CPU from the server: measured on 2 shared cores with the default
-      server (max_batch_size 64, one instance), 32-text requests x 4 in flight beat 64 x 4, 32 x 8,
+      client's extra threads took CPU from the server: measured on 2 shared cores with a
+      one-instance server (max_batch_size 64), 32-text requests x 4 in flight beat 64 x 4, 32 x 8,
       32 x 16 and 64 x 16 (benchmarks/README.md, "Corpus call").
     """
     if max_batch_size < 1:

@@ -18,10 +18,10 @@ class RepositorySettings:
     """How the server runs the models (dynamic batching, queue, instances, threads, length grouping).
 
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
-    and docs/architecture.md): one instance using both cores for the ONNX Runtime variants (two instances
-    for openvino when `serve` chooses: `engine_layout`); no queue delay; ONNX Runtime workers that
-    spin-wait; length groups of at most 32 texts with a per-run cost of 64 padded tokens; a queue bounded
-    at 32 requests per model (benchmarks/overload.py).
+    and docs/architecture.md): no queue delay; ONNX Runtime workers that spin-wait; length groups of at
+    most 32 texts with a per-run cost of 64 padded tokens; a queue bounded at 32 requests per model
+    (benchmarks/overload.py). `instances` and `intra_op_threads` here are the plain dataclass defaults; what
+    `serve` runs when neither is given comes from `engine_layout` (two instances on a CPU).
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
@@ -62,16 +62,17 @@ class RepositorySettings:
 def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
     """(model instances, engine threads per instance) when neither --instances nor --threads is given.
 
-    ONNX Runtime variants, and every GPU variant: one instance, one thread per core. It keeps the best
-    single-request latency, and two single-thread instances of the int8 variant were no faster at 32-text
-    requests (benchmarks/README.md, "Server tuning"). The openvino variant on CPU: two instances, each with
-    half the cores. Between two executions of one instance the engine sits idle for up to ~15 ms while
-    Triton hands the python model its next batch, even with requests queued; a second instance runs in
-    that gap. On 2 cores (benchmarks/README.md, "Engine layout"), 2 x 1 thread against 1 x 2 threads:
-    closed loop 1,770 vs 1,301 sentences/s, `client.embed(2,000 texts)` 1,799 vs 1,281, at a single-text
-    p50 latency of 4.3 vs 3.0 ms. Throughput wins: a query embedding is one request of a few ms either way.
+    On a CPU with 2 or more cores: two instances, each with half the cores. Between two executions of one
+    instance the engine sits idle for up to ~15 ms while Triton hands the python model its next batch, even
+    with requests queued, and one instance's parallel engine threads contend with Triton's own; a second
+    instance runs in that gap. On 2 cores (benchmarks/README.md, "Engine layout"), 2 x 1 thread against
+    1 x 2 threads, closed loop of 16 x 32 texts / `client.embed(2,000 texts)` / 1-text p50:
+    openvino 1,770 vs 1,301 / 1,799 vs 1,281 sentences/s / 4.3 vs 3.0 ms; int8 1,439 vs 714 / 1,388 vs
+    733 / 2.6 vs 2.3 ms; fp32 874 vs 448 / 831 vs 575 / 5.9 vs 3.8 ms. Throughput wins: a query embedding
+    is one request of a few ms either way. `--instances 1 --threads 0` keeps the latency-first layout.
+    The variant argument is kept for layouts that differ by engine. On a GPU: one instance.
     """
-    if variant == "openvino" and device == "cpu" and cores >= 2:
+    if device == "cpu" and cores >= 2:
         return 2, cores // 2
     return 1, 0
 
@@ -84,16 +85,21 @@ def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) 
                               intra_op_threads=threads or cores, **overrides)
 
 
-def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """The cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup v2 CPU
-    quota rounded up (`docker run --cpus 2`, a Kubernetes CPU limit), which affinity does not show."""
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset), capped by a cgroup CPU quota
+    rounded up (`docker run --cpus 2`, a Kubernetes CPU limit), which affinity does not show."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open(cpu_max, encoding="ascii").read().split()[:2]
-        if quota != "max":
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"; v1: two files, quota -1 when unlimited
+            fields = open(os.path.join(cgroup, quota_file), encoding="ascii").read().split()
+            if period_file:
+                fields.append(open(os.path.join(cgroup, period_file), encoding="ascii").read().strip())
+            quota, period = fields[0], fields[1]
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1"):
             cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
+        break
     return cores
 
 
@@ -120,10 +126,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="most requests waiting per model; more get a fast UNAVAILABLE (0: unbounded)")
     # Both default to None: unset, `engine_layout` chooses them for the variant.
     parser.add_argument("--instances", type=int, default=None,
-                        help="model instances (default: 1; 2 for the openvino variant on a CPU)")
+                        help="model instances (default: 2 on a CPU with 2+ cores, else 1)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="engine threads per instance (0: one per core; default: 0, or half the cores "
-                             "each for the openvino variant's two instances)")
+                        help="engine threads per instance (0: one per core; default: half the usable cores "
+                             "each for the two CPU instances, the CPU quota counted)")
     parser.add_argument("--streams", type=int, default=defaults.streams,
                         help="OpenVINO CPU streams per instance (openvino variant)")
     parser.add_argument("--no-length-grouping", action="store_true",

@@ -117,20 +117,19 @@ def test_spin_wait_is_on_by_default_and_off_with_the_cli_flag(tiny_fp32, tmp_pat
     assert spin_param(["--no-spin-wait"], tmp_path / "off") == "false"
 
 
-def test_engine_layout_gives_openvino_two_instances_on_a_cpu():
+def test_engine_layout_gives_a_cpu_two_instances_with_half_the_cores_each():
     from embedline.serving.settings import engine_layout
 
-    assert engine_layout("openvino", "cpu", 2) == (2, 1)
-    assert engine_layout("openvino", "cpu", 16) == (2, 8)
-    assert engine_layout("openvino", "cpu", 1) == (1, 0)  # one core: nothing to run beside the engine
-    for variant in ("fp32", "fused", "int8"):
-        assert engine_layout(variant, "cpu", 16) == (1, 0)
+    for variant in ("openvino", "int8", "fp32", "fused"):
+        assert engine_layout(variant, "cpu", 2) == (2, 1)
+        assert engine_layout(variant, "cpu", 16) == (2, 8)
+        assert engine_layout(variant, "cpu", 1) == (1, 0)  # one core: nothing to run beside the engine
     assert engine_layout("fp16", "gpu", 16) == (1, 0)
     # What the benchmarks serve: the same layouts, the threads spelled out.
     from embedline.serving.settings import served_settings
 
     assert (served_settings("openvino", 2).instances, served_settings("openvino", 2).intra_op_threads) == (2, 1)
-    assert (served_settings("int8", 2).instances, served_settings("int8", 2).intra_op_threads) == (1, 2)
+    assert (served_settings("fp16", 4, "gpu").instances, served_settings("fp16", 4, "gpu").intra_op_threads) == (1, 4)
     assert served_settings("int8", 2, max_queue_size=0).max_queue_size == 0
 
 
@@ -140,13 +139,20 @@ def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
     from embedline.serving.settings import usable_cores
 
     affinity = len(os.sched_getaffinity(0))
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(str(cpu_max)) == affinity
-    cpu_max.write_text("150000 100000\n")  # --cpus 1.5: rounded up
-    assert usable_cores(str(cpu_max)) == min(affinity, 2)
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cores(str(cpu_max)) == 1
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(str(v2)) == affinity
+    (v2 / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5: rounded up
+    assert usable_cores(str(v2)) == min(affinity, 2)
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert usable_cores(str(v2)) == 1
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cores(str(v1)) == affinity
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cores(str(v1)) == 1
     assert usable_cores(str(tmp_path / "absent")) == affinity
 
 
@@ -166,7 +172,7 @@ def test_instances_and_threads_follow_the_variant_unless_given(tiny_fp32, tmp_pa
         return settings.instances, settings.intra_op_threads
 
     assert layout("openvino") == (2, 2)
-    assert layout("fp32") == (1, 0)
+    assert layout("fp32") == (2, 2)
     assert layout("openvino", "--threads", "4") == (1, 4)  # either option given: the rest are plain defaults
     assert layout("openvino", "--instances", "3") == (3, 0)
     assert layout("fp32", "--instances", "2", "--threads", "1") == (2, 1)
