@@ -59,7 +59,7 @@ class RepositorySettings:
     spin_wait: bool = True
 
 
-def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
+def engine_layout(device: str, cores: int) -> tuple[int, int]:
     """(model instances, engine threads per instance) when neither --instances nor --threads is given.
 
     On a CPU with 2 or more cores: two instances, each with half the cores. Between two executions of one
@@ -70,7 +70,7 @@ def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
     openvino 1,770 vs 1,301 / 1,799 vs 1,281 sentences/s / 4.3 vs 3.0 ms; int8 1,439 vs 714 / 1,388 vs
     733 / 2.6 vs 2.3 ms; fp32 874 vs 448 / 831 vs 575 / 5.9 vs 3.8 ms. Throughput wins: a query embedding
     is one request of a few ms either way. `--instances 1 --threads 0` keeps the latency-first layout.
-    The variant argument is kept for layouts that differ by engine. On a GPU: one instance.
+    On a GPU: one instance.
     """
     if device == "cpu" and cores >= 2:
         return 2, cores // 2
@@ -80,7 +80,7 @@ def engine_layout(variant: str, device: str, cores: int) -> tuple[int, int]:
 def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) -> RepositorySettings:
     """The settings `embedline serve` gives `variant` on `cores` CPUs (its `engine_layout`, the threads
     spelled out), with `overrides`: what the benchmarks serve, so that they measure what users run."""
-    instances, threads = engine_layout(variant, device, cores)
+    instances, threads = engine_layout(device, cores)
     return RepositorySettings(variant=variant, device=device, instances=instances,
                               intra_op_threads=threads or cores, **overrides)
 
@@ -124,7 +124,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                         help="how long the dynamic batcher waits to fill a batch")
     parser.add_argument("--max-queue-size", type=_non_negative_int, default=defaults.max_queue_size,
                         help="most requests waiting per model; more get a fast UNAVAILABLE (0: unbounded)")
-    # Both default to None: unset, `engine_layout` chooses them for the variant.
+    # Both default to None: unset, `engine_layout` chooses them for the machine.
     parser.add_argument("--instances", type=int, default=None,
                         help="model instances (default: 2 on a CPU with 2+ cores, else 1)")
     parser.add_argument("--threads", type=int, default=None,
@@ -147,7 +147,7 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
 
     variant = variant or args.variant or choose_variant(artifact, device)
     if args.instances is None and args.threads is None:
-        instances, threads = engine_layout(variant, device, usable_cores())
+        instances, threads = engine_layout(device, usable_cores())
     else:
         instances = RepositorySettings.instances if args.instances is None else args.instances
         threads = RepositorySettings.intra_op_threads if args.threads is None else args.threads
