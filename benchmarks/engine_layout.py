@@ -1,10 +1,10 @@
-"""Engine layout: one instance using every core against instances that share them, for one variant.
+"""Engine layout: one instance using every core against the layout `embedline serve` runs (two instances
+sharing the cores, `serving/settings.py: engine_layout`), for one variant.
 
 Two servers of the same artifact and variant run side by side, one per layout; each round measures both (in
 alternating order) with: `client.embed(N texts)` through the sync SDK and through the asyncio SDK (each with
 the request plan it derives from that server's config), the closed loop of 16 concurrent 32-text requests,
-and one 1-text request at a time (p50 latency). `serving/settings.py: engine_layout` takes its defaults
-from here.
+and one 1-text request at a time (p50 latency). `engine_layout` takes its defaults from here.
 
     .venv/bin/python -m benchmarks.engine_layout [--artifact DIR] [--variant openvino] [--rounds 6]
 
@@ -39,7 +39,7 @@ def main() -> None:
     import numpy as np
 
     from embedline.serving.launcher import prepare_artifact
-    from embedline.serving.settings import RepositorySettings
+    from embedline.serving.settings import RepositorySettings, served_settings
 
     from benchmarks.load import closed_loop, sequential_latency
     from benchmarks.suite import _async_corpus_call, _corpus_call, triton
@@ -47,10 +47,10 @@ def main() -> None:
     artifact = prepare_artifact(args.artifact)
     texts = sts_sentences(args.texts)
     tokens = np.array([len(t.split()) for t in texts])
+    served = served_settings(args.variant, args.threads)  # what `embedline serve` runs on these cores
     one = f"1 instance x {args.threads} threads"
-    shared = f"{args.threads} instances x 1 thread"
-    layouts = {one: RepositorySettings(variant=args.variant, intra_op_threads=args.threads),
-               shared: RepositorySettings(variant=args.variant, instances=args.threads, intra_op_threads=1)}
+    shared = f"{served.instances} instances x {served.intra_op_threads} thread{'s' if served.intra_op_threads > 1 else ''}"
+    layouts = {one: RepositorySettings(variant=args.variant, intra_op_threads=args.threads), shared: served}
     rounds = {name: {measure: [] for measure in MEASURES} for name in layouts}
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="embedline-layout-") as tmp, \

@@ -191,20 +191,19 @@ def corpus_markdown(corpus: dict) -> list[str]:
     plan = corpus.get("plan", {})
     server = corpus.get("server") or {}
     flags = ", ".join(f for f in corpus.get("cpu_flags", []) if "avx512" in f or "vnni" in f or "amx" in f) or "none"
+
+    def row(name: str, key: str) -> list:
+        value, st = median.get(key), median.get("sentence_transformers")
+        return [name, _fmt(value), _fmt(round(value / st, 3) if value and st else None)]
+
     rows = [
         ["SentenceTransformer.encode(N) in-process (batch 32, length-sorted)", _fmt(median.get("sentence_transformers")),
          "-"],
-        [f"client.embed(N) via the server ({plan.get('batch_size')}-text requests, {plan.get('in_flight')} in flight)",
-         _fmt(median.get("client")), _fmt(corpus.get("ratio_client_to_st"))],
-        ["await AsyncEmbeddingClient.embed(N), the same plan", _fmt(median.get("client_async")),
-         _fmt(round(median["client_async"] / median["sentence_transformers"], 3)
-              if median.get("client_async") and median.get("sentence_transformers") else None)],
-        ["client.embed(N), earlier SDK plan (64-text requests, 4 in flight)", _fmt(median.get("client_64x4")),
-         _fmt(round(median["client_64x4"] / median["sentence_transformers"], 3)
-              if median.get("sentence_transformers") else None)],
-        ["closed-loop best: 16 concurrent 32-text requests (asyncio SDK)", _fmt(median.get("closed_loop_32x16")),
-         _fmt(round(median["closed_loop_32x16"] / median["sentence_transformers"], 3)
-              if median.get("sentence_transformers") else None)],
+        row(f"client.embed(N) via the server ({plan.get('batch_size')}-text requests, {plan.get('in_flight')} in flight)",
+            "client"),
+        row("await AsyncEmbeddingClient.embed(N), the same plan", "client_async"),
+        row("client.embed(N), earlier SDK plan (64-text requests, 4 in flight)", "client_64x4"),
+        row("closed-loop best: 16 concurrent 32-text requests (asyncio SDK)", "closed_loop_32x16"),
     ]
     return [f"### Corpus call: `client.embed(N)` vs `SentenceTransformer.encode(N)` ({corpus.get('variant')}, "
             f"N={corpus.get('texts')} {corpus.get('workload')} texts, {corpus.get('threads')} threads each, "

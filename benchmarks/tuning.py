@@ -31,11 +31,15 @@ ROUNDS = {"full": 3, "quick": 1}
 
 def candidate_settings(base, variant: str) -> dict[str, object]:
     """name -> RepositorySettings, each one change away from the defaults."""
+    # The other engine layout than the defaults' (serving/settings.py: engine_layout).
+    if base.instances > 1:
+        layout = ("1 instance x all threads", replace(base, instances=1,
+                                                      intra_op_threads=base.instances * base.intra_op_threads))
+    else:
+        layout = ("2 instances x 1 thread", replace(base, instances=2, intra_op_threads=1))
     candidates = {
         f"defaults ({base.instances} x {base.intra_op_threads} threads, queue delay {base.queue_delay_us} us)": base,
-        # the other engine layout (serving/settings.py: engine_layout)
-        **({"1 instance x all threads": replace(base, instances=1, intra_op_threads=base.instances * base.intra_op_threads)}
-           if base.instances > 1 else {"2 instances x 1 thread": replace(base, instances=2, intra_op_threads=1)}),
+        layout[0]: layout[1],
         f"ORT threads spin-wait {'off' if base.spin_wait else 'on'}": replace(base, spin_wait=not base.spin_wait),
         "group overhead 16 tokens": replace(base, group_overhead_tokens=16),
         "group overhead 512 tokens": replace(base, group_overhead_tokens=512),
