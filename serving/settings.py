@@ -36,7 +36,9 @@ class RepositorySettings:
     # maximum queue size"), which the SDK retries with backoff. 0 = no queue policy: unbounded, and no
     # request timeouts. At 4x overload (benchmarks/overload.py) an unbounded queue let 93.5% of requests
     # time out after 2 s; bounded, the excess is refused in under a millisecond. 32 keeps accepted work
-    # inside a 2 s deadline and leaves the batcher room (docs/architecture.md, "Server").
+    # inside a 2 s deadline and leaves the batcher room (docs/architecture.md, "Server"). Any queue policy
+    # also turns off Triton's payload prefetching, which costs a two-instance CPU server 3-9% throughput
+    # (same section, "What the bound costs"); 0 trades the bound for it.
     max_queue_size: int = 32
     # Longest a request may wait in the queue before it is rejected. Triton lets a request's own timeout
     # (the SDK sends its remaining deadline) override this only when it is shorter than a nonzero default,
