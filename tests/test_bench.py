@@ -267,9 +267,7 @@ def test_tuning_candidates_change_one_setting_each():
     from dataclasses import asdict
 
     from benchmarks.tuning import candidate_settings
-    from embedline.serving.settings import RepositorySettings
-
-    from embedline.serving.settings import served_settings
+    from embedline.serving.settings import RepositorySettings, served_settings
 
     base = RepositorySettings(variant="int8")
     candidates = candidate_settings(base, "int8")

@@ -118,15 +118,13 @@ def test_spin_wait_is_on_by_default_and_off_with_the_cli_flag(tiny_fp32, tmp_pat
 
 
 def test_engine_layout_gives_a_cpu_two_instances_with_half_the_cores_each():
-    from embedline.serving.settings import engine_layout
+    from embedline.serving.settings import engine_layout, served_settings
 
     assert engine_layout("cpu", 2) == (2, 1)
     assert engine_layout("cpu", 16) == (2, 8)
     assert engine_layout("cpu", 1) == (1, 0)  # one core: nothing to run beside the engine
     assert engine_layout("gpu", 16) == (1, 0)
     # What the benchmarks serve: the same layouts, the threads spelled out.
-    from embedline.serving.settings import served_settings
-
     assert (served_settings("openvino", 2).instances, served_settings("openvino", 2).intra_op_threads) == (2, 1)
     assert (served_settings("fp16", 4, "gpu").instances, served_settings("fp16", 4, "gpu").intra_op_threads) == (1, 4)
     assert served_settings("int8", 2, max_queue_size=0).max_queue_size == 0
