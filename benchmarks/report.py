@@ -188,7 +188,7 @@ def corpus_markdown(corpus: dict) -> list[str]:
     median = corpus.get("median")
     if not median:
         return []
-    plan = corpus.get("plan", {})
+    plan, other = corpus.get("plan", {}), corpus.get("other_plan", {})
     server = corpus.get("server") or {}
     flags = ", ".join(f for f in corpus.get("cpu_flags", []) if "avx512" in f or "vnni" in f or "amx" in f) or "none"
 
@@ -202,7 +202,8 @@ def corpus_markdown(corpus: dict) -> list[str]:
         row(f"client.embed(N) via the server ({plan.get('batch_size')}-text requests, {plan.get('in_flight')} in flight)",
             "client"),
         row("await AsyncEmbeddingClient.embed(N), the same plan", "client_async"),
-        row("client.embed(N), earlier SDK plan (64-text requests, 4 in flight)", "client_64x4"),
+        row(f"client.embed(N), the other plan ({other.get('batch_size')}-text requests, {other.get('in_flight')} in flight)",
+            "client_other_plan"),
         row("closed-loop best: 16 concurrent 32-text requests (asyncio SDK)", "closed_loop_32x16"),
     ]
     return [f"### Corpus call: `client.embed(N)` vs `SentenceTransformer.encode(N)` ({corpus.get('variant')}, "
@@ -211,8 +212,8 @@ def corpus_markdown(corpus: dict) -> list[str]:
             f"{server.get('instances', 1)} instance(s) x {server.get('threads_per_instance')} thread(s))", "",
             markdown_table(["", "sentences/s", "/ sentence-transformers"], rows), "",
             f"client.embed(N) / closed-loop best: {_fmt(corpus.get('ratio_client_to_closed_loop'))}, asyncio "
-            f"{_fmt(corpus.get('ratio_async_to_closed_loop'))} (earlier plan: "
-            f"{_fmt(corpus.get('ratio_64x4_to_closed_loop'))}). CPU int8 flags: {flags}; "
+            f"{_fmt(corpus.get('ratio_async_to_closed_loop'))} (the other plan: "
+            f"{_fmt(corpus.get('ratio_other_plan_to_closed_loop'))}). CPU int8 flags: {flags}; "
             f"load average {corpus.get('load')}.", ""]
 
 

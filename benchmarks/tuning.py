@@ -37,13 +37,14 @@ def candidate_settings(base, variant: str) -> dict[str, object]:
                                                       intra_op_threads=base.instances * base.intra_op_threads))
     else:
         layout = ("2 instances x 1 thread", replace(base, instances=2, intra_op_threads=1))
+    other_group = 32 if base.length_group_size == 64 else 64  # the other group size than the defaults'
     candidates = {
         f"defaults ({base.instances} x {base.intra_op_threads} threads, queue delay {base.queue_delay_us} us)": base,
         layout[0]: layout[1],
         f"ORT threads spin-wait {'off' if base.spin_wait else 'on'}": replace(base, spin_wait=not base.spin_wait),
         "group overhead 16 tokens": replace(base, group_overhead_tokens=16),
         "group overhead 512 tokens": replace(base, group_overhead_tokens=512),
-        "groups of at most 64": replace(base, length_group_size=64),
+        f"groups of at most {other_group}": replace(base, length_group_size=other_group),
         # more requests per dynamic batch: more texts to sort by length before cutting the groups
         "max batch size 256": replace(base, max_batch_size=256),
     }

@@ -277,8 +277,8 @@ def plan_requests(n_texts: int, max_batch_size: int, *, instances: int = 1, grou
 
     * a list that fits in one request (n <= max_batch_size) goes as one request;
     * a longer list is cut into requests of min(max_batch_size, group_size) texts: the size of one
-      of the server's length groups (its `length_group_size`, 32 by default), so each request is one
-      engine run of texts of about the same length;
+      of the server's length groups (its `length_group_size`: 32, or 64 for OpenVINO), so each request
+      is one engine run of texts of about the same length;
     * 2 x (the texts the server's instances batch at once: max_batch_size x instances) / batch size
       requests are kept in flight (at least 4, at most 64 and at most the server's queue bound): while
       one dynamic batch runs, the next one is already queued, and no more. Requests beyond that only

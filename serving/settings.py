@@ -20,8 +20,9 @@ class RepositorySettings:
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
     and docs/architecture.md): no queue delay; ONNX Runtime workers that spin-wait; length groups of at
     most 32 texts with a per-run cost of 64 padded tokens; a queue bounded at 32 requests per model
-    (benchmarks/overload.py). `instances` and `intra_op_threads` here are the plain dataclass defaults; what
-    `serve` runs when neither is given comes from `engine_layout` (two instances on a CPU).
+    (benchmarks/overload.py). `instances`, `intra_op_threads` and `length_group_size` here are the plain
+    dataclass defaults; what `serve` runs comes from `engine_layout` (two instances on a CPU, when neither
+    is given) and `group_size_for` (64 texts for OpenVINO).
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
@@ -46,7 +47,8 @@ class RepositorySettings:
     max_queue_wait_s: float = 60.0
     instances: int = 1
     intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
-    length_group_size: int = 32  # most texts in one engine run inside a dynamic batch
+    # Most texts in one engine run inside a dynamic batch; what `serve` uses comes from `group_size_for`.
+    length_group_size: int = 32
     # Length-aware batching: sort a dynamic batch by length and cut it into the engine runs that waste the
     # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
     length_grouping: bool = True
@@ -79,10 +81,26 @@ def engine_layout(device: str, cores: int) -> tuple[int, int]:
     return 1, 0
 
 
+def group_size_for(variant: str) -> int:
+    """The largest length group `serve` gives `variant`: 64 texts for OpenVINO, 32 for ONNX Runtime.
+
+    The SDK cuts a long list into requests of one group each (client/_common.py: plan_requests), so this
+    also sets a corpus call's requests: 64 texts x 4 in flight instead of 32 x 8 on the two-instance
+    server. On 2 cores, OpenVINO servers side by side, `client.embed(1,000 short texts)` was faster with
+    64 in 15 of 16, 11 of 12 and 8 of 12 alternating rounds (asyncio: 11 of 12), by 1-19% in medians;
+    64-text requests alone or 64-text groups alone were level with 32, and so were closed loops of 32-text
+    requests. ONNX Runtime int8 gained nothing (64 won 2 of 8 rounds), so it keeps 32.
+    (benchmarks/README.md, "Length groups"; `benchmarks/length_groups.py`.)
+    """
+    return 64 if variant == "openvino" else RepositorySettings.length_group_size
+
+
 def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) -> RepositorySettings:
     """The settings `embedline serve` gives `variant` on `cores` CPUs (its `engine_layout`, the threads
-    spelled out), with `overrides`: what the benchmarks serve, so that they measure what users run."""
+    spelled out, its group size), with `overrides`: what the benchmarks serve, so that they measure what
+    users run."""
     instances, threads = engine_layout(device, cores)
+    overrides.setdefault("length_group_size", group_size_for(variant))
     return RepositorySettings(variant=variant, device=device, instances=instances,
                               intra_op_threads=threads or cores, **overrides)
 
@@ -163,6 +181,7 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
         instances=instances,
         intra_op_threads=threads,
         streams=args.streams,
+        length_group_size=group_size_for(variant),
         # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
         group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
         length_grouping=not args.no_length_grouping,

@@ -280,6 +280,20 @@ def test_tuning_candidates_change_one_setting_each():
     layout = openvino["1 instance x all threads"]
     assert (layout.instances, layout.intra_op_threads) == (1, 2)
     assert "2 instances x 1 thread" not in openvino and "openvino 2 streams per instance" in openvino
+    # Its groups are 64 texts (group_size_for): the group candidate is the other size.
+    assert openvino["groups of at most 32"].length_group_size == 32 and "groups of at most 64" not in openvino
+    assert candidates["groups of at most 64"].length_group_size == 64
+
+
+def test_side_by_side_rounds_won_counts_lower_latency_as_better():
+    from benchmarks.side_by_side import medians, rounds_won
+
+    values = {"a": {"client": [10, 30, 20], "client_async": [1, 1, 1], "closed_loop_32x16": [5, 5, 5],
+                    "c1_p50_ms": [2.0, 4.0, 3.0]},
+              "b": {"client": [20, 20, 20], "client_async": [2, 2, 2], "closed_loop_32x16": [5, 5, 5],
+                    "c1_p50_ms": [3.0, 3.0, 3.0]}}
+    assert rounds_won(values, "a", "b") == {"client": 1, "client_async": 0, "closed_loop_32x16": 0, "c1_p50_ms": 1}
+    assert medians(values)["a"] == {"client": 20, "client_async": 1, "closed_loop_32x16": 5, "c1_p50_ms": 3.0}
 
 
 def test_experiments_pass_training_config_fields_through():
@@ -357,7 +371,7 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
     assert "error" not in corpus, corpus
     n = len(workloads["short"].texts)
     assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 2
-    assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_async", "client_64x4",
+    assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_async", "client_other_plan",
                                      "closed_loop_32x16"}
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in corpus["rounds"].values())
     assert corpus["plan"]["in_flight"] >= 1 and corpus["plan"]["batch_size"] >= 1

@@ -128,6 +128,10 @@ def test_engine_layout_gives_a_cpu_two_instances_with_half_the_cores_each():
     assert (served_settings("openvino", 2).instances, served_settings("openvino", 2).intra_op_threads) == (2, 1)
     assert (served_settings("fp16", 4, "gpu").instances, served_settings("fp16", 4, "gpu").intra_op_threads) == (1, 4)
     assert served_settings("int8", 2, max_queue_size=0).max_queue_size == 0
+    # ... and the group size `serve` gives the variant, unless overridden.
+    assert served_settings("openvino", 2).length_group_size == 64
+    assert served_settings("int8", 2).length_group_size == 32
+    assert served_settings("openvino", 2, length_group_size=16).length_group_size == 16
 
 
 def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
@@ -173,6 +177,12 @@ def test_instances_and_threads_follow_the_variant_unless_given(tiny_fp32, tmp_pa
     assert layout("openvino", "--threads", "4") == (1, 4)  # either option given: the rest are plain defaults
     assert layout("openvino", "--instances", "3") == (3, 0)
     assert layout("fp32", "--instances", "2", "--threads", "1") == (2, 1)
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--artifact", str(tiny_fp32.path), "--output", str(tmp_path)])
+    # OpenVINO runs groups of up to 64 texts, ONNX Runtime 32 (serving/settings.py: group_size_for).
+    assert settings_from_args(args, tiny_fp32, "cpu", variant="openvino").length_group_size == 64
+    assert settings_from_args(args, tiny_fp32, "cpu", variant="fp32").length_group_size == 32
     config = read_config(build_repository(tiny_fp32, tmp_path / "m", RepositorySettings(instances=2)) / "embed"
                          / "config.pbtxt")
     assert config.instance_group[0].count == 2
