@@ -370,7 +370,7 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
     corpus = suite.measure_corpus(tiny_fp32, "fp32", workloads, mode, 1, tmp_path, tmp_path / "unused.json")
     assert "error" not in corpus, corpus
     n = len(workloads["short"].texts)
-    assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 2
+    assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 3  # 1 untimed + 2 rounds
     assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_async", "client_other_plan",
                                      "closed_loop_32x16"}
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in corpus["rounds"].values())
