@@ -423,11 +423,12 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     """A corpus call: `client.embed(N texts)` through the server against `SentenceTransformer.encode(N texts)`
     in-process (the same N short texts, the same threads), in alternating rounds.
 
-    After one untimed pass of each side, each round runs: sentence-transformers over the N texts (batches of 32 cut from the length-sorted
-    list: what `encode` does with a list), the SDK's corpus call with its automatic request plan, the
-    same call through the asyncio SDK, the sync call with the other plan (`other_plan`: the one the other
-    length-group size would give), and the server's closed-loop best (16 concurrent 32-text requests from
-    the asyncio SDK), which the corpus call should approach.
+    After one untimed pass of each side, each round runs: sentence-transformers over the N texts
+    (batches of 32 cut from the length-sorted list: what `encode` does with a list), the SDK's corpus
+    call with its automatic request plan, the same call through the asyncio SDK, the sync call with the
+    other plan (`other_plan`: the one the other length-group size would give), and the server's
+    closed-loop best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should
+    approach.
     """
     import math
     import statistics
