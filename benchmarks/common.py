@@ -117,6 +117,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def other_group_size(size: int) -> int:
+    """The length-group size a comparison sets against `size`: 32 and 64, the two `serve` gives a variant
+    (serving/settings.py: group_size_for)."""
+    return 32 if size == 64 else 64
+
+
 def save_results(name: str, results: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

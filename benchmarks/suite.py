@@ -412,12 +412,6 @@ def _async_corpus_call(url: str, texts: list[str]) -> float:
     return round(len(texts) / asyncio.run(call()), 1)
 
 
-def other_plan(batch_size: int | None) -> dict[str, int]:
-    """The request plan the corpus stage compares with the automatic one: what the SDK plans for the default
-    two-instance server with the other length-group size (32-text requests x 8, or 64 x 4)."""
-    return {"batch_size": 32, "in_flight": 8} if batch_size == 64 else {"batch_size": 64, "in_flight": 4}
-
-
 def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, tmp: Path,
                    workloads_file: Path) -> dict:
     """A corpus call: `client.embed(N texts)` through the server against `SentenceTransformer.encode(N texts)`
@@ -426,16 +420,17 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     After one untimed pass of each side, each round runs: sentence-transformers over the N texts
     (batches of 32 cut from the length-sorted list: what `encode` does with a list), the SDK's corpus
     call with its automatic request plan, the same call through the asyncio SDK, the sync call with the
-    other plan (`other_plan`: the one the other length-group size would give), and the server's
+    other plan (what the SDK plans for this server with the other length-group size), and the server's
     closed-loop best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should
     approach.
     """
     import math
     import statistics
 
+    from embedline.client._common import plan_requests
     from embedline.serving.settings import served_settings
 
-    from benchmarks.common import cpu_flags
+    from benchmarks.common import cpu_flags, other_group_size
     from benchmarks.engine_process import EngineProcess
     from benchmarks.load import closed_loop
 
@@ -446,6 +441,9 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     plan: dict[str, int] = {}
     try:
         settings = served_settings(variant, threads)  # within the thread budget of the in-process side
+        other = plan_requests(len(texts), settings.max_batch_size, instances=settings.instances,
+                              group_size=other_group_size(settings.length_group_size),
+                              max_queue_size=settings.max_queue_size)
         with EngineProcess(artifact.path, "sentence-transformers", threads, workloads_file) as st, \
                 triton(artifact, tmp, settings) as server:
             # min_batches = every batch once, seconds 0: exactly one pass over the N texts.
@@ -461,9 +459,9 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
                 plan = {"batch_size": call["batch_size"], "in_flight": call["in_flight"]}
                 rounds["client"].append(call["sentences_per_s"])
                 rounds["client_async"].append(_async_corpus_call(server.grpc_url, texts))
-                other = other_plan(plan["batch_size"])
                 rounds["client_other_plan"].append(_corpus_call(
-                    server.grpc_url, texts, batch_size=other["batch_size"], max_concurrency=other["in_flight"])["sentences_per_s"])
+                    server.grpc_url, texts, batch_size=other.batch_size,
+                    max_concurrency=other.in_flight)["sentences_per_s"])
                 rounds["closed_loop_32x16"].append(closed_loop(
                     server.grpc_url, texts, w.tokens, 32, 16, mode.point_seconds, mode.warmup_seconds)["sentences_per_s"])
     except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
@@ -476,7 +474,8 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
 
     return {"variant": variant, "texts": len(texts), "workload": SHORT, "threads": threads,
             "server": {"instances": settings.instances, "threads_per_instance": settings.intra_op_threads},
-            "rounds": rounds, "median": median, "plan": plan, "other_plan": other_plan(plan.get("batch_size")),
+            "rounds": rounds, "median": median, "plan": plan,
+            "other_plan": {"batch_size": other.batch_size, "in_flight": other.in_flight},
             "ratio_client_to_st": ratio("client", "sentence_transformers"),
             "ratio_client_to_closed_loop": ratio("client", "closed_loop_32x16"),
             "ratio_async_to_closed_loop": ratio("client_async", "closed_loop_32x16"),

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, update_readme_section
+from benchmarks.common import (
+    RESULTS, load_average, machine_info, markdown_table, other_group_size, update_readme_section,
+)
 from benchmarks.workloads import MIXED, SHORT, build_workloads
 
 POINTS = ((SHORT, 1, 16), (SHORT, 32, 2), (MIXED, 32, 2))  # closed loop; c1 latency: suite.sequential_point
@@ -37,7 +39,7 @@ def candidate_settings(base, variant: str) -> dict[str, object]:
                                                       intra_op_threads=base.instances * base.intra_op_threads))
     else:
         layout = ("2 instances x 1 thread", replace(base, instances=2, intra_op_threads=1))
-    other_group = 32 if base.length_group_size == 64 else 64  # the other group size than the defaults'
+    other_group = other_group_size(base.length_group_size)
     candidates = {
         f"defaults ({base.instances} x {base.intra_op_threads} threads, queue delay {base.queue_delay_us} us)": base,
         layout[0]: layout[1],
