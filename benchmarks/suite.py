@@ -422,7 +422,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     call with its automatic request plan, the same call through the asyncio SDK, the sync call with the
     other plan (what the SDK plans for this server with the other length-group size), and the server's
     closed-loop best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should
-    approach. Round k starts with the k-th of these (in that order, wrapping around).
+    approach.
     """
     import math
     import statistics
@@ -452,27 +452,18 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
             # shape (~10 ms more than a repeat) are start-up costs a running server has already paid.
             st.batches(SHORT, 32, 0.0, **one_pass)
             _corpus_call(server.grpc_url, texts)
-
-            def client() -> float:
+            for _ in range(mode.corpus_rounds):
+                point = st.batches(SHORT, 32, 0.0, **one_pass)
+                rounds["sentence_transformers"].append(point["sentences_per_s"])
                 call = _corpus_call(server.grpc_url, texts)
-                plan.update(batch_size=call["batch_size"], in_flight=call["in_flight"])
-                return call["sentences_per_s"]
-
-            measure = {
-                "sentence_transformers": lambda: st.batches(SHORT, 32, 0.0, **one_pass)["sentences_per_s"],
-                "client": client,
-                "client_async": lambda: _async_corpus_call(server.grpc_url, texts),
-                "client_other_plan": lambda: _corpus_call(server.grpc_url, texts, batch_size=other.batch_size,
-                                                          max_concurrency=other.in_flight)["sentences_per_s"],
-                "closed_loop_32x16": lambda: closed_loop(server.grpc_url, texts, w.tokens, 32, 16, mode.point_seconds,
-                                                         mode.warmup_seconds)["sentences_per_s"],
-            }
-            names = list(measure)
-            for index in range(mode.corpus_rounds):
-                # Each round starts one measurement later, so none always runs right after the in-process
-                # side's burst (or any other): the order is not part of the comparison.
-                for name in names[index % len(names):] + names[:index % len(names)]:
-                    rounds[name].append(measure[name]())
+                plan = {"batch_size": call["batch_size"], "in_flight": call["in_flight"]}
+                rounds["client"].append(call["sentences_per_s"])
+                rounds["client_async"].append(_async_corpus_call(server.grpc_url, texts))
+                rounds["client_other_plan"].append(_corpus_call(
+                    server.grpc_url, texts, batch_size=other.batch_size,
+                    max_concurrency=other.in_flight)["sentences_per_s"])
+                rounds["closed_loop_32x16"].append(closed_loop(
+                    server.grpc_url, texts, w.tokens, 32, 16, mode.point_seconds, mode.warmup_seconds)["sentences_per_s"])
     except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
         log.exception("corpus stage failed")
         return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
