@@ -71,7 +71,7 @@ def engine_layout(device: str, cores: int) -> tuple[int, int]:
     with requests queued, and one instance's parallel engine threads contend with Triton's own; a second
     instance runs in that gap. On 2 cores (benchmarks/README.md, "Engine layout"), 2 x 1 thread against
     1 x 2 threads, closed loop of 16 x 32 texts / `client.embed(2,000 texts)` / 1-text p50:
-    openvino 1,770 vs 1,301 / 1,799 vs 1,281 sentences/s / 4.3 vs 3.0 ms; int8 1,439 vs 714 / 1,388 vs
+    openvino 1,632 vs 1,274 / 1,929 vs 953 sentences/s / 5.8 vs 4.4 ms; int8 1,439 vs 714 / 1,388 vs
     733 / 2.6 vs 2.3 ms; fp32 874 vs 448 / 831 vs 575 / 5.9 vs 3.8 ms. Throughput wins: a query embedding
     is one request of a few ms either way. `--instances 1 --threads 0` keeps the latency-first layout.
     On a GPU: one instance.
