@@ -246,16 +246,19 @@ def validate_texts(texts: Iterable[str]) -> list[str]:
 
 
 def plan_chunks(texts: list[str], batch_size: int) -> list[list[int]]:
-    """Split indices of `texts` into requests of at most `batch_size`, grouped by text length.
+    """Split indices of `texts` into requests of at most `batch_size`, grouped by text length, longest first.
 
     The server pads each batch to its longest text, so sorting by length first keeps a short text
-    from paying for a long one's padding. The sort is stable (equal lengths keep input order) and
-    the caller puts results back with the returned indices. Character length stands in for token
-    count: it orders texts the same way closely enough, without a tokenizer on the client.
+    from paying for a long one's padding. The requests go out in the returned order, and the costliest
+    (longest texts) go first: the call ends when its last requests do, and short ones at the end
+    leave an instance idle for less time while the other finishes (longest-processing-time-first
+    scheduling; benchmarks/README.md, "Corpus call"). The sort is stable (equal lengths keep input
+    order) and the caller puts results back with the returned indices. Character length stands in for
+    token count: it orders texts the same way closely enough, without a tokenizer on the client.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 

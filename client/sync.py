@@ -71,7 +71,7 @@ class EmbeddingClient(common.ClientBase):
             dynamic batcher fed, 2 x max_batch_size x instances / batch size (4 for a one-instance server).
         batch_size: texts per request (cap: the model's max_batch_size). Default: a list that fits in
             one request is sent as one; a longer one is cut into requests of the server's length group
-            size (32 by default), sorted by length, which its dynamic batcher runs best.
+            size (32 by default), sorted by length, which its dynamic batcher runs best; the longest go first.
         model: the name of a served model (`info().served_models`; a server started with several
             `--artifact`s serves each by name); default: the server's default model.
         embed_model, classify_model: Triton model names, for repositories not built by embedline.

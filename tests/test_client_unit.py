@@ -246,11 +246,12 @@ def test_plan_chunks_groups_by_length_and_covers_every_index_once():
     flat = [i for chunk in chunks for i in chunk]
     assert sorted(flat) == list(range(50))
     lengths = [len(texts[i]) for i in flat]
-    assert lengths == sorted(lengths)  # each request holds texts of neighbouring lengths
+    # each request holds texts of neighbouring lengths, and the longest (costliest) go out first
+    assert lengths == sorted(lengths, reverse=True)
 
 
 def test_plan_chunks_is_stable_for_equal_lengths_and_rejects_bad_sizes():
-    assert _common.plan_chunks(["bb", "a", "cc", "d"], 3) == [[1, 3, 0], [2]]
+    assert _common.plan_chunks(["bb", "a", "cc", "d"], 3) == [[0, 2, 1], [3]]
     assert _common.plan_chunks([], 4) == []
     with pytest.raises(ValueError):
         _common.plan_chunks(["a"], 0)
