@@ -65,8 +65,9 @@ def main() -> None:
                 subprocess.run([str(embed_cli), "embed", "--url", url, "--input", str(lines), "--output", str(output)],
                                check=True, stderr=subprocess.DEVNULL)
                 rounds["cli"].append(round(len(texts) / (time.perf_counter() - started), 1))
-                if np.load(output, mmap_mode="r").shape[0] != len(texts):
-                    raise SystemExit(f"the CLI wrote {np.load(output, mmap_mode='r').shape[0]} rows for {len(texts)} lines")
+                rows = np.load(output, mmap_mode="r").shape[0]
+                if rows != len(texts):
+                    raise SystemExit(f"the CLI wrote {rows} rows for {len(texts)} lines")
                 rounds["client"].append(_corpus_call(url, texts)["sentences_per_s"])
                 rounds["closed_loop_32x16"].append(
                     closed_loop(url, list(short.texts), short.tokens, 32, 16, 4.0, 0.5)["sentences_per_s"])
