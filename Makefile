@@ -14,8 +14,11 @@ BENCH_ARGS ?=
 # Infinity, the Python-server peer in the benchmark, lives in its own venv (its pins differ from ours).
 INFINITY_VENV := .bench/infinity-venv
 INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
+# The setfit library, the few-shot peer (benchmarks/setfit_library.py), in its own venv too.
+SETFIT_VENV := .bench/setfit-venv
+SETFIT_SPEC ?= setfit==1.2.0
 
-.PHONY: install serve test bench bench-quick bench-deps clean example-intent model-mpnet
+.PHONY: install serve test bench bench-quick bench-deps bench-setfit-deps clean example-intent model-mpnet
 
 install: $(STAMP)
 
@@ -49,6 +52,12 @@ bench-deps: install
 	test -x $(INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(INFINITY_VENV)
 	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(INFINITY_VENV)/bin/python -m pip install --quiet "$(INFINITY_SPEC)"
+
+# setfit into its own venv, CPU torch first (benchmarks/setfit_library.py runs it there).
+bench-setfit-deps:
+	test -x $(SETFIT_VENV)/bin/python || $(PYTHON) -m venv $(SETFIT_VENV)
+	$(SETFIT_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(SETFIT_VENV)/bin/python -m pip install --quiet "$(SETFIT_SPEC)"
 
 # The worked intent example (examples/plan_vs_build/): 5 seeds with and without contrast pairs, held-out
 # accuracy, the best artifact served and called with the SDK, a before/after space.png (~10 min on 2 cores).

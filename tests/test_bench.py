@@ -402,3 +402,25 @@ def test_the_openai_route_stage_is_a_target_and_a_table():
     assert target["measured"] == 0.75 and target["pass"] is False  # below the 0.8 goal
     text = "\n".join(openai_route_markdown(route))
     assert "OpenAI-compatible route beside gRPC" in text and "0.75x" in text
+
+
+def test_setfit_comparison_pairs_the_same_seeds(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import setfit_library
+
+    monkeypatch.setattr(setfit_library, "RESULTS", tmp_path)
+    ours = {"runs": {"minilm/sst5/contrastive": {"seeds": {"0": {"accuracy_by_c": {"10": 29.0}},
+                                                           "1": {"accuracy_by_c": {"10": 29.0}}}}}}
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    setfit = {"runs": {"sst5": {"0": {"accuracy": 28.0}, "1": {"accuracy": 30.0}, "2": {"accuracy": 25.0}}}}
+    table = setfit_library.build_table(setfit, "ours", "10")
+    # Seed 2 has no run of ours: it is left out of both means and of the count.
+    assert "| sst5 | 2 | 29.0 ± 1.4 | 29.0 ± 0.0 | +0.00 | 1 of 2 | 29.8 |" in table
+
+
+def test_setfit_comparison_names_the_missing_venv(tmp_path):
+    from benchmarks.setfit_library import run_setfit
+
+    with pytest.raises(SystemExit, match="make bench-setfit-deps"):
+        run_setfit(tmp_path / "no-venv", {"threads": 1})
