@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, command_line, data_dir, markdown_table, save_results, update_readme_section
-from benchmarks.fewshot import DATASETS, SETFIT_N8
+from benchmarks.fewshot import DATASETS, SETFIT_N8, summarize
 
 log = logging.getLogger("setfit_library")
 
@@ -63,8 +63,8 @@ def ours_by_seed(results_name: str, dataset: str, head_c: str) -> dict[str, floa
 
 
 def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+    stats = summarize(values)
+    return f"{stats['mean']:.1f} ± {stats['std']:.1f}"
 
 
 def build_table(results: dict, ours_name: str, head_c: str) -> str:
