@@ -3,11 +3,15 @@
 Each fault runs under steady load (4 threads calling `client.embed` on 3 texts, default SDK settings):
 
     model process killed   SIGKILL of the python-backend stub (what the OOM killer or a segfault does)
-    tritonserver killed    SIGKILL of tritonserver and its model processes
+    tritonserver killed    SIGKILL of tritonserver alone: its model processes must not outlive it
+    OpenAI route killed    SIGKILL of the route process, under route load (2 HTTP callers, no retries)
+    `serve` killed         SIGKILL of the whole `serve` process group, started again at once on the same
+                           ports (as Kubernetes restarts a crashed container)
     SIGTERM (deploy)       the launcher drains and exits; measured with raw clients that never retry
     replica killed         two servers, SDK given both; SIGKILL of one
 
-Recovery is the time from the fault to the first correct answer of a fresh call on the same server.
+Recovery is the time from the fault to the first correct answer of a fresh call on the same server (for the
+route: through the route). "Ended" is when the last process of what was killed had exited (a zombie counts).
 
     .venv/bin/python -m benchmarks.faults
 
@@ -20,10 +24,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -98,6 +104,24 @@ def children(pid: int, name: str) -> list:
     return [p for p in psutil.Process(pid).children(recursive=True) if name in p.name()]
 
 
+def watch_ended(processes: list, since: float) -> dict:
+    """Start watching `processes` in a thread; the dict gets "ended_after_s" once all have ended."""
+    from benchmarks.chaos import watch_ends
+
+    record: dict = {}
+    thread = threading.Thread(target=watch_ends, args=(processes, None, since, record), daemon=True)
+    thread.start()
+    record["thread"] = thread
+    return record
+
+
+def ended_text(record: dict) -> str:
+    record.pop("thread").join(120)
+    if record["still_running"]:
+        return f"still running 60 s after the kill: {', '.join(record['still_running'])}"
+    return f"its processes ended {record['lingered_s']:.1f} s after the kill"
+
+
 def first_correct_answer(url: str, reference, since: float) -> float:
     from embedline.client import EmbeddingClient
 
@@ -121,7 +145,7 @@ def crash(kill) -> dict:
         with Load(url, reference) as load:
             time.sleep(3)
             killed = time.monotonic()
-            kill(process)
+            ended = watch_ended(kill(process), killed)
             not_ready = None
             while not_ready is None and time.monotonic() - killed < 10:
                 if not ready(http_url):
@@ -131,20 +155,111 @@ def crash(kill) -> dict:
             time.sleep(2)
         return {"callers_saw": load.seen(),
                 "readiness": f"not ready {not_ready:.2f} s after the kill" if not_ready else "never seen not ready",
-                "recovery": f"correct answers {recovered:.1f} s after the kill",
-                "not_ready_after_s": not_ready, "recovered_after_s": round(recovered, 2)}
+                "recovery": f"correct answers {recovered:.1f} s after the kill; {ended_text(ended)}",
+                "not_ready_after_s": not_ready, "recovered_after_s": round(recovered, 2),
+                "ended_after_s": ended["lingered_s"]}
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(120)
 
 
-def kill_model_process(process):
+def server_group(process) -> list:
+    """tritonserver, its model processes and what those started, as chaos.Proc records."""
+    from benchmarks.chaos import Proc
+
     server = children(process.pid, "tritonserver")[0]
-    children(server.pid, "triton_python_backend_stub")[0].kill()
+    return [proc for proc in map(Proc.of, [server, *server.children(recursive=True)]) if proc is not None]
 
 
-def kill_tritonserver(process):
-    os.killpg(children(process.pid, "tritonserver")[0].pid, signal.SIGKILL)
+def kill_model_process(process) -> list:
+    """-> what must end: the killed stub, and the tritonserver the launcher then kills with the rest."""
+    group = server_group(process)
+    os.kill(next(p.pid for p in group if p.name == "triton_python_backend_stub"), signal.SIGKILL)
+    return group
+
+
+def kill_tritonserver(process) -> list:
+    """SIGKILL of tritonserver alone; -> it and its model processes, which must not outlive it."""
+    group = server_group(process)
+    os.kill(group[0].pid, signal.SIGKILL)
+    return group
+
+
+def route_killed() -> dict:
+    """SIGKILL of the OpenAI route under route load: what its callers saw, and when it answered again."""
+    from benchmarks.chaos import Replica, route_attempt
+
+    replica = Replica(0, [], Path(tempfile.mkdtemp(prefix="embedline-faults-")))
+    outcomes: Counter = Counter()
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            kind, detail = route_attempt(replica.ports["openai"], TEXTS)
+            outcomes["ok" if kind == "ok" else detail] += 1
+            if kind != "ok":
+                time.sleep(0.05)
+
+    try:
+        if not replica.start():
+            raise SystemExit(f"embedline serve did not start: {replica.failed_starts}")
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        route = replica.processes()["route"][0]
+        killed = time.monotonic()
+        os.kill(route.pid, signal.SIGKILL)
+        ended = watch_ended([route], killed)
+        while route_attempt(replica.ports["openai"], TEXTS)[0] != "ok":
+            time.sleep(0.05)
+        recovered = time.monotonic() - killed
+        time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        ended_text(ended)
+        seen = ", ".join(f"{n} {what}" for what, n in outcomes.most_common())
+        return {"callers_saw": f"route callers (no retries): {seen}",
+                "readiness": "Triton stays ready; the route's port refuses (its /health with it) until it is back",
+                "recovery": f"route answers again {recovered:.1f} s after the kill (restarted by the launcher)",
+                "recovered_after_s": round(recovered, 2), "outcomes": dict(outcomes)}
+    finally:
+        replica.stop()
+
+
+def serve_killed() -> dict:
+    """SIGKILL of `serve`'s process group under SDK load, then `serve` started again at once on its ports."""
+    from benchmarks.chaos import Replica
+    from embedline.client import EmbeddingClient
+
+    replica = Replica(0, [], Path(tempfile.mkdtemp(prefix="embedline-faults-")))
+    try:
+        if not replica.start():
+            raise SystemExit(f"embedline serve did not start: {replica.failed_starts}")
+        with EmbeddingClient(replica.grpc_url) as client:
+            reference = client.embed(TEXTS)
+        with Load(replica.grpc_url, reference) as load:
+            time.sleep(3)
+            old = [p for group in replica.processes().values() for p in group]
+            killed = time.monotonic()
+            os.killpg(replica.process.pid, signal.SIGKILL)
+            ended = watch_ended(old, killed)
+            replica.process.wait()
+            while not replica.start():
+                pass
+            started = time.monotonic() - killed
+            recovered = first_correct_answer(replica.grpc_url, reference, killed)
+            time.sleep(2)
+        failed = len(replica.failed_starts)
+        return {"callers_saw": load.seen(),
+                "readiness": f"`serve` started again at once: {failed} failed start{'s' if failed != 1 else ''}, "
+                             f"banner {started:.1f} s after the kill",
+                "recovery": f"correct answers {recovered:.1f} s after the kill; {ended_text(ended)}",
+                "failed_starts": replica.failed_starts, "recovered_after_s": round(recovered, 2),
+                "ended_after_s": ended["lingered_s"]}
+    finally:
+        replica.stop()
 
 
 def drain() -> dict:
@@ -219,7 +334,9 @@ def replica() -> dict:
 def main() -> None:
     results = {
         "model process killed (SIGKILL of the stub)": crash(kill_model_process),
-        "tritonserver killed (SIGKILL)": crash(kill_tritonserver),
+        "tritonserver killed (SIGKILL of it alone)": crash(kill_tritonserver),
+        "OpenAI route killed (SIGKILL)": route_killed(),
+        "`serve` killed (SIGKILL of its process group), started again at once": serve_killed(),
         "SIGTERM to embedline serve (deploy)": drain(),
         "one of two replicas killed (SIGKILL)": replica(),
     }
@@ -229,8 +346,9 @@ def main() -> None:
     rows = [[fault, r["callers_saw"], r["readiness"], r["recovery"]] for fault, r in results.items()]
     update_readme_section("faults", (
         "## Fault injection\n\n"
-        f"Bundled model, default `embedline serve`, load from 4 SDK threads (default settings) or, for SIGTERM, "
-        f"8 raw tritonclient threads that never retry; CPU flags: {' '.join(cpu_flags()) or 'none'}. "
+        f"Bundled model, default `embedline serve`, load from 4 SDK threads (default settings), for the route "
+        f"2 HTTP callers and for SIGTERM 8 raw tritonclient threads, neither retrying; "
+        f"CPU flags: {' '.join(cpu_flags()) or 'none'}. "
         "`.venv/bin/python -m benchmarks.faults`\n\n"
         + markdown_table(["fault", "what callers saw", "readiness", "recovery"], rows)))
 

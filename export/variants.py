@@ -225,8 +225,6 @@ def ensure_exported(
     importable (the export's speed check then decides whether it serves on CPU; a variant that misses its
     parity tolerance is rejected and the export goes on without it).
     """
-    from embedline.export.pipeline import export_artifact
-
     if isinstance(model_or_artifact, art.Artifact):
         model_or_artifact = model_or_artifact.path
     source, is_artifact = art.resolve_model_source(model_or_artifact)
@@ -247,4 +245,8 @@ def ensure_exported(
         return artifact
     if openvino is None:
         openvino = openvino_export_available()
+    # Imported only when an export is due: it brings torch, which `serve` of an exported artifact (the
+    # supervisor process, resident all the while) then never loads (docs/architecture.md, "Memory").
+    from embedline.export.pipeline import export_artifact
+
     return export_artifact(artifact, variants, show_progress=show_progress, openvino=openvino)

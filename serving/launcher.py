@@ -4,9 +4,14 @@ The launcher is a small supervisor around one tritonserver process:
 
     prepare artifact -> build repository -> start tritonserver -> watch (every 0.2 s):
         a model process (python-backend stub) died  -> kill tritonserver at once, restart it
-        tritonserver itself died                    -> restart it
-        SIGTERM / Ctrl-C                            -> drain: Triton turns not-ready, finishes queued and
-                                                       in-flight requests (--drain-timeout), exit 0
+        tritonserver itself died                    -> kill what is left of its group, restart it
+        the OpenAI route died                       -> restart it (tritonserver serves on)
+        SIGTERM / Ctrl-C                            -> drain: the route stops, Triton turns not-ready,
+                                                       finishes queued and in-flight requests
+                                                       (--drain-timeout), exit 0
+        the launcher itself is killed               -> its children get SIGKILL from the kernel
+                                                       (PR_SET_PDEATHSIG), the model processes see
+                                                       tritonserver gone and kill themselves
 
 Why restart the whole server when one model process dies: Triton keeps reporting a model whose stub was
 killed (OOM killer, engine segfault) as ready while every request to it fails with INTERNAL, and a
@@ -14,7 +19,7 @@ graceful stop of such a server hangs. Killing it closes its ports at once, so lo
 not-ready and clients get a retryable UNAVAILABLE until the new server is up (docs/architecture.md,
 "Crash recovery"). Restarts back off exponentially; after --max-restarts in a row the launcher exits
 non-zero so a supervisor (systemd, Kubernetes) can act. A server that stays up for RESTART_RESET_S
-starts the count afresh.
+starts the count afresh. The route has a count of its own, with the same backoff and bound.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ import time
 from pathlib import Path
 
 from embedline.client.errors import API_KEY_ENV
+from embedline.serving.memory import cgroup_root, fit_to_memory, memory_limit_mib
 from embedline.serving.settings import add_server_options, settings_from_args
 from embedline.serving.triton import (
     DEFAULT_PORTS,
     ServingError,
     TritonServer,
     check_api_key,
+    check_ports_free,
     die_with_parent,
     is_loopback,
-    port_in_use,
 )
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,35 @@ class VersionWatcher:
                 self.loaded[model] = version
 
 
+class Restarts:
+    """When to start a crashed child process again, and when to give up (tritonserver and the route alike).
+
+    The wait doubles per restart in a row, from RESTART_BACKOFF_S up to MAX_RESTART_BACKOFF_S, so a child
+    that cannot stay up does not spin; after `limit` restarts in a row there is none (the launcher exits
+    non-zero for systemd or Kubernetes to act). A child up for RESTART_RESET_S since its last start makes
+    its next crash count as the first again. `clock` is a seam for unit tests.
+    """
+
+    def __init__(self, limit: int, clock=time.monotonic):
+        self.limit = limit
+        self.clock = clock
+        self.in_a_row = 0
+        self.started_at = clock()
+
+    def started(self) -> None:
+        self.started_at = self.clock()
+
+    def next_delay(self) -> float | None:
+        """On a crash: seconds to wait before the next start, or None when the restarts are used up."""
+        if self.clock() - self.started_at >= RESTART_RESET_S:
+            self.in_a_row = 0
+        if self.in_a_row >= self.limit:
+            return None
+        delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self.in_a_row)
+        self.in_a_row += 1
+        return delay
+
+
 class RouteProcess:
     """The OpenAI-compatible route (serving/openai_api.py) as a child process beside tritonserver."""
 
@@ -180,20 +215,30 @@ class RouteProcess:
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        # Its own session: Ctrl-C reaches the launcher only, which stops the route first on a drain.
+    def spawn(self) -> None:
+        """Start the process without waiting for it to listen. Its own session: Ctrl-C reaches the launcher
+        only, which stops the route first on a drain."""
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
                                         preexec_fn=die_with_parent)
+
+    def listening(self) -> bool:
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Spawn, then wait until it listens."""
+        self.spawn()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServingError(f"the OpenAI route exited with code {self.process.returncode} while starting")
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
+            if self.listening():
                 return
-            except OSError:
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise ServingError(f"the OpenAI route did not listen on {self.url} within {timeout_s:.0f} s")
 
     def died(self) -> bool:
@@ -212,8 +257,52 @@ class RouteProcess:
             self.process.wait()
 
 
+class RouteKeeper:
+    """Starts the OpenAI route again after it exits, with tritonserver's backoff and restart bound.
+
+    Polled from the supervisor's watch loop, so a route restart never holds up the watch on tritonserver.
+    While the route is down its port refuses connections (its /health with it); the log says when it went
+    down, when it is started again and when it listens again.
+    """
+
+    def __init__(self, route: RouteProcess, max_restarts: int, clock=time.monotonic):
+        self.route = route
+        self.clock = clock
+        self.restarts = Restarts(max_restarts, clock)
+        self.restart_at: float | None = None  # set while the route is down, waiting for its restart
+        self.waiting_to_listen = False
+
+    def poll(self) -> None:
+        """ServingError when the route exited and its restarts in a row are used up."""
+        if self.restart_at is not None:
+            if self.clock() >= self.restart_at:
+                self.restart_at = None
+                self.route.spawn()
+                self.restarts.started()
+                self.waiting_to_listen = True
+                log.info("the OpenAI route started again (pid %d)", self.route.process.pid)
+        elif self.route.died():
+            self._schedule_restart()
+        elif self.waiting_to_listen and self.route.listening():
+            self.waiting_to_listen = False
+            log.info("the OpenAI route is serving again on %s", self.route.url)
+
+    def _schedule_restart(self) -> None:
+        code = self.route.process.returncode
+        delay = self.restarts.next_delay()
+        if delay is None:
+            raise ServingError(f"the OpenAI route exited with code {code} and {self.restarts.limit} restarts "
+                               "in a row are used up; giving up")
+        log.error("the OpenAI route exited with code %s; starting it again in %.1f s "
+                  "(restart %d of at most %d in a row)", code, delay, self.restarts.in_a_row, self.restarts.limit)
+        self.restart_at = self.clock() + delay
+
+
 class Supervisor:
-    """Keeps one TritonServer running: watches it, restarts it after a crash, drains it on a stop signal."""
+    """Keeps one TritonServer running: watches it, restarts it after a crash, drains it on a stop signal.
+
+    The OpenAI route, when there is one, is kept running beside it (RouteKeeper).
+    """
 
     def __init__(self, server: TritonServer, max_restarts: int, watch_repository: Path | None = None,
                  route: RouteProcess | None = None):
@@ -221,7 +310,8 @@ class Supervisor:
         self.route = route
         self.max_restarts = max_restarts
         self.stop_requested: list[int] = []
-        self.restarts_in_a_row = 0
+        self.restarts = Restarts(max_restarts)
+        self.route_keeper = RouteKeeper(route, max_restarts) if route is not None else None
         self.watcher = VersionWatcher(server, watch_repository) if watch_repository else None
 
     def request_stop(self, signum, _frame=None) -> None:
@@ -230,7 +320,7 @@ class Supervisor:
     def watch(self) -> Event:
         """Block until the server or one of its model processes dies, or a stop is requested."""
         stubs = self.server.model_process_ids()
-        up_since = time.monotonic()
+        self.restarts.started()
         while True:
             if self.stop_requested:
                 return Event.STOP_REQUESTED
@@ -238,21 +328,22 @@ class Supervisor:
                 return Event.SERVER_DIED
             if stubs and not stubs <= self.server.model_process_ids():
                 return Event.MODEL_DIED
-            if self.route is not None and self.route.died():
-                # The route holds no state: start it again at once (tritonserver is unaffected).
-                log.error("the OpenAI route exited with code %s; starting it again", self.route.process.returncode)
-                self.route.start()
-            if self.restarts_in_a_row and time.monotonic() - up_since > RESTART_RESET_S:
-                self.restarts_in_a_row = 0
-            if self.watcher is not None:
-                self.watcher.poll()
+            self._tend()
             time.sleep(WATCH_INTERVAL_S)
+
+    def _tend(self) -> None:
+        """The work beside watching tritonserver: the route's restarts and new model versions."""
+        if self.route_keeper is not None:
+            self.route_keeper.poll()
+        if self.watcher is not None:
+            self.watcher.poll()
 
     def run(self, on_ready=None) -> int:
         """Serve until stopped (0) or until the restarts run out (ServingError)."""
         self.server.start()
         if self.route is not None:
             self.route.start()
+            self.route_keeper.restarts.started()
         while True:
             if on_ready is not None:
                 on_ready(self.server)
@@ -267,13 +358,12 @@ class Supervisor:
                       else "its python-backend stub is gone")
             log.error("%s (%s); last log lines:\n%s", event.value, detail, self.server.log_tail(15))
             self.server.kill()
-            if self.restarts_in_a_row >= self.max_restarts:
+            delay = self.restarts.next_delay()
+            if delay is None:
                 raise ServingError(f"{event.value} and {self.max_restarts} restarts in a row are used up; "
                                    f"giving up (log: {self.server.log_file})")
-            delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2 ** self.restarts_in_a_row)
-            self.restarts_in_a_row += 1
             log.warning("restarting tritonserver in %.1f s (restart %d of at most %d in a row)",
-                        delay, self.restarts_in_a_row, self.max_restarts)
+                        delay, self.restarts.in_a_row, self.max_restarts)
             if self._sleep_unless_stopped(delay):
                 return 0
             self.server.start()
@@ -283,8 +373,15 @@ class Supervisor:
         while time.monotonic() < end:
             if self.stop_requested:
                 return True
-            time.sleep(min(WATCH_INTERVAL_S, end - time.monotonic()))
+            if self.route_keeper is not None:
+                self.route_keeper.poll()
+            time.sleep(max(0.0, min(WATCH_INTERVAL_S, end - time.monotonic())))
         return bool(self.stop_requested)
+
+
+def check_serve_ports(args: argparse.Namespace) -> None:
+    """Every port `serve` binds is free, or comes free within PORT_WAIT_S (a restart right after a crash)."""
+    check_ports_free(args.host, {name: getattr(args, f"{name}_port") for name in ("grpc", "http", "metrics", "openai")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,16 +396,15 @@ def run(args: argparse.Namespace) -> int:
         raise ServingError("--max-restarts and --drain-timeout must be >= 0")
     if args.watch and not args.repository:
         raise ServingError("--watch needs --repository DIR: the directory `embedline publish` writes to")
-    for name in ("grpc", "http", "metrics", "openai"):
-        port = getattr(args, f"{name}_port")
-        if port and port_in_use(args.host, port):
-            raise ServingError(f"{name} port {port} on {args.host} is already in use; "
-                               f"choose another with --{name}-port")
+    check_serve_ports(args)
     artifacts = [prepare_artifact(path) for path in (args.artifact or [None])]
     names = served_names(artifacts)  # fails early on two artifacts with one name
     device = available_device()
     variants = artifact_variants(args, artifacts, device)
     settings = settings_from_args(args, artifacts[0], device, variant=variants[0])
+    memory_limit = memory_limit_mib(cgroup_root())
+    settings, memory = fit_to_memory(settings, variants, sum(a.has_head() for a in artifacts), memory_limit,
+                                     layout_chosen_by_serve=args.instances is None and args.threads is None)
     log_file = Path(tempfile.gettempdir()) / f"embedline-serve-{args.grpc_port}.log"
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run
     with tempfile.TemporaryDirectory(prefix="embedline-serve-") as tmp:
@@ -350,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
             threads = settings.intra_op_threads or "one per core"
             print(f"  engine   {settings.instances} instance{'s' if settings.instances > 1 else ''} x "
                   f"{threads} thread{'s' if threads != 1 else ''}")
+            limit = f"{memory_limit} MiB limit" if memory_limit else "no memory limit set"
+            print(f"  memory   up to {memory.need_mib} MiB ({memory.describe()}); {limit}")
             print(f"  gRPC     {server.grpc_url}{' (TLS)' if tls_cert else ''}")
             print(f"  HTTP     http://{server.http_url}")
             print(f"  metrics  {server.metrics_url}")

@@ -34,6 +34,8 @@ LAYOUTS = ("python", "onnxruntime")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The default artifact's model names: no other artifact may take them.
 RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder")
+# Every python model starts its watch on tritonserver from this file (model_repository/common/).
+PARENT_WATCH = "parent_watch.py"
 
 
 def _templates() -> Path:
@@ -175,6 +177,7 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
             (dest / directory / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(layout / "tokenize" / "1" / "model.py", dest / names.tokenize / "1" / "model.py")
         shutil.copy2(text_batch, dest / names.tokenize / "1" / "text_batch.py")
+        shutil.copy2(templates / "common" / PARENT_WATCH, dest / names.tokenize / "1" / PARENT_WATCH)
         shutil.copy2(artifact.tokenizer_path, dest / names.tokenize / "1" / "tokenizer.json")
         _place(model_files[0], dest / names.encoder / "1" / "model.onnx")
     if artifact.has_head():
@@ -193,6 +196,8 @@ def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, cata
         "length_group_size": settings.length_group_size,
         "length_grouping": str(settings.length_grouping).lower(),
         "group_overhead_tokens": settings.group_overhead_tokens,
+        "max_group_tokens": settings.max_group_tokens,
+        "engine_cache_shapes": settings.engine_cache_shapes,
         "engine": "openvino" if settings.variant == OPENVINO_VARIANT else "onnxruntime",
         "streams": settings.streams,
         "gpu_provider": settings.gpu_provider,
@@ -212,7 +217,7 @@ def write_embed_version(artifact: art.Artifact, version: Path, model_files: list
     version.mkdir(parents=True)
     for source in sorted((templates / "python" / "embed" / "1").glob("*.py")):  # model.py and engines.py
         shutil.copy2(source, version / source.name)
-    for common in ("text_batch.py", "ort_options.py"):
+    for common in ("text_batch.py", "ort_options.py", PARENT_WATCH):
         shutil.copy2(templates / "common" / common, version / common)
     shutil.copy2(artifact.tokenizer_path, version / "tokenizer.json")
     for source in model_files:
@@ -250,6 +255,7 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
     version.mkdir(parents=True)
     shutil.copy2(templates / "python" / "classifier_head" / "1" / "model.py", version / "model.py")
     shutil.copy2(templates / "common" / "ort_options.py", version / "ort_options.py")
+    shutil.copy2(templates / "common" / PARENT_WATCH, version / PARENT_WATCH)
     # The model directory keeps the head's file names: classifier_head/1/model.py opens them by these names.
     _place(head / art.HEAD_FILE, version / art.HEAD_FILE)
     if neighbours:

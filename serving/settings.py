@@ -53,6 +53,12 @@ class RepositorySettings:
     # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
     length_grouping: bool = True
     group_overhead_tokens: int = 64  # the cost of one more engine run, in padded tokens (plan_groups)
+    # Most padded tokens in one engine run (a lone text may exceed it): bounds the activations an engine
+    # allocates, and keeps, for its largest run (serving/memory.py).
+    max_group_tokens: int = 8192
+    # Input shapes whose compiled kernels OpenVINO's CPU plugin keeps (CPU_RUNTIME_CACHE_CAPACITY; its own
+    # default of 5,000 grows a process by a few MB per new shape without bound; serving/memory.py).
+    engine_cache_shapes: int = 100
     dynamic_batching: bool = True  # False: every request runs alone (Triton's default scheduler)
     streams: int = 1  # OpenVINO CPU streams per instance (parallel infer requests over the length groups)
     gpu_provider: str = "cuda"  # cuda | tensorrt (python layout on GPU; tensorrt falls back to cuda)

@@ -8,6 +8,7 @@ python-backend stubs) and stops or kills it. Tests and benchmarks use it directl
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import secrets
@@ -36,11 +37,11 @@ class ServingError(EmbedlineError):
 
 
 def _pytriton_dir() -> Path:
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise ServingError("serving needs nvidia-pytriton (pip install 'embedline[serve]')") from exc
-    return Path(pytriton.__file__).parent / "tritonserver"
+    # Located, not imported: importing pytriton loads gevent, zmq and aiohttp into the resident launcher.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise ServingError("serving needs nvidia-pytriton (pip install 'embedline[serve]')")
+    return Path(spec.origin).parent / "tritonserver"
 
 
 def _pytriton_libs() -> Path:
@@ -85,12 +86,19 @@ def server_environment() -> dict[str, str]:
 
 
 def die_with_parent() -> None:
-    """preexec_fn for a child of the launcher: SIGTERM it when the launcher dies, even by SIGKILL, so no
-    orphaned tritonserver or route keeps its ports (Linux prctl PR_SET_PDEATHSIG)."""
+    """preexec_fn for a child of the launcher: SIGKILL it when the launcher dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG).
+
+    SIGKILL, not SIGTERM: a launcher that died cannot run a drain (route first, then tritonserver), and a
+    tritonserver draining on SIGTERM kept its ports for seconds, so a `serve` restarted at once found them
+    in use (docs/architecture.md, "Crash recovery"). Callers' in-flight requests fail with a retryable
+    UNAVAILABLE instead. The signal fires when the *thread* that started the child ends, so the launcher
+    starts its children from its main thread only.
+    """
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -101,6 +109,24 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+PORT_WAIT_S = 5.0
+
+
+def check_ports_free(host: str, ports: dict[str, int], wait_s: float = PORT_WAIT_S) -> None:
+    """ServingError naming the first of `ports` (name -> port; 0: unused) still in use after `wait_s`.
+
+    The wait lets a port come free that an exiting process still holds, e.g. the previous `serve` of a
+    pod or systemd unit restarted right after a crash; a port some live process keeps fails after it.
+    """
+    deadline = time.monotonic() + wait_s
+    for name, port in ports.items():
+        while port and port_in_use(host, port):
+            if time.monotonic() >= deadline:
+                raise ServingError(f"{name} port {port} on {host} is already in use; "
+                                   f"choose another with --{name.lower()}-port")
+            time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -164,6 +190,7 @@ class TritonServer:
 
     def __post_init__(self) -> None:
         self.process: subprocess.Popen | None = None
+        self._group_killed = False
         self._workdir: tempfile.TemporaryDirectory | None = None
         # Without an API key, closed admin protocols still need a key: this process's own, told to nobody
         # (the launcher uses it to load published model versions).
@@ -238,12 +265,7 @@ class TritonServer:
             raise ServingError(f"loading model {name!r} failed: {exc}") from exc
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
-        for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
-            if port_in_use(self.host, port):
-                raise ServingError(
-                    f"{name} port {port} on {self.host} is already in use; "
-                    f"choose another with --{name.lower()}-port"
-                )
+        check_ports_free(self.host, {"gRPC": self.grpc_port, "HTTP": self.http_port, "metrics": self.metrics_port})
         self._workdir = tempfile.TemporaryDirectory(prefix="embedline-triton-")
         workdir = Path(self._workdir.name)
         backend_dir = prepare_backend_directory(workdir / "backends")
@@ -258,6 +280,7 @@ class TritonServer:
             start_new_session=True,  # our Ctrl-C is handled here; tritonserver gets a clean SIGTERM
             preexec_fn=die_with_parent,
         )
+        self._group_killed = False
         log_handle.close()
         self.wait_ready(timeout_s)
         return self
@@ -293,7 +316,7 @@ class TritonServer:
         """PIDs of the live python-backend stubs (one per model instance) tritonserver runs now."""
         if self.process is None or self.process.poll() is not None:
             return set()
-        return {pid for pid in _child_pids(self.process.pid) if _is_live_stub(pid)}
+        return {pid for pid in child_pids(self.process.pid) if _is_live_stub(pid)}
 
     def stop(self, timeout_s: float | None = None) -> None:
         """SIGTERM, then wait: Triton turns not-ready, lets queued and in-flight requests finish (up to
@@ -306,17 +329,22 @@ class TritonServer:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
-                self.kill()
-        self._release_workdir()
+        self.kill()
 
     def kill(self) -> None:
-        """SIGKILL tritonserver and its model processes at once (a server whose model died cannot drain)."""
-        if self.process is not None and self.process.poll() is None:
+        """SIGKILL tritonserver and its model processes at once (a server whose model died cannot drain).
+
+        The whole process group, even when tritonserver itself has already exited: its model processes
+        outlive it otherwise. Once per started server, right after it exits: while any member lives the
+        group's id cannot be reused, but once the group is empty a later process might take it.
+        """
+        if self.process is not None and not self._group_killed:
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except ProcessLookupError:  # the group is empty: nothing is left of this server
                 pass
             self.process.wait()
+            self._group_killed = True
         self._release_workdir()
 
     def _release_workdir(self) -> None:
@@ -336,7 +364,7 @@ class TritonServer:
         self.stop()
 
 
-def _child_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Direct children of `pid`, from every thread's /proc children list (the stubs are forked by a
     backend thread, not always the main one)."""
     children = []

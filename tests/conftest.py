@@ -238,9 +238,10 @@ class Launched:
 
 @pytest.fixture
 def launch_serve():
-    """Factory: launch_serve(*serve args, env=None) -> Launched, once its banner is printed.
+    """Factory: launch_serve(*serve args, env=None, ports=None) -> Launched, once its banner is printed.
 
-    Every launcher still running at the end of the test gets SIGTERM, then SIGKILL.
+    ports: (grpc, http, metrics, openai), e.g. a crashed launcher's, to start another on the same ports
+    (default: free ones). Every launcher still running at the end of the test gets SIGTERM, then SIGKILL.
     """
     import signal
     import subprocess
@@ -249,8 +250,8 @@ def launch_serve():
 
     launched = []
 
-    def launch(*args, env=None, wait=True) -> Launched:
-        ports = [free_port() for _ in range(4)]
+    def launch(*args, env=None, wait=True, ports=None) -> Launched:
+        ports = list(ports or [free_port() for _ in range(4)])
         process = subprocess.Popen(
             [*EMBEDLINE_CLI, "serve", "--grpc-port", str(ports[0]), "--http-port", str(ports[1]),
              "--metrics-port", str(ports[2]), "--openai-port", str(ports[3]), "--threads", "1", *args],

@@ -84,8 +84,8 @@ def test_repository_wires_classify_through_the_shared_encoder(tiny_classifier, t
             available[ensemble_tensor] = model_outputs[model_tensor].data_type
     assert all(available.get(t.name) == t.data_type for t in classify.output)
     head_dir = repo / "classifier_head" / "1"
-    assert {p.name for p in head_dir.iterdir()} == {"model.py", "ort_options.py", "head.onnx", "train_embeddings.npy",
-                                                    "train_labels.json"}
+    assert {p.name for p in head_dir.iterdir()} == {"model.py", "ort_options.py", "parent_watch.py", "head.onnx",
+                                                    "train_embeddings.npy", "train_labels.json"}
     assert not any(p.is_symlink() for p in repo.rglob("*"))
 
 

@@ -182,6 +182,23 @@ def test_deployment_runs_two_replicas_of_a_two_cpu_pod(deployment, container):
     assert args.instances * args.threads == int(resources["limits"]["cpu"])
 
 
+def _mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    return int(float(quantity[:-2]) * units[quantity[-2:]])
+
+
+def test_deployment_memory_follows_the_soak_measurement(container):
+    """The limit holds what `serve` plans for the pod's layout on any engine (it refuses to start below it),
+    and the request is at least what the server reached under the shape soak."""
+    from embedline.serving.memory import SOAK_SERVER_PEAK_MIB, memory_plan
+
+    resources = container["resources"]
+    args = parse_embedline(container["args"])
+    worst = max(memory_plan([variant], args.instances).need_mib for variant in ("openvino", "int8"))
+    assert _mebibytes(resources["limits"]["memory"]) >= worst
+    assert _mebibytes(resources["requests"]["memory"]) >= max(SOAK_SERVER_PEAK_MIB.values())
+
+
 def test_deployment_serves_on_all_interfaces_with_the_key_from_the_environment(container):
     args = parse_embedline(container["args"])
     assert args.host == "0.0.0.0"

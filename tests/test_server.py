@@ -70,6 +70,8 @@ def test_serve_exports_a_fresh_artifact_serves_and_stops_on_sigterm(tiny_artifac
     assert embeddings.shape == (2, 32)
     instances = client.get_model_config("embed").config.instance_group[0].count
     assert f"engine   {instances} instance" in served.banner  # the layout the banner names is the one served
+    memory = next(line for line in served.banner.splitlines() if line.strip().startswith("memory"))
+    assert f"({instances} " in memory and "MiB" in memory  # what its model processes may take
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
 
     served.process.send_signal(signal.SIGTERM)

@@ -101,6 +101,18 @@ def test_plan_groups_splits_long_texts_off_and_covers_every_text():
     assert text_batch.plan_groups([], 32, 64) == []
 
 
+def test_plan_groups_caps_padded_tokens_per_run_but_never_drops_a_text():
+    text_batch = _load_text_batch()
+    lengths = [256] * 64 + [100] * 64
+    groups = text_batch.plan_groups(lengths, max_group=64, overhead_tokens=64, max_tokens=8192)
+    assert sorted(int(i) for g in groups for i in g) == list(range(128))
+    assert all(len(g) * max(lengths[int(i)] for i in g) <= 8192 for g in groups)
+    assert max(len(g) for g in groups) <= 64
+    # A lone text past the cap still runs (on its own); no cap (0 / None) leaves only max_group.
+    assert [len(g) for g in text_batch.plan_groups([9000, 9000], 64, 64, max_tokens=8192)] == [1, 1]
+    assert len(text_batch.plan_groups([256] * 64, 64, 64, max_tokens=0)) == 1
+
+
 def test_pad_matches_a_python_reference():
     text_batch = _load_text_batch()
     padder = text_batch.TextTokenizer.__new__(text_batch.TextTokenizer)

@@ -60,14 +60,17 @@ def length_groups(ids, group_size):
     return [order[start : start + group_size] for start in range(0, len(order), group_size)]
 
 
-def plan_groups(lengths, max_group, overhead_tokens):
+def plan_groups(lengths, max_group, overhead_tokens, max_tokens=None):
     """Cut the texts into engine runs that waste the least work: a list of index arrays.
 
-    The texts are sorted by length and split into contiguous groups of at most `max_group`, choosing the
+    The texts are sorted by length and split into contiguous groups of at most `max_group` texts and at
+    most `max_tokens` padded tokens (a lone text may exceed it), choosing the
     cut points that minimise sum(group size * group's longest) + overhead_tokens per group, i.e. padded
     tokens computed plus a fixed cost per engine run expressed in tokens (dynamic programming, O(n *
     max_group); n is at most a dynamic batch). A batch of similar lengths stays one run; a few long
     texts among many short ones get a run of their own instead of padding everyone to their length.
+    The token cap bounds one run's activations (attention is texts x heads x longest^2), and with them the
+    memory an engine keeps for its largest run (docs/architecture.md, "Memory").
     """
     n = len(lengths)
     if n == 0:
@@ -79,7 +82,8 @@ def plan_groups(lengths, max_group, overhead_tokens):
     cut = [0] * (n + 1)
     for end in range(1, n + 1):
         longest = sorted_lengths[end - 1]  # sorted: the group's last text is its longest
-        for start in range(max(0, end - max_group), end):
+        size_cap = max_group if not max_tokens else max(1, min(max_group, max_tokens // max(1, longest)))
+        for start in range(max(0, end - size_cap), end):
             cost = best[start] + (end - start) * longest + overhead_tokens
             if cost < best[end]:
                 best[end], cut[end] = cost, start

@@ -11,11 +11,13 @@ import sys
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
+from parent_watch import exit_with_parent  # noqa: E402
 from text_batch import TextTokenizer, model_parameters, respond, version_dir  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no model process outlives its tritonserver (parent_watch.py)
         params = model_parameters(args)
         self.tokenizer = TextTokenizer(
             os.path.join(version_dir(args), "tokenizer.json"), int(params["max_seq_length"])

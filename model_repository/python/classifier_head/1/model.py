@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ort_options import session_options  # noqa: E402  (copied next to this file by the repository builder)
+from parent_watch import exit_with_parent  # noqa: E402  (likewise)
 
 
 def _parameters(args):
@@ -26,6 +27,7 @@ def _parameters(args):
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no model process outlives its tritonserver (parent_watch.py)
         params = _parameters(args)
         directory = os.path.join(args["model_repository"], args["model_version"])
         self.labels = np.array([label.encode("utf-8") for label in json.loads(params["labels"])], dtype=np.object_)

@@ -61,7 +61,7 @@ class OrtEngine:
 
 
 class OpenVinoEngine:
-    def __init__(self, path, threads, streams=1):
+    def __init__(self, path, threads, streams=1, cache_shapes=100):
         import openvino as ov
 
         core = ov.Core()
@@ -70,6 +70,9 @@ class OpenVinoEngine:
             "NUM_STREAMS": int(streams),
             # Shared machines: pinning threads to cores fights the other processes' schedulers.
             "ENABLE_CPU_PINNING": False,
+            # Compiled kernels are kept per input shape; the plugin's default of 5,000 shapes grows a
+            # process under mixed traffic by GBs. 0 keeps none and is both slower and larger (fragmentation).
+            "CPU_RUNTIME_CACHE_CAPACITY": int(cache_shapes),
         }
         self.compiled = core.compile_model(path, "CPU", config)
         self.streams = int(streams)
@@ -110,7 +113,8 @@ def load_engine(directory, params, gpu_device_id=None):
     engine = params.get("engine", "onnxruntime")
     threads = int(params.get("intra_op_threads", "0"))
     if engine == "openvino":
-        return OpenVinoEngine(os.path.join(directory, "model.xml"), threads, int(params.get("streams", "1")))
+        return OpenVinoEngine(os.path.join(directory, "model.xml"), threads, int(params.get("streams", "1")),
+                              int(params.get("engine_cache_shapes", "100")))
     if engine != "onnxruntime":
         raise ValueError(f"unknown engine {engine!r} in the model config (expected onnxruntime or openvino)")
     return OrtEngine(os.path.join(directory, "model.onnx"), threads, gpu_device_id,

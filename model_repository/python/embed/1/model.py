@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
 from engines import load_engine  # noqa: E402
+from parent_watch import exit_with_parent  # noqa: E402
 from text_batch import (  # noqa: E402
     TextTokenizer, arrival_groups, model_parameters, plan_groups, respond, version_dir,
 )
@@ -23,19 +24,22 @@ from text_batch import (  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()  # no model process outlives its tritonserver (parent_watch.py)
         params = model_parameters(args)
         directory = version_dir(args)
         self.dim = int(params["dim"])
         self.group_size = int(params.get("length_group_size", "32"))
         self.length_grouping = params.get("length_grouping", "true") == "true"
         self.overhead_tokens = int(params.get("group_overhead_tokens", "64"))
+        self.max_group_tokens = int(params.get("max_group_tokens", "0"))
         self.tokenizer = TextTokenizer(os.path.join(directory, "tokenizer.json"), int(params["max_seq_length"]))
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = load_engine(directory, params, int(args["model_instance_device_id"]) if gpu else None)
 
     def groups(self, ids):
         if self.length_grouping:
-            return plan_groups([len(row) for row in ids], self.group_size, self.overhead_tokens)
+            return plan_groups([len(row) for row in ids], self.group_size, self.overhead_tokens,
+                               self.max_group_tokens)
         return arrival_groups(len(ids), max(1, len(ids)))
 
     def embed(self, texts):
