@@ -126,15 +126,20 @@ def test_a_dead_route_is_started_again_after_the_backoff(caplog):
     assert any("serving again" in m for m in messages), messages
 
 
+def _crash_and_restart(route, keeper, clock, backoff_s: float) -> None:
+    """Kill the route, let the keeper schedule its restart, wait out the backoff, let it spawn the route."""
+    route.kill()
+    keeper.poll()
+    clock.now += backoff_s
+    keeper.poll()
+
+
 def test_a_route_that_keeps_dying_ends_the_launcher_after_its_restarts():
     clock = Clock()
     route = FakeRoute()
     keeper = RouteKeeper(route, max_restarts=2, clock=clock)
     for _ in range(2):
-        route.kill()
-        keeper.poll()  # schedules the restart
-        clock.now += MAX_RESTART_BACKOFF_S
-        keeper.poll()  # spawns it
+        _crash_and_restart(route, keeper, clock, MAX_RESTART_BACKOFF_S)
     assert route.spawned == 2
     route.kill()
     with pytest.raises(ServingError, match="OpenAI route exited with code -9 and 2 restarts in a row are used up"):
@@ -146,10 +151,7 @@ def test_a_route_up_long_enough_gets_its_restarts_back():
     route = FakeRoute()
     keeper = RouteKeeper(route, max_restarts=1, clock=clock)
     for _ in range(3):
-        route.kill()
-        keeper.poll()
-        clock.now += RESTART_BACKOFF_S
-        keeper.poll()
+        _crash_and_restart(route, keeper, clock, RESTART_BACKOFF_S)
         clock.now += RESTART_RESET_S  # up a long time before the next crash
     assert route.spawned == 3
 
