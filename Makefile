@@ -18,7 +18,7 @@ INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 SETFIT_VENV := .bench/setfit-venv
 SETFIT_SPEC ?= setfit==1.2.0
 
-.PHONY: install serve test bench bench-quick bench-deps bench-setfit-deps clean example-intent model-mpnet
+.PHONY: install serve test test-fast bench bench-quick bench-deps bench-setfit-deps clean example-intent model-mpnet
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The inner loop: the tests that start no server and no process and take seconds at most (`make test`,
+# what CI runs, is the whole suite).
+test-fast: install
+	EMBEDLINE_TEST_FAST=1 $(BIN)/python -m pytest -q -m "not processes and not slow and not gpu" -p no:cacheprovider $(PYTEST_ARGS)
 
 # The benchmark suite (benchmarks/suite.py) runs from this checkout, not from the installed package:
 # `python -m benchmarks.suite` from the repository root. `bench` is the full run (~15-20 min, writes

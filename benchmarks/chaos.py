@@ -136,6 +136,9 @@ class Replica:
         self.process: subprocess.Popen | None = None
         self.failed_starts: list[str] = []
         self.starts = 0
+        # This start of `serve` printed its banner and was not told to stop: a load balancer would send to it
+        # (Kubernetes takes a pod out of its Service when it sends SIGTERM).
+        self.in_service = False
 
     @property
     def grpc_url(self) -> str:
@@ -147,6 +150,7 @@ class Replica:
         for name, port in self.ports.items():
             command += [f"--{name}-port", str(port)]
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self.in_service = False
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -155,6 +159,7 @@ class Replica:
         while time.monotonic() < deadline:
             text = self._log_since(offset)
             if "Ctrl-C to stop" in text:
+                self.in_service = True
                 return True
             if self.process.poll() is not None:
                 lines = [line for line in text.splitlines() if line.strip()]
@@ -316,7 +321,11 @@ def route_attempt(port: int, texts: list[str]) -> tuple[str, object]:
     return "fail", f"HTTP {response.status}: {payload[:200]!r}"
 
 
-def route_caller(ports: list[int], pool, reference, outcomes: Outcomes, stop: threading.Event, seed: int) -> None:
+def route_caller(ports: list[int], serve_running, pool, reference, outcomes: Outcomes, stop: threading.Event,
+                 seed: int) -> None:
+    """serve_running(replica) -> whether that replica's `serve` runs and has printed its banner: a refused
+    connection is counted apart for a replica whose `serve` is down or still starting (a pod gone or not
+    ready, which a load balancer would not send to) and one that serves."""
     rng = random.Random(seed)
     turn = seed
     while not stop.is_set():
@@ -333,6 +342,8 @@ def route_caller(ports: list[int], pool, reference, outcomes: Outcomes, stop: th
             if kind == "fail" or time.monotonic() - began > ROUTE_CALL_TIMEOUT_S:
                 outcomes.fail(f"replica {replica}: {detail}")
                 break
+            if detail == "connection refused":
+                detail += " (serve running)" if serve_running(replica) else " (serve down)"
             with outcomes.lock:
                 outcomes.retried[detail if kind == "retry" else f"connection cut ({detail})"] += 1
                 if kind == "cut":
@@ -362,6 +373,7 @@ def inject(kind: str, replica: Replica, rng: random.Random) -> tuple[list[Proc],
     if kind == "pod":
         os.killpg(replica.process.pid, signal.SIGKILL)
     else:
+        replica.in_service = False
         replica.process.send_signal(signal.SIGTERM)
     return server_group + tree["route"], tree["launcher"][0]
 
@@ -390,13 +402,17 @@ def watch_ends(processes: list[Proc], anchor: Proc | None, since: float, record:
     record["lingered_s"] = round(max([0.0, *(t - anchor_end for t in ends.values())]), 2)
 
 
-def wait_serving(replica: Replica, reference, pool, since: float) -> float | None:
-    """Seconds from `since` until the replica alone answers correctly over gRPC and its route is healthy,
-    after it was first seen down (a killed model process is noticed within the launcher's watch interval,
-    and its other instance may answer meanwhile)."""
+def wait_serving(replica: Replica, reference, pool, since: float, seen_down: bool) -> float | None:
+    """Seconds from `since` until the replica alone answers correctly over gRPC and its route is healthy.
+
+    seen_down: the fault ended the process at once (a SIGKILL of tritonserver, the route or the pod). Else
+    the replica is first waited on to be seen down: a killed model process is noticed within the launcher's
+    watch interval (its other instance may answer meanwhile), a SIGTERM starts a drain. A killed route is
+    never seen down from outside (calls wait in the accept queue of the socket the launcher holds), so its
+    time is how long a call waited for the restarted route."""
     from embedline.client import EmbeddingClient
 
-    while replica.ready() and time.monotonic() - since < DOWN_WAIT_S:
+    while not seen_down and replica.ready() and time.monotonic() - since < DOWN_WAIT_S:
         time.sleep(0.02)
     deadline = since + READY_TIMEOUT_S
     with EmbeddingClient(replica.grpc_url, timeout=5) as client:
@@ -457,12 +473,18 @@ class Callers:
         self.sdk, self.route = Outcomes(), Outcomes()
         self.stopping = threading.Event()
         routes = [r.ports["openai"] for r in replicas]
+
+        def serve_running(index: int) -> bool:
+            replica = replicas[index]
+            return replica.in_service and replica.process.poll() is None
+
         seed = config.seed * 100
         self.threads = [threading.Thread(target=sdk_caller, daemon=True,
                                          args=(self.client, pool, reference, self.sdk, self.stopping, seed + i))
                         for i in range(config.sdk_threads)]
         self.threads += [threading.Thread(target=route_caller, daemon=True,
-                                          args=(routes, pool, reference, self.route, self.stopping, seed + 50 + i))
+                                          args=(routes, serve_running, pool, reference, self.route, self.stopping,
+                                                seed + 50 + i))
                          for i in range(config.route_threads)]
 
     def start(self) -> None:
@@ -491,7 +513,7 @@ def fault(kind: str, replica: Replica, replicas: list[Replica], rng: random.Rand
     must_end, anchor = inject(kind, replica, rng)
     watcher = threading.Thread(target=watch_ends, args=(must_end, anchor, fault_at, record), daemon=True)
     watcher.start()
-    recovered = wait_serving(replica, reference, pool, fault_at)
+    recovered = wait_serving(replica, reference, pool, fault_at, seen_down=kind in ("tritonserver", "route", "pod"))
     record["serving_again_s"] = None if recovered is None else round(recovered, 1)
     held = f" (held {record['delayed_s']} s until both were ready)" if record["delayed_s"] >= 1 else ""
     print(f"{record['at_s']:6.1f} s  {kind:<13} replica {replica.index}: serving again after "
@@ -575,8 +597,11 @@ def summarize(results: dict) -> tuple[list[list], list[list]]:
     refusals = sum(n for why, n in retried.items() if "Retry-After" in why)
     by_fault = Counter(cut["after"] for cut in route["cuts"])
     cuts = ", ".join(f"{n} after {kind}" for kind, n in sorted(by_fault.items()))
-    retried = (f"{refusals} 503/429 with Retry-After, {retried.get('connection refused', 0)} refused, "
-               f"{len(route['cuts'])} cut mid-request" + (f" ({cuts})" if cuts else ""))
+    refused_down = retried.get("connection refused (serve down)", 0)
+    refused_up = retried.get("connection refused (serve running)", 0)
+    retried = (f"{refusals} 503/429 with Retry-After, {refused_down} refused while a replica's `serve` was down, "
+               f"{refused_up} refused while it ran, {len(route['cuts'])} cut mid-request"
+               + (f" ({cuts})" if cuts else ""))
     callers = [
         ["SDK, `EmbeddingClient([r1, r2])`", f"{results['config']['sdk_threads']} threads", f"{sdk['ok']:,}",
          sdk["failed"], sdk["wrong"], f"{sdk['min_cosine']:.4f}", f"{sdk['p50_s']} / {sdk['max_s']} s",

@@ -221,7 +221,8 @@ def route_killed() -> dict:
         ended_text(ended)
         seen = ", ".join(f"{n} {what}" for what, n in outcomes.most_common())
         return {"callers_saw": f"route callers (no retries): {seen}",
-                "readiness": "Triton stays ready; the route's port refuses (its /health with it) until it is back",
+                "readiness": "Triton stays ready; calls to the route wait in the accept queue of the socket the "
+                             "launcher holds until the restarted route answers them",
                 "recovery": f"route answers again {recovered:.1f} s after the kill (restarted by the launcher)",
                 "recovered_after_s": round(recovered, 2), "outcomes": dict(outcomes)}
     finally:

@@ -41,7 +41,7 @@ def main() -> None:
     short = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short",))["short"]
     served = served_settings(args.variant, args.threads)  # what `embedline serve` runs on these cores
     sizes = {f"groups of {size}": replace(served, length_group_size=size) for size in SIZES}
-    path = compare("length_groups", artifact, args, sizes, f"groups of {served.length_group_size}",
+    path = compare("length_groups", artifact, args, sizes, f"groups of {served.group_size}",
                    list(short.texts), short.tokens)
     print(f"saved {path}")
     if not args.no_readme:

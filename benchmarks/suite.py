@@ -442,7 +442,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     try:
         settings = served_settings(variant, threads)  # within the thread budget of the in-process side
         other = plan_requests(len(texts), settings.max_batch_size, instances=settings.instances,
-                              group_size=other_group_size(settings.length_group_size),
+                              group_size=other_group_size(settings.group_size),
                               max_queue_size=settings.max_queue_size)
         with EngineProcess(artifact.path, "sentence-transformers", threads, workloads_file) as st, \
                 triton(artifact, tmp, settings) as server:

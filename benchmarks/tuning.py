@@ -39,7 +39,7 @@ def candidate_settings(base, variant: str) -> dict[str, object]:
                                                       intra_op_threads=base.instances * base.intra_op_threads))
     else:
         layout = ("2 instances x 1 thread", replace(base, instances=2, intra_op_threads=1))
-    other_group = other_group_size(base.length_group_size)
+    other_group = other_group_size(base.group_size)
     candidates = {
         f"defaults ({base.instances} x {base.intra_op_threads} threads, queue delay {base.queue_delay_us} us)": base,
         layout[0]: layout[1],

@@ -6,9 +6,10 @@ The launcher is a small supervisor around one tritonserver process:
         a model process (python-backend stub) died  -> kill tritonserver at once, restart it
         tritonserver itself died                    -> kill what is left of its group, restart it
         the OpenAI route died                       -> restart it (tritonserver serves on)
-        SIGTERM / Ctrl-C                            -> drain: the route stops, Triton turns not-ready,
-                                                       finishes queued and in-flight requests
-                                                       (--drain-timeout), exit 0
+        SIGTERM / Ctrl-C                            -> drain: the route answers new requests 503 with
+                                                       Retry-After, Triton turns not-ready, both finish
+                                                       queued and in-flight requests (--drain-timeout),
+                                                       exit 0
         the launcher itself is killed               -> its children get SIGKILL from the kernel
                                                        (PR_SET_PDEATHSIG), the model processes see
                                                        tritonserver gone and kill themselves
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import enum
+import http.client
+import json
 import logging
 import os
 import signal
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 
 OPENAI_PORT = 8080
 WATCH_INTERVAL_S = 0.2
+ROUTE_BACKLOG = 1024  # connections that wait for a restarting route (the kernel caps it at net.core.somaxconn)
+LISTEN_PROBE_TIMEOUT_S = 0.2  # polled from the watch loop: never holds up the watch on tritonserver
+HEALTH_PROBE_TIMEOUT_S = 3.0
 RESTART_BACKOFF_S = 0.5  # the first restart's wait; doubles per restart in a row
 MAX_RESTART_BACKOFF_S = 30.0
 RESTART_RESET_S = 60.0  # up this long without a fault: the next fault counts as the first again
@@ -207,30 +213,51 @@ class Restarts:
 
 
 class RouteProcess:
-    """The OpenAI-compatible route (serving/openai_api.py) as a child process beside tritonserver."""
+    """The OpenAI-compatible route (serving/openai_api.py) as a child process beside tritonserver.
+
+    The launcher binds the route's listening socket once and hands it to every route process it starts
+    (`--fd`): while a crashed route restarts, new connections wait in the accept queue rather than being
+    refused, and are answered by the next process.
+    """
 
     def __init__(self, command: list[str], api_key: str | None, port: int, host: str):
         self.command = command
         self.env = {**os.environ, API_KEY_ENV: api_key or ""}
-        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        self.host, self.port = host, port
+        self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
+        self.listener: socket.socket | None = None
         self.process: subprocess.Popen | None = None
 
     def spawn(self) -> None:
         """Start the process without waiting for it to listen. Its own session: Ctrl-C reaches the launcher
-        only, which stops the route first on a drain."""
-        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
-                                        preexec_fn=die_with_parent)
+        only, which stops the route itself on a drain."""
+        if self.listener is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self.listener = socket.create_server((self.host, self.port), family=family, backlog=ROUTE_BACKLOG)
+            self.listener.set_inheritable(True)
+        fd = self.listener.fileno()
+        self.process = subprocess.Popen([*self.command, "--fd", str(fd)], env=self.env, pass_fds=(fd,),
+                                        start_new_session=True, preexec_fn=die_with_parent)
+
+    def get(self, path: str, timeout_s: float) -> bytes | None:
+        """The body of GET `path` (any status), or None when no route process answers: a connection to the
+        held socket succeeds even while no process accepts, so only an HTTP answer counts."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
 
     def listening(self) -> bool:
-        host, port = self.url.removeprefix("http://").rsplit(":", 1)
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-        except OSError:
-            return False
-        return True
+        """A route process answers (an unknown path: a 404 that asks nothing of Triton)."""
+        return self.get("/-", LISTEN_PROBE_TIMEOUT_S) is not None
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Spawn, then wait until it listens."""
+        """Spawn, then wait until it answers."""
         self.spawn()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -239,30 +266,54 @@ class RouteProcess:
             if self.listening():
                 return
             time.sleep(0.1)
-        raise ServingError(f"the OpenAI route did not listen on {self.url} within {timeout_s:.0f} s")
+        raise ServingError(f"the OpenAI route did not answer on {self.url} within {timeout_s:.0f} s")
 
     def died(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
-    def stop(self, timeout_s: float) -> None:
-        """SIGTERM: the route stops taking requests and finishes the ones it has (uvicorn's graceful
-        shutdown), then exits; killed if still there after `timeout_s`."""
+    def drain(self, timeout_s: float) -> None:
+        """SIGUSR1: new requests get 503 with Retry-After; wait until the requests in flight are done.
+        The route keeps answering (503) until stop(), so callers never meet a refused port mid-drain."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if drained(self.get("/health", HEALTH_PROBE_TIMEOUT_S)):
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
+    def stop(self, timeout_s: float) -> None:
+        """SIGTERM: the route finishes the requests it has (uvicorn's graceful shutdown) and exits, killed if
+        still there after `timeout_s`. The launcher's copy of the listening socket closes first, so the port
+        closes as soon as the route stops accepting rather than queueing callers nobody will answer."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def drained(health_body: bytes | None) -> bool:
+    """The route's /health says it is draining with no request in flight (serving/openai_api.py, Drain)."""
+    try:
+        health = json.loads(health_body or b"")
+    except ValueError:
+        return False
+    return health.get("status") == "draining" and health.get("in_flight") == 0
 
 
 class RouteKeeper:
     """Starts the OpenAI route again after it exits, with tritonserver's backoff and restart bound.
 
     Polled from the supervisor's watch loop, so a route restart never holds up the watch on tritonserver.
-    While the route is down its port refuses connections (its /health with it); the log says when it went
-    down, when it is started again and when it listens again.
+    While the route is down, new connections wait in the accept queue of the socket the launcher holds; the
+    log says when it went down, when it is started again and when it answers again.
     """
 
     def __init__(self, route: RouteProcess, max_restarts: int, clock=time.monotonic):
@@ -351,8 +402,10 @@ class Supervisor:
             if event is Event.STOP_REQUESTED:
                 log.info("draining: queued and in-flight requests finish (up to %d s)", self.server.exit_timeout_s)
                 if self.route is not None:  # first, so it forwards no new work to a draining server
-                    self.route.stop(self.server.exit_timeout_s + 10)
+                    self.route.drain(self.server.exit_timeout_s + 10)
                 self.server.stop()
+                if self.route is not None:
+                    self.route.stop(10)
                 return 0
             detail = (f"code {self.server.process.returncode}" if event is Event.SERVER_DIED
                       else "its python-backend stub is gone")

@@ -26,7 +26,8 @@ Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
     404  unknown model (or path)
     413  a body over max_body_bytes (Content-Length, or the bytes actually streamed)
     429  Triton's queue stayed full through the SDK's retries (ServerOverloadedError), with Retry-After
-    503  Triton unavailable through the SDK's retries (ServerUnavailableError), with Retry-After
+    503  Triton unavailable through the SDK's retries (ServerUnavailableError), or the route is draining
+         (see below), with Retry-After
     504  the SDK's deadline passed (DeadlineExceededError)
     500  anything else (details in the log, not in the response)
 
@@ -35,7 +36,13 @@ Run it as a process (the API key comes from the environment only, never from arg
     EMBEDLINE_API_KEY=... python -m embedline.serving.openai_api --grpc-url 127.0.0.1:8001 --port 8080 \\
         --model all-MiniLM-L6-v2=/path/artifact/tokenizer.json:256[:embed] [--model ...] [--default NAME]
 
-`openai_command(...)` builds that command line for a supervisor (serving/launcher.py).
+`openai_command(...)` builds that command line for a supervisor (serving/launcher.py). The supervisor owns
+the listening socket and passes it down (`--fd`): while the route restarts after a crash, new connections wait
+in the kernel's accept queue instead of being refused.
+
+Draining (SIGUSR1, sent by the supervisor before it drains Triton): new requests get 503 with Retry-After and
+`Connection: close`, /health answers 503 {"status": "draining", "in_flight": N}, and the requests in flight
+finish. SIGTERM then stops the process once those are done (uvicorn's graceful shutdown).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +132,22 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Drain:
+    """Whether the route is draining, and how many embedding requests it has in flight."""
+
+    def __init__(self):
+        self.draining = False
+        self.in_flight = 0
+
+    def begin(self, *_signal_args) -> None:
+        self.draining = True
+
+    def refusal(self) -> ApiError:
+        return ApiError(503, "the server is shutting down; retry after a short wait (another replica will answer)",
+                        "server_error", code="draining",
+                        headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
 
 
 def sdk_error(exc: Exception) -> ApiError:
@@ -252,6 +276,7 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
     tokenizers = {name: load_tokenizer(model.tokenizer_path, model.max_seq_length) for name, model in models.items()}
     clients: dict[str, AsyncEmbeddingClient] = {}
+    drain = Drain()
 
     def client_kwargs(model: ServedModel) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_concurrency": DEFAULT_MAX_CONCURRENCY}
@@ -300,6 +325,15 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
         return b"".join(chunks)
 
     async def embeddings(request: Request) -> Response:
+        if drain.draining:
+            return drain.refusal().response()
+        drain.in_flight += 1
+        try:
+            return await embed_request(request)
+        finally:
+            drain.in_flight -= 1
+
+    async def embed_request(request: Request) -> Response:
         try:
             authorize(request)
             body = await read_body(request)
@@ -363,6 +397,8 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
         return JSONResponse(model_object(name))
 
     async def health(request: Request) -> Response:
+        if drain.draining:
+            return JSONResponse({"status": "draining", "in_flight": drain.in_flight}, status_code=503)
         checks = await asyncio.gather(*(client.health(timeout=HEALTH_TIMEOUT_S) for client in clients.values()))
         healthy = bool(clients) and all(checks)
         return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
@@ -379,7 +415,9 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.drain = drain
+    return app
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-url", required=True, help="the Triton server's gRPC host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs a key or --insecure)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--fd", type=int, default=None,
+                        help="serve on this inherited listening socket (bound by the supervisor) instead of "
+                             "binding --host:--port")
     parser.add_argument("--model", dest="models", action="append", type=parse_model_spec, required=True,
                         metavar="NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL]",
                         help="a served model: public name, its tokenizer.json, max_seq_length and the Triton "
@@ -511,7 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM ends in exit 0 after in-flight requests finish.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    server.run()
+    signal.signal(signal.SIGUSR1, app.state.drain.begin)
+    server.run(sockets=[socket.socket(fileno=args.fd)] if args.fd is not None else None)
     if not server.started:
         log.error("the server did not start (is port %d on %s in use?)", args.port, args.host)
         return 1

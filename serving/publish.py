@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -59,7 +60,7 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
             variant: str | None = None) -> tuple[str, int]:
     """Write `artifact` as the next version of a served embed model; -> (Triton model name, version)."""
     from embedline.export.variants import available_device, choose_variant, variant_files
-    from embedline.serving.repository import write_embed_version
+    from embedline.serving.repository import embed_parameters, settings_from_parameters, write_embed_version
 
     repository = Path(repository).resolve()
     model_dir = embed_model_dir(repository, model)
@@ -71,16 +72,18 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     if artifact.dim != served_dim:
         raise ServingError(f"{artifact.path} makes {artifact.dim}-d embeddings, the served model {served_dim}-d; "
                            "serve it as a new model instead")
-    variant = variant or choose_variant(artifact, available_device())
+    device = available_device()
+    variant = variant or choose_variant(artifact, device)
     version = (versions(model_dir) or [0])[-1] + 1
     staging = repository.parent / f".{repository.name}-staging-{model_dir.name}-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     write_embed_version(artifact, staging, variant_files(artifact, variant))
-    # The config's client-facing parameters describe the new version (Triton rereads it on load).
-    for key, value in (("model_name", artifact.name), ("variant", variant), ("pooling", artifact.pooling),
-                       ("max_seq_length", artifact.max_seq_length),
-                       ("engine", "openvino" if variant == "openvino" else "onnxruntime"),
-                       ("matryoshka_dims", json.dumps(list(artifact.matryoshka_dims)))):
+    # Every parameter describes the new version as `build-repo` would (Triton rereads the config on load);
+    # the engine settings the server was started with, and its catalog, stay.
+    old = {key: value.string_value for key, value in config.parameters.items()}
+    on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+    settings = replace(settings_from_parameters(old, "gpu" if on_gpu else "cpu"), variant=variant)
+    for key, value in embed_parameters(artifact, settings, old["served_models"]).items():
         config.parameters[key].string_value = str(value)
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
     tmp_config.write_text(text_format.MessageToString(config), encoding="utf-8")

@@ -154,7 +154,7 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
     if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
         raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
     templates = _templates()
-    params = _model_parameters(artifact, settings, catalog)
+    params = embed_parameters(artifact, settings, catalog)
     values = {
         **names.template_values(),
         "max_batch_size": settings.max_batch_size,
@@ -184,8 +184,9 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
         _add_classify(artifact, names, dest, templates, settings.layout, params, values)
 
 
-def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: str) -> dict[str, object]:
-    """The embed model's config parameters: the client contract (model_name, dim, ...) and the engine's."""
+def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: str) -> dict[str, object]:
+    """The embed model's config parameters: the client contract (model_name, dim, ...) and the engine's.
+    `build-repo` and `publish` both write these, so a published version is configured as a built one."""
     return {
         "model_name": artifact.name,
         "dim": artifact.dim,
@@ -193,7 +194,7 @@ def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, cata
         "pooling": artifact.pooling,
         "variant": settings.variant,
         "intra_op_threads": settings.intra_op_threads,
-        "length_group_size": settings.length_group_size,
+        "length_group_size": settings.group_size,
         "length_grouping": str(settings.length_grouping).lower(),
         "group_overhead_tokens": settings.group_overhead_tokens,
         "max_group_tokens": settings.max_group_tokens,
@@ -209,6 +210,20 @@ def _model_parameters(artifact: art.Artifact, settings: RepositorySettings, cata
         # the CPU variant: `info().host_warning` and the serve banner say so.
         "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",
     }
+
+
+def settings_from_parameters(parameters: dict[str, str], device: str) -> RepositorySettings:
+    """The engine settings a served embed model's parameters were written with (embed_parameters), so that
+    `publish` rewrites them for a new artifact. The length group size is left to the new variant."""
+    return RepositorySettings(
+        variant=parameters["variant"], device=device,
+        intra_op_threads=int(parameters["intra_op_threads"]),
+        length_grouping=parameters["length_grouping"] == "true",
+        group_overhead_tokens=int(parameters["group_overhead_tokens"]),
+        max_group_tokens=int(parameters["max_group_tokens"]),
+        engine_cache_shapes=int(parameters["engine_cache_shapes"]),
+        streams=int(parameters["streams"]), gpu_provider=parameters["gpu_provider"],
+        spin_wait=parameters["spin_wait"] == "true")
 
 
 def write_embed_version(artifact: art.Artifact, version: Path, model_files: list[Path]) -> None:

@@ -20,9 +20,10 @@ class RepositorySettings:
     The defaults were chosen from measurements on a 2-core CPU (benchmarks/README.md, "Server tuning",
     and docs/architecture.md): no queue delay; ONNX Runtime workers that spin-wait; length groups of at
     most 32 texts with a per-run cost of 64 padded tokens; a queue bounded at 32 requests per model
-    (benchmarks/overload.py). `instances`, `intra_op_threads` and `length_group_size` here are the plain
-    dataclass defaults; what `serve` runs comes from `engine_layout` (two instances on a CPU, when neither
-    is given) and `group_size_for` (64 texts for OpenVINO).
+    (benchmarks/overload.py). `instances` and `intra_op_threads` here are the plain dataclass defaults;
+    what `serve` runs comes from `engine_layout` (two instances on a CPU, when neither is given). The length
+    group size follows the variant (`group_size`), so one settings object serves artifacts of different
+    variants side by side, each with its own.
     """
 
     variant: str = "fp32"  # an ONNX variant (fp32, fused, fp16, int8) or "openvino" (CPU, NNCF int8 IR)
@@ -47,8 +48,8 @@ class RepositorySettings:
     max_queue_wait_s: float = 60.0
     instances: int = 1
     intra_op_threads: int = 0  # engine threads per instance; 0 = one per core
-    # Most texts in one engine run inside a dynamic batch; what `serve` uses comes from `group_size_for`.
-    length_group_size: int = 32
+    # Most texts in one engine run inside a dynamic batch; None: the variant's own (`group_size_for`).
+    length_group_size: int | None = None
     # Length-aware batching: sort a dynamic batch by length and cut it into the engine runs that waste the
     # least padding. False pads the whole batch to its longest in arrival order (the benchmark's baseline).
     length_grouping: bool = True
@@ -68,6 +69,11 @@ class RepositorySettings:
     # with busier processes (`--no-spin-wait`).
     spin_wait: bool = True
 
+    @property
+    def group_size(self) -> int:
+        """The length group size this variant is served with."""
+        return self.length_group_size or group_size_for(self.variant)
+
 
 def engine_layout(device: str, cores: int) -> tuple[int, int]:
     """(model instances, engine threads per instance) when neither --instances nor --threads is given.
@@ -75,11 +81,8 @@ def engine_layout(device: str, cores: int) -> tuple[int, int]:
     On a CPU with 2 or more cores: two instances, each with half the cores. Between two executions of one
     instance the engine sits idle for up to ~15 ms while Triton hands the python model its next batch, even
     with requests queued, and one instance's parallel engine threads contend with Triton's own; a second
-    instance runs in that gap. On 2 cores (benchmarks/README.md, "Engine layout"), 2 x 1 thread against
-    1 x 2 threads, closed loop of 16 x 32 texts / `client.embed(2,000 texts)` / 1-text p50:
-    openvino 1,632 vs 1,274 / 1,929 vs 953 sentences/s / 5.8 vs 4.4 ms; int8 1,439 vs 714 / 1,388 vs
-    733 / 2.6 vs 2.3 ms; fp32 874 vs 448 / 831 vs 575 / 5.9 vs 3.8 ms. Throughput wins: a query embedding
-    is one request of a few ms either way. `--instances 1 --threads 0` keeps the latency-first layout.
+    instance runs in that gap. Throughput wins over the few ms a lone query pays (benchmarks/README.md,
+    "Engine layout"); `--instances 1 --threads 0` keeps the latency-first layout.
     On a GPU: one instance.
     """
     if device == "cpu" and cores >= 2:
@@ -91,14 +94,10 @@ def group_size_for(variant: str) -> int:
     """The largest length group `serve` gives `variant`: 64 texts for OpenVINO, 32 for ONNX Runtime.
 
     The SDK cuts a long list into requests of one group each (client/_common.py: plan_requests), so this
-    also sets a corpus call's requests: 64 texts x 4 in flight instead of 32 x 8 on the two-instance
-    server. On 2 cores, OpenVINO servers side by side, `client.embed(1,000 short texts)` was faster with
-    64 in 15 of 16, 11 of 12 and 8 of 12 alternating rounds (asyncio: 11 of 12), by 1-19% in medians;
-    64-text requests alone or 64-text groups alone were level with 32, and so were closed loops of 32-text
-    requests. ONNX Runtime int8 gained nothing (64 won 2 of 8 rounds), so it keeps 32.
-    (benchmarks/README.md, "Length groups"; `benchmarks/length_groups.py`.)
+    also sets a corpus call's requests. 64 made OpenVINO's corpus calls faster and gained ONNX Runtime
+    nothing (benchmarks/README.md, "Length groups").
     """
-    return 64 if variant == "openvino" else RepositorySettings.length_group_size
+    return 64 if variant == "openvino" else 32
 
 
 def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) -> RepositorySettings:
@@ -106,7 +105,6 @@ def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) 
     spelled out, its group size), with `overrides`: what the benchmarks serve, so that they measure what
     users run."""
     instances, threads = engine_layout(device, cores)
-    overrides.setdefault("length_group_size", group_size_for(variant))
     return RepositorySettings(variant=variant, device=device, instances=instances,
                               intra_op_threads=threads or cores, **overrides)
 
@@ -187,7 +185,6 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
         instances=instances,
         intra_op_threads=threads,
         streams=args.streams,
-        length_group_size=group_size_for(variant),
         # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
         group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
         length_grouping=not args.no_length_grouping,

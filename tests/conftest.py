@@ -57,14 +57,47 @@ def _cuda_available() -> bool:
         return False
 
 
+# Fixtures that start a tritonserver: a test using one (directly or through another fixture) is a
+# `processes` test, left out of `make test-fast`.
+SERVER_FIXTURES = {"start_server", "launch_serve", "served_minilm"}
+# Fixtures that export the real all-MiniLM-L6-v2 (15 s on 2 cores): a test using one is `slow`.
+MINILM_FIXTURES = {"minilm_artifact", "minilm_exported"}
+# Set by `make test-fast`: a test outside the `processes` mark that starts a process fails, so the mark
+# cannot drift from what the tests do.
+FAST_ENV = "EMBEDLINE_TEST_FAST"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is present and are skipped (with the reason) elsewhere."""
+    """Tests on a server fixture get the `processes` mark, tests on the real MiniLM export `slow`; `gpu` tests run where CUDA is present and are
+    skipped (with the reason) elsewhere."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.processes)
+        if MINILM_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (onnxruntime CUDAExecutionProvider)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes_in_the_fast_loop(request, monkeypatch):
+    """Under `make test-fast`, starting a process outside a `processes` test is an error that names the fix."""
+    if not os.environ.get(FAST_ENV) or "processes" in request.keywords:
+        return
+    import multiprocessing
+    import subprocess
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it `@pytest.mark.processes` "
+                           "(it then runs in `make test` only)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @dataclass

@@ -209,6 +209,7 @@ def test_plots_are_written(tmp_path):
     assert np.frombuffer(written[0].read_bytes()[:8], dtype=np.uint8).tolist()[1:4] == list(b"PNG")
 
 
+@pytest.mark.processes
 def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
     from benchmarks.engine_process import EngineProcess, EngineUnavailable, write_workloads
 
@@ -226,6 +227,7 @@ def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
             pass
 
 
+@pytest.mark.processes
 def test_classify_latency_stage_against_the_real_server(tiny_classifier, tmp_path):
     from benchmarks.classify_latency import latency_table, measure_classify_latency
     from benchmarks.report import markdown
@@ -281,8 +283,8 @@ def test_tuning_candidates_change_one_setting_each():
     assert (layout.instances, layout.intra_op_threads) == (1, 2)
     assert "2 instances x 1 thread" not in openvino and "openvino 2 streams per instance" in openvino
     # Its groups are 64 texts (group_size_for): the group candidate is the other size.
-    assert openvino["groups of at most 32"].length_group_size == 32 and "groups of at most 64" not in openvino
-    assert candidates["groups of at most 64"].length_group_size == 64
+    assert openvino["groups of at most 32"].group_size == 32 and "groups of at most 64" not in openvino
+    assert candidates["groups of at most 64"].group_size == 64
 
 
 def test_side_by_side_rounds_won_counts_lower_latency_as_better():

@@ -301,6 +301,7 @@ def test_cli_embed_streams_a_multi_block_input(url, client, tmp_path):
     assert b"\rembedded" not in done.stderr  # no progress line when stderr is not a terminal
 
 
+@pytest.mark.processes
 def test_cli_reports_a_down_server_in_one_line():
     done = _embedline("embed", "--url", f"127.0.0.1:{free_port()}", "--timeout", "2", stdin="hello\n")
     assert done.returncode == 1

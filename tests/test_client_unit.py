@@ -652,6 +652,7 @@ def test_real_client_against_a_closed_port_is_unavailable_quickly():
 HEAVY_MODULES = ("torch", "transformers", "onnx", "tokenizers", "onnxruntime")
 
 
+@pytest.mark.processes
 def test_client_imports_and_constructs_without_heavy_packages():
     script = textwrap.dedent(f"""
         import sys

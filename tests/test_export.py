@@ -165,6 +165,7 @@ def test_unknown_variant_is_an_error(tiny_artifact):
         export_artifact(tiny_artifact, variants=("fp8",), show_progress=False)
 
 
+@pytest.mark.slow
 def test_ensure_exported(tiny_model_dir, tmp_path, monkeypatch):
     from embedline.export import pipeline
 

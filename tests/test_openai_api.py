@@ -67,12 +67,12 @@ TEXTS = [
 class App:
     """One route process and where it listens."""
 
-    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str]):
+    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str], pass_fds=()):
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
 
     def wait_listening(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -357,6 +357,33 @@ def test_unavailable_server_is_503_with_retry_after_and_health_503(apps):
     assert httpx.get(f"{dead.base_url}/health").status_code == 503
 
 
+def test_a_draining_route_answers_503_with_retry_after_and_serves_on_an_inherited_socket(servers, tiny_fp32,
+                                                                                        tmp_path):
+    """SIGUSR1 (the launcher's drain) turns new requests into 503 draining with Retry-After; the process
+    serves on a socket it was handed (--fd), as under the launcher."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    tiny = ServedModel("tiny", tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length)
+    argv = [*openai_command(servers[0].grpc_url, [tiny], port=port), "--fd", str(listener.fileno())]
+    env = {k: v for k, v in os.environ.items() if k != "EMBEDLINE_API_KEY"}
+    app = App(argv, port, tmp_path / "route.log", env, pass_fds=(listener.fileno(),))
+    try:
+        app.wait_listening()
+        assert raw_post(app, {"input": "hello"}).status_code == 200
+        app.process.send_signal(signal.SIGUSR1)
+        response = raw_post(app, {"input": "hello"})
+        assert_error_shape(response, 503, "draining")
+        assert response.headers["retry-after"] == "1" and response.headers["connection"] == "close"
+        health = httpx.get(f"{app.base_url}/health")
+        assert (health.status_code, health.json()) == (503, {"status": "draining", "in_flight": 0})
+        assert app.stop() == 0
+    finally:
+        listener.close()
+        app.stop()
+
+
 def test_sdk_errors_map_to_http_statuses():
     cases = [
         (ServerOverloadedError("full"), 429),
@@ -397,6 +424,7 @@ def test_openai_command_round_trips_the_models(tmp_path):
         openai_command("h:1", [ServedModel("m", "t.json", 8, {"batch_size": 4})])
 
 
+@pytest.mark.processes
 def test_process_refuses_an_exposed_address_without_a_key(tiny_fp32):
     argv = openai_command("127.0.0.1:1", [ServedModel("t", tiny_fp32.tokenizer_path, 64)], host="0.0.0.0",
                           port=free_port())

@@ -129,9 +129,9 @@ def test_engine_layout_gives_a_cpu_two_instances_with_half_the_cores_each():
     assert (served_settings("fp16", 4, "gpu").instances, served_settings("fp16", 4, "gpu").intra_op_threads) == (1, 4)
     assert served_settings("int8", 2, max_queue_size=0).max_queue_size == 0
     # ... and the group size `serve` gives the variant, unless overridden.
-    assert served_settings("openvino", 2).length_group_size == 64
-    assert served_settings("int8", 2).length_group_size == 32
-    assert served_settings("openvino", 2, length_group_size=16).length_group_size == 16
+    assert served_settings("openvino", 2).group_size == 64
+    assert served_settings("int8", 2).group_size == 32
+    assert served_settings("openvino", 2, length_group_size=16).group_size == 16
 
 
 def test_usable_cores_honours_a_cgroup_cpu_quota(tmp_path):
@@ -181,8 +181,8 @@ def test_instances_and_threads_follow_the_variant_unless_given(tiny_fp32, tmp_pa
     configure(parser)
     args = parser.parse_args(["--artifact", str(tiny_fp32.path), "--output", str(tmp_path)])
     # OpenVINO runs groups of up to 64 texts, ONNX Runtime 32 (serving/settings.py: group_size_for).
-    assert settings_from_args(args, tiny_fp32, "cpu", variant="openvino").length_group_size == 64
-    assert settings_from_args(args, tiny_fp32, "cpu", variant="fp32").length_group_size == 32
+    assert settings_from_args(args, tiny_fp32, "cpu", variant="openvino").group_size == 64
+    assert settings_from_args(args, tiny_fp32, "cpu", variant="fp32").group_size == 32
     config = read_config(build_repository(tiny_fp32, tmp_path / "m", RepositorySettings(instances=2)) / "embed"
                          / "config.pbtxt")
     assert config.instance_group[0].count == 2
@@ -272,3 +272,52 @@ def test_each_artifact_s_classifier_head_is_its_own_classify_model(tiny_classifi
     catalog = json.loads(read_config(repo / "embed" / "config.pbtxt").parameters["served_models"].string_value)
     assert catalog == {tiny_classifier.name: {"embed": "embed", "classify": "classify"},
                        "intent": {"embed": "intent", "classify": "intent-classify"}}
+
+
+def with_openvino_stand_in(artifact, dest: Path, name: str):
+    """A copy of `artifact` named `name` with stand-in OpenVINO IR files: the builder only places them."""
+    import json
+    import shutil
+
+    from embedline import artifact as art
+
+    shutil.copytree(artifact.path, dest)
+    metadata = json.loads((dest / art.METADATA_FILE).read_text())
+    (dest / art.METADATA_FILE).write_text(json.dumps({**metadata, "name": name}))
+    copy = art.load_artifact(dest)
+    xml, bin_ = copy.openvino_files()
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    xml.write_text("<net/>")
+    bin_.write_bytes(b"\0")
+    return copy
+
+
+def parameters(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def test_artifacts_of_different_variants_side_by_side_get_their_own_group_sizes(tiny_fp32, tmp_path):
+    openvino = with_openvino_stand_in(tiny_fp32, tmp_path / "ov", "tiny-ov")
+    for order in (["fp32", "openvino"], ["openvino", "fp32"]):
+        artifacts = [tiny_fp32, openvino] if order[0] == "fp32" else [openvino, tiny_fp32]
+        repo = build_repository(artifacts, tmp_path / "-".join(order), RepositorySettings(), order)
+        embed_dirs = ["embed", artifacts[1].name]
+        sizes = [parameters(read_config(repo / d / "config.pbtxt"))["length_group_size"] for d in embed_dirs]
+        assert sizes == ["32" if variant == "fp32" else "64" for variant in order], (order, sizes)
+
+
+def test_publish_of_an_openvino_version_over_onnxruntime_writes_what_build_repo_would(tiny_fp32, tmp_path,
+                                                                                    monkeypatch):
+    from embedline.serving import publish
+
+    openvino = with_openvino_stand_in(tiny_fp32, tmp_path / "ov", tiny_fp32.name)
+    settings = RepositorySettings(variant="fp32", instances=2, intra_op_threads=1)
+    served = build_repository(tiny_fp32, tmp_path / "served", settings)
+    assert parameters(read_config(served / "embed" / "config.pbtxt"))["length_group_size"] == "32"
+    publish.publish(openvino, served, variant="openvino")
+    expected = build_repository(openvino, tmp_path / "expected", RepositorySettings(
+        variant="openvino", instances=2, intra_op_threads=1))
+    published = read_config(served / "embed" / "config.pbtxt")
+    assert parameters(published) == parameters(read_config(expected / "embed" / "config.pbtxt"))
+    assert parameters(published)["length_group_size"] == "64"
+    assert (served / "embed" / "2" / "model.xml").is_file()

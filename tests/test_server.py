@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 import numpy as np
 import psutil
 
@@ -28,6 +30,7 @@ def assert_one_line_error(result, needle):
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
+@pytest.mark.processes
 def test_port_in_use_is_a_one_line_error(tiny_artifact):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -38,6 +41,7 @@ def test_port_in_use_is_a_one_line_error(tiny_artifact):
     assert_one_line_error(result, f"port {port}")
 
 
+@pytest.mark.processes
 def test_broken_artifact_is_a_one_line_error(tmp_path):
     (tmp_path / "embedline.json").write_text("{not json")
     (tmp_path / "tokenizer.json").write_text("{}")
@@ -46,6 +50,7 @@ def test_broken_artifact_is_a_one_line_error(tmp_path):
     assert_one_line_error(result, "cannot read JSON")
 
 
+@pytest.mark.processes
 def test_missing_artifact_is_a_one_line_error(tmp_path):
     result = run_cli("serve", "--artifact", str(tmp_path / "nope"), "--grpc-port", str(free_port()),
                      "--http-port", str(free_port()), "--metrics-port", str(free_port()))

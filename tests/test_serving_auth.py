@@ -121,6 +121,7 @@ def test_tls_serves_grpc_to_a_client_that_trusts_the_certificate(launch_serve, t
         assert not plaintext.health()  # a plaintext client cannot talk to the TLS port
 
 
+@pytest.mark.processes
 def test_tls_needs_both_files(tiny_fp32, tmp_path):
     cert, _ = self_signed_certificate(tmp_path)
     result = subprocess.run(

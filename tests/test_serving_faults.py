@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -274,6 +275,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.processes
 def test_a_killed_launcher_leaves_nothing_behind_even_under_an_init_that_does_not_reap(tiny_fp32):
     """tritonserver, its model processes (busy with requests) and the route all end within seconds of a
     SIGKILLed launcher, with no init reaping the dead."""
@@ -345,11 +347,19 @@ def route_health(served) -> int | None:
         return None
 
 
-def test_a_killed_route_is_restarted_until_its_restarts_run_out(launch_serve, tiny_fp32):
-    """The route is supervised like tritonserver: restarted with backoff, bounded by --max-restarts."""
+def route_embeddings(served, texts: list[str], timeout: float) -> dict:
     import json
     import urllib.request
 
+    request = urllib.request.Request(f"http://127.0.0.1:{served.openai_port}/v1/embeddings", method="POST",
+                                     data=json.dumps({"input": texts}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def test_a_killed_route_is_restarted_until_its_restarts_run_out(launch_serve, tiny_fp32):
+    """The route is supervised like tritonserver: restarted with backoff, bounded by --max-restarts."""
     import psutil
 
     served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32", "--max-restarts", "1")
@@ -360,18 +370,65 @@ def test_a_killed_route_is_restarted_until_its_restarts_run_out(launch_serve, ti
 
     assert route_health(served) == 200
     route().kill()
-    wait_until(lambda: route_health(served) is None, timeout=1)  # down: its port refuses, /health with it
+    # Sent while the route is down: the launcher holds the listening socket, so the call waits in the
+    # accept queue and the restarted route answers it.
+    assert len(route_embeddings(served, TEXTS, timeout=30)["data"]) == 3
     output = served.read_until("the OpenAI route is serving again", timeout=60)
     assert "the OpenAI route exited with code -9; starting it again in 0.5 s (restart 1 of at most 1" in output
     assert route_health(served) == 200
-    request = urllib.request.Request(f"http://127.0.0.1:{served.openai_port}/v1/embeddings", method="POST",
-                                     data=json.dumps({"input": TEXTS}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert len(json.loads(response.read())["data"]) == 3
     server = served.tritonserver()
     processes = [server, *served.model_processes()]
     route().kill()
     served.read_until("restarts in a row are used up", timeout=60)
     assert served.process.wait(30) == 1
     wait_until(lambda: all(ended(p) for p in processes), timeout=5)
+
+
+def test_route_callers_get_503_with_retry_after_while_a_replica_drains(launch_serve, tiny_fp32):
+    """During a drain the route answers, with 200 or a retryable 503, until its last moment: only as the
+    route stops does its port refuse, and a call that connected just then is reset, unanswered."""
+    import http.client
+
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32")
+    seen: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def call() -> None:
+        while not stop.is_set():
+            connection = http.client.HTTPConnection("127.0.0.1", served.openai_port, timeout=10)
+            try:
+                connection.request("POST", "/v1/embeddings", body=b'{"input": ["a short text"]}',
+                                   headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                retry_after = response.getheader("Retry-After")
+                kind = ("ok" if response.status == 200 else
+                        "503 retry" if response.status == 503 and retry_after else f"status {response.status}")
+            except ConnectionRefusedError:
+                kind = "refused"
+            except (OSError, http.client.HTTPException) as exc:
+                kind = f"cut ({type(exc).__name__})"
+            finally:
+                connection.close()
+            seen.append((kind, time.monotonic()))
+            if kind == "refused":
+                return
+            if kind == "503 retry":
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: sum(kind == "ok" for kind, _ in seen) >= 20, timeout=30)
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(60) == 0
+    exited = time.monotonic()
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    kinds = Counter(kind for kind, _ in seen)
+    print(f"route outcomes around a drain: {dict(kinds)}")
+    assert kinds["503 retry"] >= 1, "no request arrived during the drain"
+    assert {kind for kind in kinds if not kind.startswith("cut")} <= {"ok", "503 retry", "refused"}, kinds
+    first_unanswered = min((at for kind, at in seen if kind == "refused" or kind.startswith("cut")), default=exited)
+    assert exited - first_unanswered < 1.0, "the port refused or reset callers while the launcher was still draining"

@@ -65,6 +65,7 @@ def test_two_artifacts_in_one_server_each_answer_as_in_process(launch_serve, tin
     np.testing.assert_allclose(asyncio.run(async_b()), expected_b, atol=1e-4)
 
 
+@pytest.mark.processes
 def test_two_artifacts_with_one_name_are_refused(tiny_fp32, tmp_path):
     import subprocess
     import sys

@@ -218,6 +218,7 @@ def wait_ended(processes, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.processes
 def test_a_model_process_is_killed_when_its_parent_dies_even_unreaped_and_holding_the_gil():
     import psutil
 

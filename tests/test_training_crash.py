@@ -342,6 +342,7 @@ def test_trainer_killed_mid_save_resumes_to_the_uninterrupted_result(
     assert sorted(p.name for p in paths.run_dir.iterdir()) == ["metrics.jsonl", "metrics.png"]
 
 
+@pytest.mark.processes
 def test_cli_sigkill_loses_at_most_checkpoint_steps_and_resumes_to_the_same_weights(
         tiny_model_dir, corpus, tmp_path):  # noqa: F811
     """`embedline train` in a real process, SIGKILLed mid-run (wherever it is: in a step, writing metrics,

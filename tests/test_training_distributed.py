@@ -83,6 +83,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.processes
 def test_ddp_gloo_equals_single_process(tiny_model_dir, tmp_path):
     (tmp_path / "ddp").mkdir()
     (tmp_path / "single").mkdir()

@@ -198,6 +198,7 @@ def test_eval_sts_verb(tiny_artifact, corpus, capsys):
     assert result["pairs"] == 30 and -100 <= result["spearman"] <= 100 and result["uniformity"] < 0
 
 
+@pytest.mark.processes
 def test_cli_sigint_saves_checkpoint_and_resumes(tiny_model_dir, corpus, tmp_path):
     """`embedline train` in a real process: SIGINT -> checkpoint, exit 130; `--resume` finishes the run."""
     out = tmp_path / "out"
