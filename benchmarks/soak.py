@@ -12,9 +12,10 @@ zero errors, memory under `serving/memory.py`'s bound for the layout, and at mos
 second half of the run (the first half is warm-up: allocator pools and kernel caches fill).
 
     .venv/bin/python -m benchmarks.soak [--minutes 10] [--concurrency 64] [--mix shapes] [--variant int8]
+                                        [--instances 1 --threads 2]
 
-Writes benchmarks/results/soak-MIX-VARIANT.json and .png, and the row of that run in the "soak" table of
-benchmarks/README.md (one row per mix and variant).
+Writes benchmarks/results/soak-MIX-VARIANT[-INSTANCESxTHREADS].json and .png, and the row of that run in the
+"soak" table of benchmarks/README.md (one row per mix, variant and layout).
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def realistic_request(texts: Texts) -> list[str]:
     return texts.batch(texts.rng.randint(1, 4), 150, 300)
 
 
-def start_launcher(variant: str | None) -> tuple[subprocess.Popen, str, list[str]]:
-    """`embedline serve` as users start it (its default layout), on free ports; -> (process, url, banner)."""
+def start_launcher(variant: str | None, layout_args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+    """`embedline serve` as users start it (its default layout unless `layout_args` name one), on free ports;
+    -> (process, url, banner)."""
     from embedline.serving.triton import free_port
 
     ports = [free_port() for _ in range(3)]
@@ -95,6 +97,7 @@ def start_launcher(variant: str | None) -> tuple[subprocess.Popen, str, list[str
                "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", "0"]
     if variant:
         command += ["--variant", variant]
+    command += layout_args
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = []
     for line in launcher.stdout:
@@ -245,13 +248,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--mix", choices=MIXES, default="shapes")
     parser.add_argument("--variant", default=None, help="served variant (default: the launcher's choice)")
+    parser.add_argument("--instances", type=int, default=None,
+                        help="serve's --instances, with --threads: another layout `serve` runs (e.g. the one "
+                             "instance it falls back to under a small memory limit)")
+    parser.add_argument("--threads", type=int, default=None, help="serve's --threads")
     parser.add_argument("--readme-only", action="store_true", help="rewrite the README table from saved runs")
     args = parser.parse_args()
     if args.readme_only:
         write_readme()
         return
 
-    launcher, url, banner = start_launcher(args.variant)
+    layout_args = [f"--{name}={value}" for name, value in (("instances", args.instances), ("threads", args.threads))
+                   if value is not None]
+    launcher, url, banner = start_launcher(args.variant, layout_args)
     served = next(line for line in banner if line.startswith("embedline: serving"))
     variant = served.split("(", 1)[1].split(",", 1)[0]
     layout = next(line.split(None, 1)[1] for line in banner if line.strip().startswith("engine"))
@@ -265,7 +274,8 @@ def main() -> None:
         launcher.wait(120)
     result = verdict(samples, latencies, bound)
     print(result)
-    name = f"soak-{args.mix}-{variant}"
+    # The default layout's run is soak-MIX-VARIANT; another layout's adds INSTANCESxTHREADS.
+    name = f"soak-{args.mix}-{variant}" + (f"-{instances}x{layout.split()[3]}" if layout_args else "")
     save_results(name, {"mix": args.mix, "variant": variant, "layout": layout, "minutes": args.minutes,
                         "concurrency": args.concurrency, "samples": samples, "verdict": result})
     plot(samples, f"soak ({args.mix}, {variant}, {layout}): {args.concurrency} callers", RESULTS / f"{name}.png")

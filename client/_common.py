@@ -3,13 +3,7 @@ the wire encoding of the `embed` / `classify` contract, connection settings (rep
 TLS), replica choice, and the retry/deadline policy.
 
 Nothing here does I/O, so both clients run exactly the same logic and it is unit-testable without a
-server. The wire contract is model_repository/README.md:
-
-    embed     in  text [n, 1] BYTES (UTF-8)   out  sentence_embedding [n, dim] FP32, truncated [n, 1] BOOL
-    classify  in  text [n, 1] BYTES (UTF-8)   out  label [n, 1] BYTES, probabilities [n, num_labels] FP32,
-                                                   truncated [n, 1] BOOL (+ neighbour_labels [n, k] BYTES
-                                                   when the config's `neighbours` parameter k > 0)
-    config parameters (strings): model_name, dim, max_seq_length, variant, pooling (+ labels: JSON list)
+server. The wire contract (model and tensor names, config parameters) is embedline/wire.py.
 
 How one RPC is sent (`Retrier`, driven the same way by both clients):
 
@@ -26,7 +20,6 @@ How one RPC is sent (`Retrier`, driven the same way by both clients):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -38,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from embedline import wire
 from embedline.client.errors import (
     API_KEY_ENV,
     DeadlineExceededError,
@@ -49,17 +43,18 @@ from embedline.client.errors import (
     is_retryable,
     status_and_message,
 )
+from embedline.wire import (
+    CLASSIFY_MODEL,
+    EMBED_MODEL,
+    EMBEDDING_OUTPUT,
+    LABEL_OUTPUT,
+    NEIGHBOURS_OUTPUT,
+    PROBABILITIES_OUTPUT,
+    TEXT_INPUT,
+    TRUNCATED_OUTPUT,
+)
 
-EMBED_MODEL = "embed"
-CLASSIFY_MODEL = "classify"
-TEXT_INPUT = "text"
-EMBEDDING_OUTPUT = "sentence_embedding"
-TRUNCATED_OUTPUT = "truncated"
-LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
-NEIGHBOURS_OUTPUT = "neighbour_labels"
-
-DEFAULT_URL = "127.0.0.1:8001"
+DEFAULT_URL = f"127.0.0.1:{wire.DEFAULT_PORTS['grpc']}"
 DEFAULT_TIMEOUT_S = 30.0
 # `max_concurrency` as given by the callers that want the old fixed value; the default (None) is the
 # automatic choice of `plan_requests`.
@@ -310,7 +305,7 @@ def plan_requests(n_texts: int, max_batch_size: int, *, instances: int = 1, grou
 def spec_group_size(spec: _ModelSpec) -> int:
     """The server's length group size (its `length_group_size` parameter), else DEFAULT_GROUP_SIZE."""
     try:
-        value = int(spec.parameters.get("length_group_size") or DEFAULT_GROUP_SIZE)
+        value = wire.read(spec.parameters, "length_group_size", DEFAULT_GROUP_SIZE)
     except ValueError:
         value = DEFAULT_GROUP_SIZE
     return value if value >= 1 else DEFAULT_GROUP_SIZE
@@ -379,7 +374,7 @@ def parse_embed(result: Any, n: int, url: str, model: str = EMBED_MODEL) -> tupl
 def classify_outputs(spec: _ModelSpec) -> tuple[str, ...]:
     """The outputs to request from `classify`: neighbour labels too when its config says it has them."""
     try:
-        neighbours = int(spec.parameters.get("neighbours", "0") or 0)
+        neighbours = wire.read(spec.parameters, "neighbours", 0)
     except ValueError:
         neighbours = 0
     return CLASSIFY_OUTPUTS + ((NEIGHBOURS_OUTPUT,) if neighbours > 0 else ())
@@ -473,26 +468,28 @@ def parse_model_config(response: Any, url: str = "") -> _ModelSpec:
                       instances=instances, max_queue_size=max_queue_size)
 
 
-def _parameter(spec: _ModelSpec, key: str, url: str) -> str:
+def _parameter(spec: _ModelSpec, key: str, url: str, default: Any = None) -> Any:
+    """The typed value of a config parameter (embedline/wire.py); `default` where an older server lacks
+    it, ServerError where a required one is missing or does not parse."""
     try:
-        return spec.parameters[key]
-    except KeyError:
+        value = wire.read(spec.parameters, key, default)
+    except ValueError as exc:
+        raise ServerError(f"model '{spec.name}' at {url}: {exc}") from None
+    if value is None:
         raise ServerError(f"model '{spec.name}' at {url} has no config parameter '{key}'; "
-                          "was its repository built by `embedline build-repo`?") from None
+                          "was its repository built by `embedline build-repo`?")
+    return value
 
 
 def spec_dim(spec: _ModelSpec, url: str) -> int:
-    return int(_parameter(spec, "dim", url))
+    return _parameter(spec, "dim", url)
 
 
 def spec_labels(spec: _ModelSpec, url: str) -> tuple[str, ...]:
-    raw = _parameter(spec, "labels", url)
-    try:
-        labels = json.loads(raw)
-    except json.JSONDecodeError:
-        labels = None
+    labels = _parameter(spec, "labels", url)
     if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise ServerError(f"model '{spec.name}' at {url}: parameter 'labels' is not a JSON list of strings: {raw!r}")
+        raise ServerError(f"model '{spec.name}' at {url}: parameter 'labels' is not a JSON list of strings: "
+                          f"{spec.parameters.get('labels')!r}")
     return tuple(labels)
 
 
@@ -500,14 +497,14 @@ def build_info(embed: _ModelSpec, classify: _ModelSpec | None, url: str) -> Mode
     return ModelInfo(
         model_name=_parameter(embed, "model_name", url),
         dim=spec_dim(embed, url),
-        max_seq_length=int(_parameter(embed, "max_seq_length", url)),
+        max_seq_length=_parameter(embed, "max_seq_length", url),
         variant=_parameter(embed, "variant", url),
-        pooling=embed.parameters.get("pooling", ""),
+        pooling=_parameter(embed, "pooling", url, default=""),
         max_batch_size=embed.max_batch_size,
         labels=spec_labels(classify, url) if classify is not None else (),
         served_models=tuple(served_catalog(embed)),
-        matryoshka_dims=tuple(int(d) for d in json.loads(embed.parameters.get("matryoshka_dims") or "[]")),
-        host_warning=embed.parameters.get("host_warning", ""),
+        matryoshka_dims=tuple(int(d) for d in _parameter(embed, "matryoshka_dims", url, default=[])),
+        host_warning=_parameter(embed, "host_warning", url, default=""),
     )
 
 
@@ -516,10 +513,10 @@ def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:
 
     Read from an embed model's `served_models` parameter; a server that predates it serves one artifact.
     """
-    raw = spec.parameters.get("served_models")
-    if raw:
-        return json.loads(raw)
-    return {spec.parameters.get("model_name", spec.name): {"embed": spec.name, "classify": CLASSIFY_MODEL}}
+    catalog = wire.read(spec.parameters, "served_models")
+    if catalog:
+        return catalog
+    return {wire.read(spec.parameters, "model_name", spec.name): {"embed": spec.name, "classify": CLASSIFY_MODEL}}
 
 
 def resolve_model(default_embed: _ModelSpec, name: str, url: str) -> tuple[str, str]:

@@ -46,8 +46,8 @@ Every type derives from `embedline.errors.EmbedlineError`, so the `embedline` CL
 from __future__ import annotations
 
 from embedline.errors import EmbedlineError
+from embedline.wire import API_KEY_ENV  # noqa: F401  (re-exported: the SDK and serving read it from here)
 
-API_KEY_ENV = "EMBEDLINE_API_KEY"
 
 
 class EmbeddingClientError(EmbedlineError):

@@ -38,11 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedline.client.errors import API_KEY_ENV
 from embedline.serving.memory import cgroup_root, fit_to_memory, memory_limit_mib
 from embedline.serving.settings import add_server_options, settings_from_args
 from embedline.serving.triton import (
-    DEFAULT_PORTS,
     ServingError,
     TritonServer,
     check_api_key,
@@ -50,10 +48,10 @@ from embedline.serving.triton import (
     die_with_parent,
     is_loopback,
 )
+from embedline.wire import API_KEY_ENV, DEFAULT_PORTS
 
 log = logging.getLogger(__name__)
 
-OPENAI_PORT = 8080
 WATCH_INTERVAL_S = 0.2
 ROUTE_BACKLOG = 1024  # connections that wait for a restarting route (the kernel caps it at net.core.somaxconn)
 LISTEN_PROBE_TIMEOUT_S = 0.2  # polled from the watch loop: never holds up the watch on tritonserver
@@ -92,7 +90,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     parser.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
-    parser.add_argument("--openai-port", type=int, default=OPENAI_PORT,
+    parser.add_argument("--openai-port", type=int, default=DEFAULT_PORTS["openai"],
                         help="port of the OpenAI-compatible /v1/embeddings route (0: off)")
     parser.add_argument("--repository", default=None,
                         help="where to build the model repository (default: a temporary directory)")

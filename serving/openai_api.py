@@ -79,13 +79,12 @@ from embedline.client import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
-from embedline.client.errors import API_KEY_ENV
 from embedline.serving.triton import check_api_key
+from embedline.wire import API_KEY_ENV, DEFAULT_PORTS
 
 MODULE = "embedline.serving.openai_api"
 log = logging.getLogger(MODULE)  # not __name__: run with -m, that would be "__main__"
 
-DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_INPUTS = 2048            # OpenAI's limit on texts per request
 RETRY_AFTER_S = 1            # the SDK's longest backoff: a retry sooner would meet the same full queue
@@ -450,7 +449,7 @@ def format_model_spec(model: ServedModel) -> str:
 
 
 def openai_command(grpc_url: str, models: Sequence[ServedModel], *, host: str = "127.0.0.1",
-                   port: int = DEFAULT_PORT, default_model: str | None = None, timeout: float | None = None,
+                   port: int = DEFAULT_PORTS["openai"], default_model: str | None = None, timeout: float | None = None,
                    max_retries: int | None = None, max_body_bytes: int | None = None,
                    grpc_root_certificates: str | os.PathLike | None = None, drain_timeout: float | None = None,
                    insecure: bool = False, access_log: bool = False, python: str = sys.executable) -> list[str]:
@@ -483,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                     f"The API key, if any, is read from ${API_KEY_ENV}.")
     parser.add_argument("--grpc-url", required=True, help="the Triton server's gRPC host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (non-loopback needs a key or --insecure)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORTS["openai"])
     parser.add_argument("--fd", type=int, default=None,
                         help="serve on this inherited listening socket (bound by the supervisor) instead of "
                              "binding --host:--port")

@@ -17,7 +17,6 @@ republished (restart the server for a new head).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from dataclasses import replace
@@ -27,11 +26,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from embedline import artifact as art
+from embedline import wire
 from embedline.serving.triton import ServingError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBED_MODEL = "embed"
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -45,12 +44,13 @@ def _read_config(path: Path) -> model_config_pb2.ModelConfig:
 
 def embed_model_dir(repository: Path, name: str | None) -> Path:
     """The served `embed` model of the artifact called `name` (default: the server's default artifact)."""
-    default = repository / DEFAULT_EMBED_MODEL
+    default = repository / wire.EMBED_MODEL
     if not (default / "config.pbtxt").is_file():
-        raise ServingError(f"{repository} is not an embedline model repository (no {DEFAULT_EMBED_MODEL}/config.pbtxt)")
+        raise ServingError(f"{repository} is not an embedline model repository (no {wire.EMBED_MODEL}/config.pbtxt)")
     if name is None:
         return default
-    catalog = json.loads(_read_config(default / "config.pbtxt").parameters["served_models"].string_value)
+    parameters = _read_config(default / "config.pbtxt").parameters
+    catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], parameters["served_models"].string_value)
     if name not in catalog:
         raise ServingError(f"no served model named {name!r}; the server serves {', '.join(catalog)}")
     return repository / catalog[name]["embed"]
@@ -68,7 +68,7 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     config = _read_config(config_path)
     if config.backend != "python":
         raise ServingError(f"{model_dir.name} is not a python-layout model: publish serves the embedded server")
-    served_dim = int(config.parameters["dim"].string_value)
+    served_dim = wire.decode(wire.EMBED_PARAMETERS["dim"], config.parameters["dim"].string_value)
     if artifact.dim != served_dim:
         raise ServingError(f"{artifact.path} makes {artifact.dim}-d embeddings, the served model {served_dim}-d; "
                            "serve it as a new model instead")
@@ -83,8 +83,9 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     old = {key: value.string_value for key, value in config.parameters.items()}
     on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
     settings = replace(settings_from_parameters(old, "gpu" if on_gpu else "cpu"), variant=variant)
-    for key, value in embed_parameters(artifact, settings, old["served_models"]).items():
-        config.parameters[key].string_value = str(value)
+    catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], old["served_models"])
+    for key, value in wire.encode(wire.EMBED_PARAMETERS, embed_parameters(artifact, settings, catalog)).items():
+        config.parameters[key].string_value = value
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
     tmp_config.write_text(text_format.MessageToString(config), encoding="utf-8")
     tmp_config.replace(config_path)

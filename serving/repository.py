@@ -24,6 +24,7 @@ from pathlib import Path
 from string import Template
 
 from embedline import artifact as art
+from embedline import wire
 from embedline.export.variants import OPENVINO_VARIANT, host_mismatch, variant_files
 from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 
@@ -34,6 +35,9 @@ LAYOUTS = ("python", "onnxruntime")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The default artifact's model names: no other artifact may take them.
 RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder")
+# The parameters of the classify ensemble and of its classifier_head step (embedline/wire.py).
+CLASSIFY_CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
+HEAD_CONTRACT = {"dim": wire.EMBED_PARAMETERS["dim"], **wire.HEAD_PARAMETERS}
 # Every python model starts its watch on tritonserver from this file (model_repository/common/).
 PARENT_WATCH = "parent_watch.py"
 
@@ -53,9 +57,10 @@ def _place(source: Path, dest: Path) -> None:
         shutil.copy2(source, dest)
 
 
-def _parameters_block(params: dict[str, str]) -> str:
+def _parameters_block(contract: dict[str, wire.Parameter], params: dict[str, object]) -> str:
     entries = ",\n".join(
-        f'  {{ key: "{key}", value: {{ string_value: {json.dumps(str(value))} }} }}' for key, value in params.items()
+        f'  {{ key: "{key}", value: {{ string_value: {json.dumps(value)} }} }}'
+        for key, value in wire.encode(contract, params).items()
     )
     return f"parameters [\n{entries}\n]"
 
@@ -139,8 +144,8 @@ def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | o
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    catalog = json.dumps({n.name: {"embed": n.embed, "classify": n.classify if a.has_head() else ""}
-                          for n, a in zip(names, artifacts)})
+    catalog = {n.name: {"embed": n.embed, "classify": n.classify if a.has_head() else ""}
+               for n, a in zip(names, artifacts)}
     for artifact, model_names, variant in zip(artifacts, names, variants):
         _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog)
     log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
@@ -148,7 +153,7 @@ def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | o
 
 
 def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: RepositorySettings, dest: Path,
-                  catalog: str) -> None:
+                  catalog: dict) -> None:
     """The `embed` model (and `classify`, with a head) of one artifact, at version 1."""
     model_files = variant_files(artifact, settings.variant)
     if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
@@ -163,7 +168,7 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
         "dynamic_batching": _dynamic_batching_block(settings),
         "instances": settings.instances,
         "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
-        "parameters": _parameters_block(params),
+        "parameters": _parameters_block(wire.EMBED_PARAMETERS, params),
     }
     layout = templates / settings.layout
     text_batch = templates / "common" / "text_batch.py"
@@ -184,7 +189,7 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
         _add_classify(artifact, names, dest, templates, settings.layout, params, values)
 
 
-def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: str) -> dict[str, object]:
+def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: dict) -> dict[str, object]:
     """The embed model's config parameters: the client contract (model_name, dim, ...) and the engine's.
     `build-repo` and `publish` both write these, so a published version is configured as a built one."""
     return {
@@ -195,17 +200,17 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
         "variant": settings.variant,
         "intra_op_threads": settings.intra_op_threads,
         "length_group_size": settings.group_size,
-        "length_grouping": str(settings.length_grouping).lower(),
+        "length_grouping": settings.length_grouping,
         "group_overhead_tokens": settings.group_overhead_tokens,
         "max_group_tokens": settings.max_group_tokens,
         "engine_cache_shapes": settings.engine_cache_shapes,
         "engine": "openvino" if settings.variant == OPENVINO_VARIANT else "onnxruntime",
         "streams": settings.streams,
         "gpu_provider": settings.gpu_provider,
-        "spin_wait": str(settings.spin_wait).lower(),
+        "spin_wait": settings.spin_wait,
         # Every served artifact's name -> its Triton models, so a client can address one by name.
         "served_models": catalog,
-        "matryoshka_dims": json.dumps(list(artifact.matryoshka_dims)),
+        "matryoshka_dims": list(artifact.matryoshka_dims),
         # Set when this CPU's int8 instructions differ from the exporting host's, whose speed check chose
         # the CPU variant: `info().host_warning` and the serve banner say so.
         "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",
@@ -215,15 +220,12 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
 def settings_from_parameters(parameters: dict[str, str], device: str) -> RepositorySettings:
     """The engine settings a served embed model's parameters were written with (embed_parameters), so that
     `publish` rewrites them for a new artifact. The length group size is left to the new variant."""
-    return RepositorySettings(
-        variant=parameters["variant"], device=device,
-        intra_op_threads=int(parameters["intra_op_threads"]),
-        length_grouping=parameters["length_grouping"] == "true",
-        group_overhead_tokens=int(parameters["group_overhead_tokens"]),
-        max_group_tokens=int(parameters["max_group_tokens"]),
-        engine_cache_shapes=int(parameters["engine_cache_shapes"]),
-        streams=int(parameters["streams"]), gpu_provider=parameters["gpu_provider"],
-        spin_wait=parameters["spin_wait"] == "true")
+    def value(key: str):
+        return wire.decode(wire.EMBED_PARAMETERS[key], parameters[key])
+
+    engine_keys = ("intra_op_threads", "length_grouping", "group_overhead_tokens", "max_group_tokens",
+                   "engine_cache_shapes", "streams", "gpu_provider", "spin_wait")
+    return RepositorySettings(variant=value("variant"), device=device, **{key: value(key) for key in engine_keys})
 
 
 def write_embed_version(artifact: art.Artifact, version: Path, model_files: list[Path]) -> None:
@@ -255,17 +257,17 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
         neighbours = min(neighbours, len(art.read_json(head / art.TRAIN_LABELS_FILE)))
     else:
         neighbours = 0
-    head_params = {"labels": json.dumps(labels), "neighbours": neighbours}
+    head_params = {"labels": labels, "neighbours": neighbours}
     head_values = {
         **values,
         "num_labels": len(labels),
-        "neighbour_output": (f',\n  {{ name: "neighbour_labels", data_type: TYPE_STRING, dims: [ {neighbours} ] }}'
+        "neighbour_output": (f',\n  {{ name: "{wire.NEIGHBOURS_OUTPUT}", data_type: TYPE_STRING, dims: [ {neighbours} ] }}'
                              if neighbours else ""),
-        "neighbour_map": ('\n      output_map { key: "neighbour_labels", value: "neighbour_labels" }'
+        "neighbour_map": (f'\n      output_map {{ key: "{wire.NEIGHBOURS_OUTPUT}", value: "{wire.NEIGHBOURS_OUTPUT}" }}'
                           if neighbours else ""),
     }
     _render(templates / "python" / "classifier_head" / "config.pbtxt", dest / names.head / "config.pbtxt",
-            {**head_values, "parameters": _parameters_block({"dim": artifact.dim, **head_params})})
+            {**head_values, "parameters": _parameters_block(HEAD_CONTRACT, {"dim": artifact.dim, **head_params})})
     version = dest / names.head / "1"
     version.mkdir(parents=True)
     shutil.copy2(templates / "python" / "classifier_head" / "1" / "model.py", version / "model.py")
@@ -277,7 +279,7 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
         _place(head / art.TRAIN_EMBEDDINGS_FILE, version / art.TRAIN_EMBEDDINGS_FILE)
         shutil.copy2(head / art.TRAIN_LABELS_FILE, version / art.TRAIN_LABELS_FILE)
     _render(templates / layout / "classify" / "config.pbtxt", dest / names.classify / "config.pbtxt",
-            {**head_values, "parameters": _parameters_block({**params, **head_params})})
+            {**head_values, "parameters": _parameters_block(CLASSIFY_CONTRACT, {**params, **head_params})})
     (dest / names.classify / "1").mkdir(parents=True)  # an ensemble still needs its version directory
 
 

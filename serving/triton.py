@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedline.errors import EmbedlineError
+from embedline.wire import DEFAULT_PORTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "metrics": 8002}
 
 
 class ServingError(EmbedlineError):

@@ -25,8 +25,7 @@ import yaml
 kubernetes_validate = pytest.importorskip("kubernetes_validate")  # the `dev` extra
 
 from embedline.cli import VERBS  # noqa: E402
-from embedline.serving.launcher import OPENAI_PORT  # noqa: E402
-from embedline.serving.triton import DEFAULT_PORTS  # noqa: E402
+from embedline.wire import DEFAULT_PORTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -212,8 +211,7 @@ def test_deployment_serves_on_all_interfaces_with_the_key_from_the_environment(c
 
 def test_deployment_ports_are_the_launchers_defaults_and_named(container):
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"http": DEFAULT_PORTS["http"], "grpc": DEFAULT_PORTS["grpc"],
-                     "metrics": DEFAULT_PORTS["metrics"], "openai": OPENAI_PORT}
+    assert ports == DEFAULT_PORTS
     args = parse_embedline(container["args"])
     assert (args.http_port, args.grpc_port, args.metrics_port, args.openai_port) == (8000, 8001, 8002, 8080)
 
@@ -307,9 +305,8 @@ def test_service_selects_the_pods_and_names_the_four_ports(deployment, container
     ports = {port["name"]: port for port in service["spec"]["ports"]}
     assert set(ports) == {"http", "grpc", "metrics", "openai"}
     for name, port in ports.items():
-        expected = OPENAI_PORT if name == "openai" else DEFAULT_PORTS[name]
-        assert port["port"] == expected
-        assert resolve_port(container, port["targetPort"]) == expected
+        assert port["port"] == DEFAULT_PORTS[name]
+        assert resolve_port(container, port["targetPort"]) == DEFAULT_PORTS[name]
 
 
 def test_pdb_keeps_one_pod_of_the_deployment(deployment):

@@ -35,7 +35,7 @@ class TritonPythonModel:
         options = session_options(ort, 1)
         self.session = ort.InferenceSession(os.path.join(directory, "head.onnx"), options,
                                             providers=["CPUExecutionProvider"])
-        self.k = int(params.get("neighbours", "0"))
+        self.k = int(params["neighbours"])
         if self.k:
             train = np.load(os.path.join(directory, "train_embeddings.npy"), allow_pickle=False)
             norms = np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)

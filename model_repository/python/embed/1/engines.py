@@ -110,12 +110,12 @@ class OpenVinoEngine:
 
 def load_engine(directory, params, gpu_device_id=None):
     """The engine named by the config's `engine` parameter, on the model file in `directory`."""
-    engine = params.get("engine", "onnxruntime")
-    threads = int(params.get("intra_op_threads", "0"))
+    engine = params["engine"]
+    threads = int(params["intra_op_threads"])
     if engine == "openvino":
-        return OpenVinoEngine(os.path.join(directory, "model.xml"), threads, int(params.get("streams", "1")),
-                              int(params.get("engine_cache_shapes", "100")))
+        return OpenVinoEngine(os.path.join(directory, "model.xml"), threads, int(params["streams"]),
+                              int(params["engine_cache_shapes"]))
     if engine != "onnxruntime":
         raise ValueError(f"unknown engine {engine!r} in the model config (expected onnxruntime or openvino)")
     return OrtEngine(os.path.join(directory, "model.onnx"), threads, gpu_device_id,
-                     params.get("gpu_provider", "cuda"), params.get("spin_wait", "true") == "true")
+                     params["gpu_provider"], params["spin_wait"] == "true")

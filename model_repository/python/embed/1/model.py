@@ -28,10 +28,10 @@ class TritonPythonModel:
         params = model_parameters(args)
         directory = version_dir(args)
         self.dim = int(params["dim"])
-        self.group_size = int(params.get("length_group_size", "32"))
-        self.length_grouping = params.get("length_grouping", "true") == "true"
-        self.overhead_tokens = int(params.get("group_overhead_tokens", "64"))
-        self.max_group_tokens = int(params.get("max_group_tokens", "0"))
+        self.group_size = int(params["length_group_size"])
+        self.length_grouping = params["length_grouping"] == "true"
+        self.overhead_tokens = int(params["group_overhead_tokens"])
+        self.max_group_tokens = int(params["max_group_tokens"])
         self.tokenizer = TextTokenizer(os.path.join(directory, "tokenizer.json"), int(params["max_seq_length"]))
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = load_engine(directory, params, int(args["model_instance_device_id"]) if gpu else None)
