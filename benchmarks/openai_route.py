@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="throughput rounds (one window per way of calling)")
     args = parser.parse_args()
 
-    from embedline.export.variants import available_device, choose_variant
+    from embedline.variants import available_device, choose_variant
     from embedline.serving.launcher import prepare_artifact
 
     artifact = prepare_artifact(None)

@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     args = parser.parse_args()
 
-    from embedline.export.variants import available_device, choose_variant
+    from embedline.variants import available_device, choose_variant
     from embedline.serving.launcher import prepare_artifact
     from embedline.serving.repository import build_repository
     from embedline.serving.settings import served_settings

@@ -135,7 +135,7 @@ def prepare_artifact(path: str | None):
     """The artifact to benchmark: the given one, or the bundled model exported once into .bench/."""
     from embedline import artifact as art
     from embedline.export.pipeline import export_artifact
-    from embedline.export.variants import openvino_runtime_available
+    from embedline.variants import openvino_runtime_available
 
     if path:
         artifact = art.load_artifact(path)
@@ -156,7 +156,7 @@ def prepare_artifact(path: str | None):
 
 
 def server_variants(artifact, mode: Mode, requested: str | None, default_variant: str) -> list[str]:
-    from embedline.export.variants import openvino_runtime_available, servable_variants
+    from embedline.variants import openvino_runtime_available, servable_variants
 
     available = [v for v in servable_variants(artifact) if v in CPU_VARIANTS]
     if "openvino" in available and not openvino_runtime_available():
@@ -498,7 +498,7 @@ def sts_record(artifact) -> dict | None:
 
 
 def run_suite(args: argparse.Namespace, mode: Mode) -> dict:
-    from embedline.export.variants import choose_variant
+    from embedline.variants import choose_variant
 
     from benchmarks import report
     from benchmarks.gpu import measure_gpu
@@ -590,7 +590,7 @@ def measure_openai_route(artifact, variant: str, mode: Mode, threads: int) -> di
 
 def run_corpus_only(args: argparse.Namespace, mode: Mode) -> dict:
     """The corpus stage alone (`--only corpus`), with the run's conditions."""
-    from embedline.export.variants import choose_variant
+    from embedline.variants import choose_variant
 
     from benchmarks.engine_process import write_workloads
 

@@ -76,7 +76,7 @@ def median_points(rounds: list[list[dict]]) -> list[dict]:
 
 def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
     from embedline.serving.settings import served_settings
-    from embedline.export.variants import choose_variant
+    from embedline.variants import choose_variant
 
     from benchmarks.suite import sequential_point, sweep_points, triton
 

@@ -3,7 +3,7 @@
 Parity: cosine between each variant's embedding and torch's, per sentence, over PARITY_TEXTS batched
 with dynamic padding (batches mix lengths, so the attention mask and masked pooling are exercised).
 Speed: sentences/s on CPU with pinned threads, variants measured in turns so that a busy shared machine
-slows them all alike. The result is the `parity.json` record; `within_tolerance` judges one variant's entry.
+slows them all alike. The result is the `parity.json` record; `within_tolerance` (embedline/variants.py) judges one variant's entry.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from embedline import artifact as art
 from embedline.tokenization import Batch, embed_by_length, encode, load_tokenizer
+from embedline.variants import TOLERANCES, within_tolerance
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -112,40 +113,6 @@ PARITY_BATCH_SIZE = 8
 SPEED_SENTENCES = 128
 SPEED_BATCH_SIZE = 32
 STS_BATCH_SIZE = 64
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The least cosine to torch a variant must reach, for its worst sentence and on average."""
-
-    min_cosine: float
-    mean_cosine: float
-
-    def accepts(self, min_cosine: float, mean_cosine: float) -> bool:
-        return min_cosine >= self.min_cosine and mean_cosine >= self.mean_cosine
-
-
-# fp32/fused are the same arithmetic reordered. int8 is judged on the mean: on 1-3 word inputs ("OK",
-# "Wow.") dynamic int8 reaches only ~0.96 on all-MiniLM-L6-v2 (few tokens, nothing averages the
-# activation-quantization noise out), so its min is a floor that catches a broken graph, not noise.
-TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
-    "fused": Tolerance(min_cosine=0.9999, mean_cosine=0.9999),
-    "fp16": Tolerance(min_cosine=0.999, mean_cosine=0.9995),
-    "int8": Tolerance(min_cosine=0.90, mean_cosine=0.98),
-    # NNCF static int8 fixes activation ranges at calibration, so an input outside them can fail badly
-    # (0.745 on "Wow." when calibrated on sentences only): held to a higher bar than dynamic int8, which
-    # the length-spread calibration clears (0.98-0.99 min, 0.997 mean; export/openvino_int8.py). Its STS-B
-    # loss is gated separately (export/variants.py).
-    "openvino": Tolerance(min_cosine=0.95, mean_cosine=0.99),
-}
-
-
-def within_tolerance(variant: str, entry: dict[str, Any]) -> bool:
-    """True when a parity.json variant entry was measured and meets the variant's tolerance."""
-    if not entry.get("measured") or variant not in TOLERANCES:
-        return False
-    return TOLERANCES[variant].accepts(float(entry["min_cosine"]), float(entry["mean_cosine"]))
 
 
 def make_batches(tokenizer: Tokenizer, texts: list[str] | tuple[str, ...], batch_size: int) -> list[Batch]:

@@ -11,7 +11,7 @@ numbers can be inspected, but embedline.json gets no export record (ensure_expor
 variant that misses its tolerance is *rejected*: its parity.json entry gets status "rejected" and a reason
 beside its numbers, embedline.json lists it under "rejected", its files are removed (so nothing can serve
 it), and the export goes on. The export record also names the exporting host's CPU and its int8
-instructions (export.variants.host_record), because the CPU default is chosen by speed measured there.
+instructions (embedline.variants.host_record), because the CPU default is chosen by speed measured there.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from embedline import artifact as art
 from embedline.export import graphs, parity
 from embedline.export.errors import ExportError
 from embedline.export.onnx_export import OPSET, export_fp32
-from embedline.export.variants import OPENVINO_VARIANT, REJECTED, choose_variant_from_parity, host_record
+from embedline.variants import OPENVINO_VARIANT, REJECTED, choose_variant_from_parity, host_record
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ class Event(enum.Enum):
 def prepare_artifact(artifact_dir: str | None):
     """The artifact to serve: the given one (exported first if needed) or the bundled model's."""
     from embedline import artifact as art
-    from embedline.export.variants import ensure_exported
+    from embedline.export.ensure import ensure_exported
 
     if artifact_dir is None:
         target = art.default_artifact_dir()
@@ -436,7 +436,7 @@ def check_serve_ports(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.export.variants import available_device, host_mismatch
+    from embedline.variants import available_device, host_mismatch
     from embedline.serving.repository import build_repository, served_names
     from embedline.serving.settings import artifact_variants
 

@@ -59,7 +59,7 @@ def embed_model_dir(repository: Path, name: str | None) -> Path:
 def publish(artifact: art.Artifact, repository: str | Path, model: str | None = None,
             variant: str | None = None) -> tuple[str, int]:
     """Write `artifact` as the next version of a served embed model; -> (Triton model name, version)."""
-    from embedline.export.variants import available_device, choose_variant, variant_files
+    from embedline.variants import available_device, choose_variant, variant_files
     from embedline.serving.repository import embed_parameters, settings_from_parameters, write_embed_version
 
     repository = Path(repository).resolve()
@@ -95,7 +95,7 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from embedline.export.variants import SERVABLE_VARIANTS
+    from embedline.variants import SERVABLE_VARIANTS
 
     parser.add_argument("--artifact", required=True, help="the new artifact (exported first if needed)")
     parser.add_argument("--repository", required=True,
@@ -106,7 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.export.variants import ensure_exported
+    from embedline.export.ensure import ensure_exported
 
     model, version = publish(ensure_exported(args.artifact), args.repository, args.model, args.variant)
     print(f"published {args.artifact} as version {version} of model {model}; "

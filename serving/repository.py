@@ -25,7 +25,7 @@ from string import Template
 
 from embedline import artifact as art
 from embedline import wire
-from embedline.export.variants import OPENVINO_VARIANT, host_mismatch, variant_files
+from embedline.variants import OPENVINO_VARIANT, host_mismatch, variant_files
 from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 
 log = logging.getLogger(__name__)

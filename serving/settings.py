@@ -100,13 +100,27 @@ def group_size_for(variant: str) -> int:
     return 64 if variant == "openvino" else 32
 
 
-def served_settings(variant: str, cores: int, device: str = "cpu", **overrides) -> RepositorySettings:
-    """The settings `embedline serve` gives `variant` on `cores` CPUs (its `engine_layout`, the threads
-    spelled out, its group size), with `overrides`: what the benchmarks serve, so that they measure what
-    users run."""
-    instances, threads = engine_layout(device, cores)
-    return RepositorySettings(variant=variant, device=device, instances=instances,
-                              intra_op_threads=threads or cores, **overrides)
+def served_settings(variant: str, cores: int | None = None, device: str = "cpu", *, layout: str = "python",
+                    instances: int | None = None, threads: int | None = None, **overrides) -> RepositorySettings:
+    """The settings `embedline serve` runs `variant` with: the one constructor, used per artifact by the CLI
+    (`settings_from_args`), the benchmarks and the tests, so that what they measure is what users run.
+
+    instances / threads: as given; both None: `engine_layout` for `cores` (default: `usable_cores()`), the
+    threads spelled out. The length group size follows the variant (`RepositorySettings.group_size`), the
+    cost of one more engine run the device. `overrides`: any other RepositorySettings field.
+    """
+    if instances is None and threads is None:
+        cores = usable_cores() if cores is None else cores
+        instances, threads = engine_layout(device, cores)
+        threads = threads or cores
+    else:
+        instances = RepositorySettings.instances if instances is None else instances
+        threads = RepositorySettings.intra_op_threads if threads is None else threads
+    # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
+    overrides.setdefault("group_overhead_tokens",
+                         2048 if device == "gpu" else RepositorySettings.group_overhead_tokens)
+    return RepositorySettings(variant=variant, layout=layout, device=device, instances=instances,
+                              intra_op_threads=threads, **overrides)
 
 
 def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
@@ -136,7 +150,7 @@ def _non_negative_int(text: str) -> int:
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The model-serving options `serve` and `build-repo` share (variant, batching, queue, threads)."""
-    from embedline.export.variants import SERVABLE_VARIANTS
+    from embedline.variants import SERVABLE_VARIANTS
 
     defaults = RepositorySettings
     parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
@@ -166,27 +180,16 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str,
                        layout: str = "python", variant: str | None = None) -> RepositorySettings:
-    """RepositorySettings from the options of `add_server_options` (`variant`: one already chosen)."""
-    from embedline.export.variants import choose_variant
+    """`served_settings` from the options of `add_server_options` (`variant`: one already chosen)."""
+    from embedline.variants import choose_variant
 
-    variant = variant or args.variant or choose_variant(artifact, device)
-    if args.instances is None and args.threads is None:
-        instances, threads = engine_layout(device, usable_cores())
-    else:
-        instances = RepositorySettings.instances if args.instances is None else args.instances
-        threads = RepositorySettings.intra_op_threads if args.threads is None else args.threads
-    return RepositorySettings(
-        variant=variant,
-        layout=layout,
-        device=device,
+    return served_settings(
+        variant or args.variant or choose_variant(artifact, device), device=device, layout=layout,
+        instances=args.instances, threads=args.threads,
         max_batch_size=args.max_batch_size,
         queue_delay_us=args.queue_delay_us,
         max_queue_size=args.max_queue_size,
-        instances=instances,
-        intra_op_threads=threads,
         streams=args.streams,
-        # One more run on a GPU costs a kernel-launch round trip, far more than a few padded tokens.
-        group_overhead_tokens=2048 if device == "gpu" else RepositorySettings.group_overhead_tokens,
         length_grouping=not args.no_length_grouping,
         dynamic_batching=not args.no_dynamic_batching,
         spin_wait=not args.no_spin_wait,
@@ -195,7 +198,7 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
 
 def artifact_variants(args: argparse.Namespace, artifacts: list[art.Artifact], device: str) -> list[str]:
     """The variant each artifact is served with: --variant for all, else each artifact's own best."""
-    from embedline.export.variants import choose_variant
+    from embedline.variants import choose_variant
 
     return [args.variant or choose_variant(artifact, device) for artifact in artifacts]
 

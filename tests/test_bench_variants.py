@@ -12,8 +12,12 @@ import pytest
 from embedline import artifact as art
 from embedline.export.errors import ExportError
 from embedline.export.sts import read_sts_file, spearman, sts_spearman
-from embedline.export.variants import (
-    OPENVINO_VARIANT, SERVABLE_VARIANTS, choose_variant_from_parity, servable_variants, variant_files,
+from embedline.variants import (
+    OPENVINO_VARIANT,
+    SERVABLE_VARIANTS,
+    choose_variant_from_parity,
+    servable_variants,
+    variant_files,
 )
 
 

@@ -16,7 +16,8 @@ from embedline import artifact as art
 from embedline.export import parity
 from embedline.export.errors import ExportError
 from embedline.export.pipeline import export_artifact
-from embedline.export.variants import choose_variant, choose_variant_from_parity, ensure_exported
+from embedline.variants import choose_variant, choose_variant_from_parity
+from embedline.export.ensure import ensure_exported
 
 THREADS = 2
 MINILM_FUSED = {"EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}
@@ -131,9 +132,9 @@ def test_choose_variant_rules_on_a_hand_written_record():
     # No record at all: fp16 on GPU (nothing speaks against it), fp32 on CPU (no speed to go by).
     assert choose_variant_from_parity({}, all_variants, "gpu") == "fp16"
     assert choose_variant_from_parity({"variants": {}}, all_variants, "cpu") == "fp32"
-    with pytest.raises(ExportError, match="device"):
+    with pytest.raises(ValueError, match="device"):
         choose_variant_from_parity(record, all_variants, "tpu")
-    with pytest.raises(ExportError, match="no exported"):
+    with pytest.raises(art.ArtifactError, match="no exported"):
         choose_variant_from_parity(record, [], "cpu")
 
 

@@ -14,11 +14,19 @@ from embedline import artifact as art
 from embedline.export import parity
 from embedline.export.errors import ExportError
 from embedline.export.openvino_int8 import CALIBRATION_SHORT_TEXTS, CALIBRATION_SIZE, calibration_texts
-from embedline.export.variants import (
-    INT8_INSTRUCTIONS, OPENVINO_VARIANT, choose_variant, choose_variant_from_parity, cpu_int8_instructions,
-    host_mismatch, servable_variants, variant_files,
-)
 from embedline.tokenization import load_tokenizer
+from embedline.variants import (
+    INT8_INSTRUCTIONS,
+    OPENVINO_VARIANT,
+    TOLERANCES,
+    Tolerance,
+    choose_variant,
+    choose_variant_from_parity,
+    cpu_int8_instructions,
+    host_mismatch,
+    servable_variants,
+    variant_files,
+)
 
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
@@ -90,7 +98,7 @@ def int8_rejected(tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("rejected") / "a"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(parity.TOLERANCES, "int8", parity.Tolerance(min_cosine=2.0, mean_cosine=2.0))
+        patch.setitem(TOLERANCES, "int8", Tolerance(min_cosine=2.0, mean_cosine=2.0))
         import io
         from contextlib import redirect_stdout
 
@@ -131,7 +139,7 @@ def test_a_rejected_variant_is_never_served(int8_rejected):
     assert choose_variant_from_parity(record, ["fp32", "fused", "int8"], "cpu") != "int8"
     record["variants"]["fp16"] = {"measured": True, "min_cosine": 1.0, "mean_cosine": 1.0, "status": "rejected"}
     assert choose_variant_from_parity(record, ["fp32", "fused", "fp16"], "gpu") == "fused"
-    with pytest.raises(ExportError, match="rejected"):
+    with pytest.raises(art.ArtifactError, match="rejected"):
         choose_variant_from_parity(record, ["int8"], "cpu")
 
 
@@ -140,7 +148,7 @@ def test_a_rejected_openvino_variant_leaves_no_ir(tiny_artifact, tmp_path, monke
     from embedline.export.pipeline import export_artifact
 
     shutil.copytree(tiny_artifact.path, tmp_path / "a")
-    monkeypatch.setitem(parity.TOLERANCES, OPENVINO_VARIANT, parity.Tolerance(min_cosine=2.0, mean_cosine=2.0))
+    monkeypatch.setitem(TOLERANCES, OPENVINO_VARIANT, Tolerance(min_cosine=2.0, mean_cosine=2.0))
     artifact = export_artifact(tmp_path / "a", variants=("fp32",), show_progress=False, speed_seconds=0,
                                openvino=True)
     entry = artifact.parity()["variants"][OPENVINO_VARIANT]
@@ -154,8 +162,8 @@ def test_fp32_failing_still_fails_the_export(tiny_artifact, tmp_path, monkeypatc
     from embedline.export.pipeline import export_artifact
 
     shutil.copytree(tiny_artifact.path, tmp_path / "a")
-    monkeypatch.setitem(parity.TOLERANCES, "fp32", parity.Tolerance(min_cosine=2.0, mean_cosine=2.0))
-    monkeypatch.setitem(parity.TOLERANCES, "int8", parity.Tolerance(min_cosine=2.0, mean_cosine=2.0))
+    monkeypatch.setitem(TOLERANCES, "fp32", Tolerance(min_cosine=2.0, mean_cosine=2.0))
+    monkeypatch.setitem(TOLERANCES, "int8", Tolerance(min_cosine=2.0, mean_cosine=2.0))
     with pytest.raises(ExportError, match=r"^parity check failed: fp32 cosine to torch min"):
         export_artifact(tmp_path / "a", variants=("fp32", "int8"), show_progress=False, speed_seconds=0)
     artifact = art.load_artifact(tmp_path / "a")
@@ -214,15 +222,15 @@ def test_host_mismatch(int8_rejected, tmp_path):
 
 @pytest.mark.parametrize("available", [True, False])
 def test_ensure_exported_adds_openvino_when_importable(tiny_artifact, tmp_path, monkeypatch, available):
-    from embedline.export import pipeline, variants
+    from embedline.export import ensure, pipeline
 
     shutil.copytree(tiny_artifact.path, tmp_path / "a")
     calls = []
-    monkeypatch.setattr(variants, "openvino_export_available", lambda: available)
+    monkeypatch.setattr(ensure, "openvino_export_available", lambda: available)
     monkeypatch.setattr(pipeline, "export_artifact", lambda artifact, variants, **kw: calls.append(kw) or artifact)
-    variants.ensure_exported(tmp_path / "a", show_progress=False)
+    ensure.ensure_exported(tmp_path / "a", show_progress=False)
     assert calls[-1]["openvino"] is available
-    variants.ensure_exported(tmp_path / "a", show_progress=False, openvino=False)
+    ensure.ensure_exported(tmp_path / "a", show_progress=False, openvino=False)
     assert calls[-1]["openvino"] is False
 
 

@@ -28,7 +28,10 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            if node.module == "embedline":  # `from embedline import wire` imports the module embedline.wire
+                names.update(f"embedline.{alias.name}" for alias in node.names)
+            else:
+                names.add(node.module)
     return names
 
 
@@ -43,6 +46,22 @@ def test_each_layer_imports_only_the_layers_below(folder):
         or name == "benchmarks" or name.startswith("benchmarks.")
     }
     assert not bad, "imports against the layer rule:\n" + "\n".join(sorted(bad))
+
+
+def embedline_imports(folder: str) -> set[str]:
+    return {name for path in sorted((REPO / folder).rglob("*.py")) for name in imported_modules(path)
+            if name == "embedline" or name.startswith("embedline.")}
+
+
+def test_serving_takes_from_export_only_the_export_action():
+    """Variant policy is the core's (embedline/variants.py); serving runs an export only through ensure."""
+    from_export = {name for name in embedline_imports("serving") if name.startswith("embedline.export")}
+    assert from_export <= {"embedline.export.ensure"}, from_export
+
+
+def test_the_client_takes_from_the_core_only_its_errors_and_the_wire_contract():
+    core = {name for name in embedline_imports("client") if not name.startswith("embedline.client")}
+    assert core <= {"embedline.errors", "embedline.wire"}, core
 
 
 def test_the_cli_names_every_verb_module_without_importing_it():

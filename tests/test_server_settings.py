@@ -128,7 +128,7 @@ def test_pad_matches_a_python_reference():
                     reason="needs the openvino extra (pip install 'embedline[openvino]')")
 def test_openvino_variant_serves_close_to_fp32(start_server, tiny_artifact, tmp_path_factory, reference):
     from embedline.export.pipeline import export_artifact
-    from embedline.export.variants import servable_variants
+    from embedline.variants import servable_variants
 
     dest = tmp_path_factory.mktemp("openvino-artifact") / "a"
     shutil.copytree(tiny_artifact.path, dest)
