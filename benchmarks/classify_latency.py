@@ -23,7 +23,7 @@ def classifier_artifact(tmp: Path):
     """A frozen-MiniLM emotion classifier (8 examples per class) with its fp32 ONNX graph, under tmp."""
     from embedline import artifact as art
     from embedline.export.onnx_export import export_fp32
-    from embedline.training.classifier import ClassifierConfig, train_classifier
+    from embedline.training.fewshot.classifier import ClassifierConfig, train_classifier
 
     train_file = data_dir() / "classification" / "emotion_train.tsv.gz"
     artifact = train_classifier(ClassifierConfig(train_file=str(train_file), output=str(tmp / "artifact"),

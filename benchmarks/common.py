@@ -167,7 +167,7 @@ def parse_with_train_config(parser, settings: dict[str, Any], argv: list[str] | 
     compares); every other `--key=value` / `--key value` is a TrainConfig field, applied over the
     experiment's `settings` exactly as `embedline train` takes it (`--batch_size=512` or `--batch-size 512`).
     """
-    from embedline.training.config import ConfigError, TrainConfig, apply_overrides, parse_overrides
+    from embedline.training.simcse.config import ConfigError, TrainConfig, apply_overrides, parse_overrides
 
     parser.allow_abbrev = False  # --lr must never be taken for a prefix of the experiment's own options
     parser.epilog = "Any other option is a training-config field (the list: `embedline train --help`)."

@@ -99,7 +99,7 @@ class Embedder:
 def accuracies(train_x, train_y, test_x, test_y, classes, cs, class_weight=True) -> dict[str, float]:
     """Test accuracy (%) of a head fitted with each C, and ("cv") with the C that cross-validation on the
     training examples alone chooses (`--head-c 0` of train-classifier)."""
-    from embedline.training.head import choose_c, fit_head
+    from embedline.training.fewshot.head import choose_c, fit_head
 
     def accuracy(c: float) -> float:
         head = fit_head(train_x, train_y, classes, c=c, class_weight=class_weight)
@@ -117,8 +117,8 @@ def run_frozen(embed_base, data, test, test_x, cs) -> dict:
 
 
 def run_contrastive(base: Path, train_file: Path, shots: int, seed: int, overrides: dict, args, test, cs) -> dict:
-    from embedline.training.classifier import ClassifierConfig, train_classifier
-    from embedline.training.head import load_head
+    from embedline.training.fewshot.classifier import ClassifierConfig, train_classifier
+    from embedline.training.fewshot.head import load_head
 
     # Unset options take train-classifier's defaults.
     settings = {name: value for name, value in (("lr", args.lr), ("iterations", args.iterations)) if value is not None}

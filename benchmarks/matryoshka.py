@@ -87,7 +87,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, scores: np.ndarray, rounds: i
 
 
 def fine_tune(config, output: Path, name: str, dims: tuple[int, ...]) -> dict:
-    from embedline.training.trainer import train
+    from embedline.training.simcse.trainer import train
 
     shutil.rmtree(output, ignore_errors=True)
     config = dataclasses.replace(config, output=str(output), name=name, matryoshka_dims=dims)

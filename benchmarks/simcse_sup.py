@@ -55,7 +55,7 @@ def experiment_settings(data: Path) -> dict:
 
 def run_one(config, hard_negatives: bool, runs_dir: Path, name: str, data: Path) -> dict:
     from embedline.training.plot import read_metrics
-    from embedline.training.trainer import train
+    from embedline.training.simcse.trainer import train
 
     tag = "hardneg" if hard_negatives else "pairs"
     output = runs_dir / tag

@@ -53,7 +53,7 @@ def run_one(config, dropout: float, threads: int, out_dir: Path) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(threads)
     from embedline.training.plot import read_metrics
-    from embedline.training.trainer import train
+    from embedline.training.simcse.trainer import train
 
     output = out_dir / f"dropout{dropout}"
     shutil.rmtree(output, ignore_errors=True)

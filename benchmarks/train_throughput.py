@@ -43,9 +43,9 @@ def embedline_runner(config) -> Callable[[list[str]], float]:
 
     from embedline.tokenization import load_tokenizer
     from embedline.training.data import Batch
-    from embedline.training.losses import make_loss
-    from embedline.training.model import build_model
-    from embedline.training.trainer import linear_schedule, param_groups, train_step
+    from embedline.training.simcse.losses import make_loss
+    from embedline.training.simcse.model import build_model
+    from embedline.training.simcse.trainer import linear_schedule, param_groups, train_step
 
     torch.manual_seed(0)
     model = build_model(config).train()
@@ -101,7 +101,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pin_threads(args.threads)
 
-    from embedline.training.config import resolve_config
+    from embedline.training.simcse.config import resolve_config
 
     config = resolve_config(config)
     batch_size = config.batch_size

@@ -21,11 +21,11 @@ VERBS: dict[str, tuple[str, str]] = {
     "publish": ("embedline.serving.publish", "roll a `serve --watch` server to a new version of an artifact"),
     "embed": ("embedline.client.cli", "embed texts (one per line) through a running server"),
     "classify": ("embedline.client.cli_classify", "classify texts (one per line) through a running server"),
-    "train": ("embedline.training.cli", "train a sentence encoder with SimCSE or another contrastive loss"),
+    "train": ("embedline.training.simcse.cli", "train a sentence encoder with SimCSE or another contrastive loss"),
     "eval-sts": ("embedline.training.evaluate", "STS Spearman of an artifact on a TSV file"),
-    "train-classifier": ("embedline.training.classifier", "few-shot classifier: contrastive body + head"),
-    "plot-space": ("embedline.training.plot_space", "2-D picture of an artifact's embedding space by label"),
-    "diagnose": ("embedline.training.diagnose", "report on an embedding space: measures and named pathologies"),
+    "train-classifier": ("embedline.training.fewshot.classifier", "few-shot classifier: contrastive body + head"),
+    "plot-space": ("embedline.training.diagnostics.plot_space", "2-D picture of an artifact's embedding space by label"),
+    "diagnose": ("embedline.training.diagnostics.diagnose", "report on an embedding space: measures and named pathologies"),
 }
 
 

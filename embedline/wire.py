@@ -5,7 +5,7 @@ and what the SDK and the OpenAI route expect of the server: model and tensor nam
 with their types, the API-key variable and the default ports. model_repository/README.md documents it.
 
 Model directories stay self-contained (Triton loads a model's code from its own directory), so the
-templates under model_repository/ cannot import this module; tests/test_wire.py holds their code and
+templates under model_repository/ cannot import this module; tests/test_core_wire.py holds their code and
 model_repository/README.md to it.
 """
 

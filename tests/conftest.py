@@ -194,7 +194,7 @@ def write_labeled_tsv(path: Path, per_class: int = 10, seed: int = 0) -> Path:
 def tiny_classifier(tiny_model_dir, tmp_path_factory):
     """A tiny-model classifier artifact: contrastive body + head (3 labels, neighbours kept), fp32 ONNX."""
     from embedline.export.onnx_export import export_fp32
-    from embedline.training.classifier import ClassifierConfig, train_classifier
+    from embedline.training.fewshot.classifier import ClassifierConfig, train_classifier
 
     root = tmp_path_factory.mktemp("tiny-classifier")
     train_file = write_labeled_tsv(root / "train.tsv")

@@ -4,7 +4,7 @@ import gzip
 
 import pytest
 
-from embedline.training import config as cfg
+from embedline.training.simcse import config as cfg
 from embedline.training import data
 
 

@@ -5,7 +5,7 @@
 1. trains `embedline train-classifier` on train.tsv from the bundled model, with and without
    `--pairs-file pairs.tsv`, once per seed;
 2. measures held-out accuracy on test.tsv in-process (torch encoder + the artifact's head, as
-   tests/test_classifier_server.py's `in_process` does) and prints mean ± sd of each arm;
+   tests/test_serving_classify.py's `in_process` does) and prints mean ± sd of each arm;
 3. serves the best artifact with `embedline serve`, classifies new utterances with the SDK (label, score
    and the labels of the nearest training examples), stops the server;
 4. draws the space before (bundled model) and after (the best artifact) with `embedline plot-space`.
@@ -78,7 +78,7 @@ def evaluate(artifact_dir: Path, texts: list[str], labels: list[str]) -> dict:
     from embedline.encoder import load_encoder
     from embedline.tokenization import load_tokenizer
     from embedline.training.evaluate import embed_texts
-    from embedline.training.head import load_head
+    from embedline.training.fewshot.head import load_head
 
     artifact = art.load_artifact(artifact_dir)
     tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)

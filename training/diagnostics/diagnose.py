@@ -41,7 +41,8 @@ import numpy as np
 
 from embedline.errors import EmbedlineError
 from embedline.training.data import DataError
-from embedline.training import labeled_data, plot_space
+from embedline.training import labeled_data
+from embedline.training.diagnostics import plot_space
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +529,7 @@ def diagnose(artifact: str | os.PathLike, data_file: str | os.PathLike, output: 
              dev_pairs: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
              method: str = "tsne", max_points: int = 1500, seed: int = 0) -> dict[str, Any]:
     """Measure, flag, write diagnosis.json and diagnosis.png under `output`; returns the JSON's content."""
-    from embedline.training.plot_space import project
+    from embedline.training.diagnostics.plot_space import project
 
     if method not in METHODS:
         raise DiagnoseError(f"--method must be one of {', '.join(METHODS)}")

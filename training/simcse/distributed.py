@@ -4,7 +4,7 @@
 other process's examples as negatives. Its backward sums the gradient each process computed for a
 slice and hands every process the gradient of its own slice, so the local rows receive the
 contributions of all processes' losses. With DDP averaging parameter gradients, one step then equals a
-single-process step on the global batch (tests/test_training_distributed.py checks loss and gradients).
+single-process step on the global batch (tests/test_training_simcse_distributed.py checks loss and gradients).
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ def test_an_mpnet_body_trains_a_classifier_and_exports_within_parity(tmp_path):
     from conftest import write_labeled_tsv
 
     from embedline.export.pipeline import export_artifact
-    from embedline.training.classifier import ClassifierConfig, train_classifier
+    from embedline.training.fewshot.classifier import ClassifierConfig, train_classifier
 
     model = build_tiny_mpnet(tmp_path / "mpnet")
     artifact = train_classifier(ClassifierConfig(

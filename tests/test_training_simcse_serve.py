@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from embedline.training.config import TrainConfig
-from embedline.training.trainer import train
+from embedline.training.simcse.config import TrainConfig
+from embedline.training.simcse.trainer import train
 
 from tiny_model import WORDS
 

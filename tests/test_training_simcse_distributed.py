@@ -13,13 +13,13 @@ import torch
 import torch.multiprocessing as mp
 
 from embedline.tokenization import load_tokenizer
-from embedline.training import distributed
-from embedline.training.cached_loss import cached_backward, plain_backward
-from embedline.training.config import TrainConfig, resolve_config
+from embedline.training.simcse import distributed
+from embedline.training.simcse.cached_loss import cached_backward, plain_backward
+from embedline.training.simcse.config import TrainConfig, resolve_config
 from embedline.training.data import Batch
-from embedline.training.losses import make_loss
-from embedline.training.model import build_model
-from embedline.training.trainer import batch_features, train
+from embedline.training.simcse.losses import make_loss
+from embedline.training.simcse.model import build_model
+from embedline.training.simcse.trainer import batch_features, train
 
 ANCHORS = ["a man plays the guitar", "the cat sleeps on the bed", "a dog runs in the park", "she reads a book",
            "the children play with a ball", "a bird sings", "people walk in the city", "he drives a car"]

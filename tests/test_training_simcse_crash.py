@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from embedline import artifact as art
 from embedline.cli import main
-from embedline.training import checkpoint as ckpt
-from embedline.training.config import ConfigError
-from embedline.training.trainer import MetricsLog, train
+from embedline.training.simcse import checkpoint as ckpt
+from embedline.training.simcse.config import ConfigError
+from embedline.training.simcse.trainer import MetricsLog, train
 
 from test_training_trainer import _config, corpus  # noqa: F401  (corpus: the fixture)
 

@@ -38,18 +38,18 @@ from embedline import artifact as art
 from embedline.encoder import save_artifact
 from embedline.errors import EmbedlineError
 from embedline.tokenization import encode, load_tokenizer
-from embedline.training import checkpoint as ckpt
-from embedline.training import distributed
-from embedline.training.cached_loss import Features, cached_backward, plain_backward
-from embedline.training.config import (
+from embedline.training.simcse import checkpoint as ckpt
+from embedline.training.simcse import distributed
+from embedline.training.simcse.cached_loss import Features, cached_backward, plain_backward
+from embedline.training.simcse.config import (
     IN_BATCH_OBJECTIVES, ConfigError, TrainConfig, from_dict, resolve_config, to_dict,
 )
 from embedline.training.data import (
     Batch, DataError, batch_indices, load_training_data, make_batch, read_sts, steps_per_epoch,
 )
 from embedline.training.evaluate import sts_metrics
-from embedline.training.losses import ObjectiveLoss, make_loss
-from embedline.training.model import build_model, describe_base
+from embedline.training.simcse.losses import ObjectiveLoss, make_loss
+from embedline.training.simcse.model import build_model, describe_base
 from embedline.training.plot import plot_metrics
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from embedline import artifact as art
 from embedline.cli import main
-from embedline.training.config import (
+from embedline.training.simcse.config import (
     ConfigError, TrainConfig, apply_overrides, from_dict, parse_overrides, resolve_config, to_dict,
 )
-from embedline.training.losses import make_loss, matryoshka_loss
-from embedline.training.trainer import train
+from embedline.training.simcse.losses import make_loss, matryoshka_loss
+from embedline.training.simcse.trainer import train
 
 from tiny_model import WORDS
 

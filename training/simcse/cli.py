@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from embedline.training.config import TrainConfig, add_options, apply_overrides, field_names, given_options
+from embedline.training.simcse.config import TrainConfig, add_options, apply_overrides, field_names, given_options
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.training import checkpoint as ckpt
-    from embedline.training.config import from_dict
-    from embedline.training.trainer import TrainingInterrupted, train
+    from embedline.training.simcse import checkpoint as ckpt
+    from embedline.training.simcse.config import from_dict
+    from embedline.training.simcse.trainer import TrainingInterrupted, train
 
     overrides = given_options(args)
     base = TrainConfig()

@@ -48,12 +48,12 @@ import numpy as np
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
-from embedline.training.config import option
+from embedline.training.simcse.config import option
 from embedline.training.data import SIMILARITY_PAIR_OBJECTIVES, DataError, TrainingData
 from embedline.training.labeled_data import (
     ContrastPairs, LabeledData, check_pair_labels, read_contrast_pairs, read_labeled, sample_shots,
 )
-from embedline.training.pairs import (
+from embedline.training.fewshot.pairs import (
     HARD_SCHEDULES, PairSettings, add_user_pairs, make_class_pairs, make_pairs, make_triples,
 )
 
@@ -255,9 +255,9 @@ def stage1_examples(config: ClassifierConfig, data: LabeledData, embeddings: np.
 def train_body(config: ClassifierConfig, data: LabeledData, base: Path,
                user_pairs: ContrastPairs | None = None) -> tuple[art.Artifact, dict[str, Any]]:
     """Stage 1: mine examples with the starting encoder, then run the SimCSE trainer on them."""
-    from embedline.training.config import TrainConfig
+    from embedline.training.simcse.config import TrainConfig
     from embedline.training.evaluate import load_any_encoder
-    from embedline.training.trainer import train
+    from embedline.training.simcse.trainer import train
 
     encoder, tokenizer_json, _ = load_any_encoder(base)
     embeddings = _embed(encoder, tokenizer_json, config.max_seq_length, list(data.texts))
@@ -298,7 +298,7 @@ def copy_body(config: ClassifierConfig, base: Path) -> art.Artifact:
 def train_head(config: ClassifierConfig, data: LabeledData, body: art.Artifact) -> dict[str, Any]:
     """Stage 2: fit the head on the body's embeddings and write <artifact>/head/. Returns its record."""
     from embedline.encoder import load_encoder
-    from embedline.training.head import choose_c, fit_head, save_head
+    from embedline.training.fewshot.head import choose_c, fit_head, save_head
 
     embeddings = _embed(load_encoder(body), body.tokenizer_path, body.max_seq_length, list(data.texts))
     c, cv_scores = config.head_c, None

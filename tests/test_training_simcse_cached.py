@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from embedline.tokenization import load_tokenizer
-from embedline.training.cached_loss import cached_backward, plain_backward, split_features
-from embedline.training.config import TrainConfig, resolve_config
+from embedline.training.simcse.cached_loss import cached_backward, plain_backward, split_features
+from embedline.training.simcse.config import TrainConfig, resolve_config
 from embedline.training.data import Batch
-from embedline.training.losses import make_loss
-from embedline.training.model import build_model
-from embedline.training.trainer import batch_features
+from embedline.training.simcse.losses import make_loss
+from embedline.training.simcse.model import build_model
+from embedline.training.simcse.trainer import batch_features
 
 TEXTS = ["a man plays the guitar", "the cat sleeps on the bed", "a dog runs in the park", "she reads a book",
          "the children play with a ball", "a bird sings", "people walk in the city at night"]

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_labeled_tsv
 from embedline.cli import main as embedline_main
-from embedline.training import diagnose as dg
+from embedline.training.diagnostics import diagnose as dg
 
 
 def names(measures, baseline=None) -> set[str]:

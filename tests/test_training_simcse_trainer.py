@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from embedline import artifact as art
 from embedline.cli import main
-from embedline.training.checkpoint import CheckpointError
-from embedline.training.config import ConfigError, TrainConfig
+from embedline.training.simcse.checkpoint import CheckpointError
+from embedline.training.simcse.config import ConfigError, TrainConfig
 from embedline.training.data import DataError
-from embedline.training.trainer import TrainingInterrupted, train
+from embedline.training.simcse.trainer import TrainingInterrupted, train
 
 from tiny_model import WORDS
 
@@ -142,7 +142,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tiny_model_dir, corpus, tmp_p
 @pytest.mark.parametrize("when", ["after the last step", "while the artifact is written"])
 def test_a_stop_after_the_last_step_still_writes_the_artifact(tiny_model_dir, corpus, tmp_path, monkeypatch, when):
     """Ctrl-C once the steps are done must not lose the run: there is nothing to resume, so it finishes."""
-    from embedline.training import trainer
+    from embedline.training.simcse import trainer
 
     on_step = None
     if when == "after the last step":
@@ -226,7 +226,7 @@ def test_cli_sigint_saves_checkpoint_and_resumes(tiny_model_dir, corpus, tmp_pat
 
 def test_the_start_is_kept_when_no_step_beats_it(tiny_model_dir, corpus, tmp_path, monkeypatch, caplog):
     """A dev score that only falls: the artifact holds the starting weights and records both numbers."""
-    from embedline.training import trainer
+    from embedline.training.simcse import trainer
 
     calls = []
 
@@ -250,7 +250,7 @@ def test_the_start_is_kept_when_no_step_beats_it(tiny_model_dir, corpus, tmp_pat
 
 
 def test_a_step_that_beats_the_start_is_kept(tiny_model_dir, corpus, tmp_path, monkeypatch):
-    from embedline.training import trainer
+    from embedline.training.simcse import trainer
 
     calls = []
 

@@ -12,11 +12,11 @@ import pytest
 from conftest import write_labeled_tsv
 from embedline.cli import main as embedline_main
 from embedline.training.data import DataError
-from embedline.training.head import (
+from embedline.training.fewshot.head import (
     choose_c, fit_head, head_to_onnx, load_head, load_train_examples, nearest_labels, save_head,
 )
 from embedline.training.labeled_data import read_labeled, sample_shots
-from embedline.training.pairs import PairSettings, make_pairs, make_triples
+from embedline.training.fewshot.pairs import PairSettings, make_pairs, make_triples
 
 
 def write(path: Path, text: str) -> Path:
@@ -157,7 +157,7 @@ def test_head_c_is_chosen_by_cross_validation_on_the_training_examples(blobs):
 
 
 def test_knn_agreement_counts_same_label_neighbours():
-    from embedline.training.plot_space import knn_agreement
+    from embedline.training.diagnostics.plot_space import knn_agreement
 
     points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert knn_agreement(points, ("a", "a", "b", "b"), k=1) == 1.0
@@ -194,7 +194,7 @@ def test_trained_artifact_has_a_head_that_predicts_like_in_process(tiny_classifi
 
 
 def test_frozen_body_keeps_the_encoder_and_adds_a_head(tiny_artifact, tmp_path):
-    from embedline.training.classifier import ClassifierConfig, train_classifier
+    from embedline.training.fewshot.classifier import ClassifierConfig, train_classifier
 
     train_file = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     artifact = train_classifier(ClassifierConfig(train_file=str(train_file), output=str(tmp_path / "out"),
@@ -224,7 +224,7 @@ def test_cli_options_are_the_config_fields_with_their_help():
     import argparse
     import dataclasses
 
-    from embedline.training.classifier import ClassifierConfig, configure
+    from embedline.training.fewshot.classifier import ClassifierConfig, configure
 
     parser = argparse.ArgumentParser()
     configure(parser)

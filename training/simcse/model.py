@@ -17,7 +17,7 @@ from torch import nn
 
 from embedline import artifact as art
 from embedline.encoder import SentenceEncoder, load_transformer, pool
-from embedline.training.config import ConfigError, TrainConfig
+from embedline.training.simcse.config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ def in_process(artifact, texts):
     from embedline.encoder import load_encoder
     from embedline.tokenization import load_tokenizer
     from embedline.training.evaluate import embed_texts
-    from embedline.training.head import load_head, load_train_examples, nearest_labels
+    from embedline.training.fewshot.head import load_head, load_train_examples, nearest_labels
 
     tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
     embeddings = embed_texts(load_encoder(artifact), tokenizer, texts).numpy()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from embedline.training.losses import (
+from embedline.training.simcse.losses import (
     contrastive_loss, cosine_similarity_loss, info_nce_loss, make_loss, simcse_loss, supervised_contrastive_loss,
     triplet_loss,
 )

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import write_labeled_tsv
 from embedline.cli import main as embedline_main
-from embedline.training.classifier import ClassifierConfig, ClassifierConfigError, stage1_examples, trainer_order
+from embedline.training.fewshot.classifier import ClassifierConfig, ClassifierConfigError, stage1_examples, trainer_order
 from embedline.training.data import DataError, TrainingData, batch_indices, steps_per_epoch
-from embedline.training.head import load_train_examples
+from embedline.training.fewshot.head import load_train_examples
 from embedline.training.labeled_data import LabeledData, read_contrast_pairs
-from embedline.training.pairs import PairSettings, add_user_pairs, hard_share, make_class_pairs, make_pairs
+from embedline.training.fewshot.pairs import PairSettings, add_user_pairs, hard_share, make_class_pairs, make_pairs
 
 
 def write(path: Path, text: str) -> Path:
@@ -219,7 +219,7 @@ def test_trainer_order_makes_the_trainer_visit_rows_in_sequence():
 
 
 def test_tiny_run_with_pairs_and_linear_schedule(tiny_model_dir, tmp_path):
-    from embedline.training.classifier import train_classifier
+    from embedline.training.fewshot.classifier import train_classifier
 
     train_file = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     # The classifier has no dev/eval split: the head is fit on the labelled texts, and the user pairs are
@@ -258,7 +258,7 @@ def test_class_pairs_share_a_class_and_carry_its_id():
 
 
 def test_tiny_supcon_run(tiny_model_dir, tmp_path):
-    from embedline.training.classifier import train_classifier
+    from embedline.training.fewshot.classifier import train_classifier
 
     train_file = write_labeled_tsv(tmp_path / "train.tsv", per_class=4)
     artifact = train_classifier(ClassifierConfig(
