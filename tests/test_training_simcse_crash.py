@@ -30,7 +30,7 @@ from embedline.training.simcse import checkpoint as ckpt
 from embedline.training.simcse.config import ConfigError
 from embedline.training.simcse.trainer import MetricsLog, train
 
-from test_training_trainer import _config, corpus  # noqa: F401  (corpus: the fixture)
+from test_training_simcse_trainer import _config, corpus  # noqa: F401  (corpus: the fixture)
 
 RANKS = 2  # processes saving their RNG state, as under torchrun
 

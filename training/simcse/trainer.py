@@ -1,12 +1,14 @@
 """The training loop: SimCSE and the other contrastive objectives, from a config to a servable artifact.
 
-Read top to bottom, `train` does:
-  1. resolve the config, join the process group (torchrun), open the run directory or the checkpoint;
-  2. read the data, build the model (base weights or random layers), AdamW + linear warmup/decay;
+`train` is the loop; `Run` (set up from the config) does each step of it, and `RunState` is where the run
+is, the part of a checkpoint that is not weights, passed to each step explicitly:
+  1. `Run(config)`: resolve the config, join the process group (torchrun), open the run directory or the
+     checkpoint, read the data, build the model (base weights or random layers), AdamW + linear warmup/decay;
+  2. `Run.start`: the checkpoint's state, or step 0 with the starting model evaluated;
   3. loop over optimizer steps: a batch (a pure function of seed and step, so resume is exact),
      `train_step` (plain or cached loss, gradient clipping, optimizer and schedule), logging, dev
      evaluation with the best weights kept, periodic checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
-  4. write the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json, and
+  4. `Run.write_artifact`: the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json, and
      `matryoshka_dims` when trained for truncation); with a dev file the starting model (step 0) is a
      candidate too: when no step beats it strictly, the artifact holds the starting weights, the log says
      so and the metrics record `best_step` 0, `kept_start` true, `dev_spearman_start` and `dev_spearman_last`;
@@ -25,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,240 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+@dataclass
+class RunState:
+    """Where a run is: what a checkpoint holds beside the weights of the model, optimizer, schedule and scaler.
+
+    best / start_metrics: the best dev result so far ({"step", "spearman", ...}) and the starting model's.
+    pending_losses: the losses since the last log line; train_seconds: time in training steps only.
+    last_eval (not checkpointed): the latest dev result, for the final log and metrics.
+    """
+
+    step: int = 0
+    best: dict[str, Any] | None = None
+    start_metrics: dict[str, float] | None = None
+    pending_losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    last_eval: dict[str, float] | None = None
+
+    CHECKPOINTED = ("step", "best", "start_metrics", "pending_losses", "train_seconds")
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.CHECKPOINTED}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> RunState:
+        return cls(step=saved["step"], best=saved.get("best"), start_metrics=saved.get("start_metrics"),
+                   pending_losses=list(saved.get("pending_losses", [])), train_seconds=saved.get("train_seconds", 0.0))
+
+
+class Run:
+    """One training run set up from its config: processes, data, model, optimizer, and the run directory.
+
+    Its methods are the loop's steps; the loop's position is a RunState, passed to them explicitly.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool):
+        self.config = config = resolve_config(config)
+        self.env = env = distributed.init(config.device)
+        self.paths = ckpt.RunPaths(Path(config.output))
+        self.saved: dict[str, Any] | None = None
+        if resume:
+            self.saved = ckpt.load_state(self.paths)
+            _check_resume_config(config, resolve_config(from_dict(self.saved["config"])))
+        elif ckpt.has_checkpoint(self.paths) or art.is_artifact(self.paths.output):
+            raise ConfigError(f"{self.paths.output}: already holds an artifact or a checkpoint; resume it with "
+                              "--resume or choose another --output")
+        self.data = load_training_data(config.train_file, config.objective, config.hard_negatives)
+        self.dev = read_sts(config.dev_file) if config.dev_file else None
+        if config.batch_size > len(self.data):
+            raise DataError(f"{config.train_file}: --batch_size {config.batch_size} is larger than its "
+                            f"{len(self.data)} examples")
+        if config.batch_size % env.world_size:
+            raise ConfigError(f"--batch_size {config.batch_size} is not divisible by the {env.world_size} processes")
+        self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.local = config.batch_size // env.world_size  # this process's share of each global batch
+        self._build_model()
+
+    def _build_model(self) -> None:
+        config, env = self.config, self.env
+        torch.manual_seed(config.seed)  # identical initialization on every process
+        self.model = build_model(config).to(env.device).train()  # from_pretrained returns eval mode: no dropout
+        self.base = describe_base(config)
+        self.tokenizer = load_tokenizer(self.base.tokenizer_json, config.max_seq_length)
+        self.eval_tokenizer = load_tokenizer(self.base.tokenizer_json, self.base.inference_max_seq_length)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr)
+        schedule = linear_schedule(self.total_steps, int(config.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None
+        self.trained: nn.Module = self.model
+        if env.world_size > 1:
+            self.trained = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        # With --matryoshka_dims the objective's loss is averaged over embedding prefixes
+        # (losses.matryoshka_loss); it acts on the embedding columns, so the plain and the cached step share it.
+        self.loss_fn = make_loss(config.objective, config.temperature, config.margin,
+                                 gather=distributed.gather_with_grad, matryoshka_dims=config.matryoshka_dims)
+        self.autocast = _autocast(config, env.device)
+        self.views = 2 if config.objective == "unsup" else 1
+
+    def start(self) -> RunState:
+        """The state to start from: the checkpoint's on resume, else step 0 with the starting model evaluated
+        as the first candidate for "best" (a later step must beat it strictly)."""
+        if self.saved is not None:
+            state = self._restore(self.saved)
+        else:
+            state = RunState()
+            torch.manual_seed(self.config.seed + self.env.rank)  # independent dropout streams per process
+        self.metrics_log = MetricsLog(self.paths.metrics, self.env.is_main, keep_until_step=state.step)
+        if state.step == 0 and self.dev is not None:
+            state.start_metrics = self.evaluate(0)
+            if self.env.is_main:
+                state.best = {"step": 0, **state.start_metrics}
+                ckpt.save_best(self.paths, self.model.state_dict())
+        return state
+
+    def _restore(self, saved: dict[str, Any]) -> RunState:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        state = RunState.from_checkpoint(saved)
+        if state.best is not None and not self.paths.best_model.is_file():
+            raise ckpt.CheckpointError(f"{self.paths.best_model}: missing, but the checkpoint records a best step")
+        ckpt.set_rng_state(ckpt.load_rng(self.paths, self.env.rank))
+        log.info("resumed from %s at step %d of %d", ckpt.checkpoint_dir(self.paths), state.step, self.total_steps)
+        return state
+
+    def progress_bar(self, step: int) -> tqdm:
+        return tqdm(total=self.total_steps, initial=step, disable=not self.env.is_main, dynamic_ncols=True,
+                    desc=f"{self.config.objective} SimCSE" if self.views == 2 else self.config.objective)
+
+    def step(self, state: RunState) -> tuple[float, float]:
+        """One optimizer step on this step's batch (a pure function of seed and step, so resume is exact);
+        -> (loss, seconds)."""
+        config, started = self.config, time.perf_counter()
+        indices = batch_indices(len(self.data), config.batch_size, config.seed, state.step)
+        batch = make_batch(self.data, indices[self.env.rank * self.local:(self.env.rank + 1) * self.local])
+        if config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
+            raise DataError(f"{config.train_file}: the batch of step {state.step} has fewer than 2 distinct sentences")
+        loss = train_step(self.trained, batch, self.tokenizer, self.loss_fn, self.optimizer, self.scheduler,
+                          views=self.views, mini_batch_size=config.mini_batch_size,
+                          max_grad_norm=config.max_grad_norm, autocast=self.autocast, scaler=self.scaler)
+        seconds = time.perf_counter() - started
+        state.step += 1
+        state.train_seconds += seconds
+        state.pending_losses.append(loss)
+        return loss, seconds
+
+    def log_step(self, state: RunState, window: Throughput, bar: tqdm) -> None:
+        """A metrics line every log_steps steps (and at the last): mean loss, lr, sentences/s in training."""
+        if state.step % self.config.log_steps and state.step != self.total_steps:
+            return
+        record = {"step": state.step, "epoch": state.step / self.steps_per_epoch,
+                  "loss": sum(state.pending_losses) / len(state.pending_losses),
+                  "lr": self.scheduler.get_last_lr()[0], "sentences_per_s": window.take()}
+        self.metrics_log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        sent_s=f"{record['sentences_per_s'] or 0:.0f}")
+        state.pending_losses = []
+
+    def evaluate(self, at_step: int) -> dict[str, float] | None:
+        """Dev metrics on process 0 (None elsewhere); the others wait."""
+        result = None
+        if self.env.is_main and self.dev is not None:
+            result = sts_metrics(self.model.encoder, self.eval_tokenizer, self.dev, self.config.eval_batch_size)
+            self.metrics_log.write({"step": at_step, **{f"dev_{k}": v for k, v in result.items() if k != "pairs"}})
+            log.info("step %d: dev Spearman %.2f, alignment %.3f, uniformity %.3f",
+                     at_step, result["spearman"], result["alignment"], result["uniformity"])
+        distributed.barrier()
+        return result
+
+    def maybe_evaluate(self, state: RunState) -> None:
+        """Every eval_steps steps (and at the last): evaluate, and keep the weights of a new best."""
+        if self.dev is None or (state.step % self.config.eval_steps and state.step != self.total_steps):
+            return
+        result = state.last_eval = self.evaluate(state.step)
+        if self.env.is_main and (state.best is None or result["spearman"] > state.best["spearman"]):
+            state.best = {"step": state.step, **result}
+            ckpt.save_best(self.paths, self.model.state_dict())
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.config.checkpoint_steps
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def save_checkpoint(self, state: RunState) -> None:
+        tmp = ckpt.begin_save(self.paths) if self.env.is_main else None
+        distributed.barrier()
+        ckpt.save_rng(self.paths.checkpoint_tmp, self.env.rank)
+        distributed.barrier()
+        if self.env.is_main:
+            ckpt.finish_save(self.paths, tmp, {
+                "config": to_dict(self.config), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state.to_checkpoint()})
+            log.info("checkpoint at step %d saved to %s", state.step, self.paths.checkpoint)
+        distributed.barrier()
+
+    def write_artifact(self, state: RunState) -> dict[str, Any]:
+        """The artifact (process 0): the best dev weights, or the last ones without a dev file; -> metrics."""
+        config, paths = self.config, self.paths
+        metrics: dict[str, Any] = {"steps": state.step, "train_examples": len(self.data),
+                                   "skipped_empty_lines": self.data.skipped_empty,
+                                   "train_seconds": round(state.train_seconds, 1)}
+        if not self.env.is_main:
+            return metrics
+        last = [r for r in (json.loads(line) for line in paths.metrics.read_text().splitlines()) if "loss" in r]
+        metrics["train_loss"] = last[-1]["loss"] if last else None
+        metrics.update(self._dev_metrics(state))
+        save_artifact(self.model.encoder.cpu(), config.output, tokenizer_dir=self.base.path, name=config.name,
+                      base_model=config.model, max_seq_length=self.base.inference_max_seq_length,
+                      training=to_dict(config), metrics=metrics, matryoshka_dims=config.matryoshka_dims)
+        plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
+        ckpt.clean_up(paths)
+        log.info("artifact written to %s: %s", config.output, json.dumps(metrics))
+        return metrics
+
+    def _dev_metrics(self, state: RunState) -> dict[str, Any]:
+        """The dev results for the artifact's metrics; loads the best weights into the model."""
+        metrics: dict[str, Any] = {}
+        best, start, last = state.best, state.start_metrics, state.last_eval
+        if best is not None:
+            self.model.load_state_dict(ckpt.load_best(self.paths))
+            metrics.update({"dev_file": self.config.dev_file, "best_step": best["step"],
+                            "dev_spearman": best["spearman"], "dev_alignment": best["alignment"],
+                            "dev_uniformity": best["uniformity"]})
+        if start is not None:
+            metrics["dev_spearman_start"] = start["spearman"]
+            metrics["kept_start"] = best is not None and best["step"] == 0
+            if metrics["kept_start"]:
+                log.warning("no step beat the starting model on the dev set (Spearman %.2f at the start, %s last): "
+                            "the artifact holds the starting weights", start["spearman"],
+                            f"{last['spearman']:.2f}" if last is not None else "none")
+        if last is not None:
+            metrics["dev_spearman_last"] = last["spearman"]
+        return metrics
+
+
+class Throughput:
+    """Sentences per second over the training time of the steps since the last log line."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.seconds, self.examples = batch_size, 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.examples += self.batch_size
+
+    def take(self) -> float | None:
+        rate = self.examples / self.seconds if self.seconds > 0 else None
+        self.seconds, self.examples = 0.0, 0
+        return rate
+
+
 def train(
     config: TrainConfig,
     *,
@@ -219,189 +455,31 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train as `config` says and write the artifact to `config.output`. See the module docstring."""
-    # 1. Config, processes, run directory.
-    config = resolve_config(config)
-    env = distributed.init(config.device)
-    paths = ckpt.RunPaths(Path(config.output))
-    state: dict[str, Any] | None = None
-    if resume:
-        state = ckpt.load_state(paths)
-        _check_resume_config(config, resolve_config(from_dict(state["config"])))
-    elif ckpt.has_checkpoint(paths) or art.is_artifact(paths.output):
-        raise ConfigError(
-            f"{paths.output}: already holds an artifact or a checkpoint; resume it with --resume "
-            "or choose another --output"
-        )
-
-    # 2. Data, model, optimizer.
-    data = load_training_data(config.train_file, config.objective, config.hard_negatives)
-    dev = read_sts(config.dev_file) if config.dev_file else None
-    if config.batch_size > len(data):
-        raise DataError(f"{config.train_file}: --batch_size {config.batch_size} is larger than its {len(data)} examples")
-    if config.batch_size % env.world_size:
-        raise ConfigError(f"--batch_size {config.batch_size} is not divisible by the {env.world_size} processes")
-    total_steps = config.max_steps or steps_per_epoch(len(data), config.batch_size) * config.epochs
-    local = config.batch_size // env.world_size  # this process's share of each global batch
-
-    torch.manual_seed(config.seed)  # identical initialization on every process
-    model = build_model(config).to(env.device).train()  # from_pretrained returns eval mode: no dropout
-    base = describe_base(config)
-    tokenizer = load_tokenizer(base.tokenizer_json, config.max_seq_length)
-    eval_tokenizer = load_tokenizer(base.tokenizer_json, base.inference_max_seq_length)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    warmup_steps = int(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup_steps))
-    scaler = torch.amp.GradScaler(env.device.type) if config.precision == "fp16" else None
-
-    step, best, start_metrics, pending_losses, train_seconds = 0, None, None, [], 0.0
-    last_eval: dict[str, float] | None = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, best, start_metrics = state["step"], state.get("best"), state.get("start_metrics")
-        pending_losses, train_seconds = list(state.get("pending_losses", [])), state.get("train_seconds", 0.0)
-        if best is not None and not paths.best_model.is_file():
-            raise ckpt.CheckpointError(f"{paths.best_model}: missing, but the checkpoint records a best step")
-        ckpt.set_rng_state(ckpt.load_rng(paths, env.rank))
-        log.info("resumed from %s at step %d of %d", ckpt.checkpoint_dir(paths), step, total_steps)
-    else:
-        torch.manual_seed(config.seed + env.rank)  # independent dropout streams per process
-
-    trained: nn.Module = model
-    if env.world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
-        )
-    # With --matryoshka_dims the objective's loss is averaged over embedding prefixes (losses.matryoshka_loss);
-    # it acts on the embedding columns, so the plain and the cached step share it.
-    loss_fn = make_loss(config.objective, config.temperature, config.margin, gather=distributed.gather_with_grad,
-                        matryoshka_dims=config.matryoshka_dims)
-    metrics_log = MetricsLog(paths.metrics, env.is_main, keep_until_step=step)
-    autocast = _autocast(config, env.device)
-    views = 2 if config.objective == "unsup" else 1
-
-    def evaluate(at_step: int) -> dict[str, float] | None:
-        """Dev metrics on process 0 (None elsewhere); the others wait."""
-        result = None
-        if env.is_main and dev is not None:
-            result = sts_metrics(model.encoder, eval_tokenizer, dev, config.eval_batch_size)
-            metrics_log.write({"step": at_step, **{f"dev_{k}": v for k, v in result.items() if k != "pairs"}})
-            log.info("step %d: dev Spearman %.2f, alignment %.3f, uniformity %.3f",
-                     at_step, result["spearman"], result["alignment"], result["uniformity"])
-        distributed.barrier()
-        return result
-
-    def save_checkpoint() -> None:
-        tmp = ckpt.begin_save(paths) if env.is_main else None
-        distributed.barrier()
-        ckpt.save_rng(paths.checkpoint_tmp, env.rank)
-        distributed.barrier()
-        if env.is_main:
-            ckpt.finish_save(paths, tmp, {
-                "config": to_dict(config), "step": step, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "best": best,
-                "start_metrics": start_metrics, "pending_losses": pending_losses, "train_seconds": train_seconds,
-            })
-            log.info("checkpoint at step %d saved to %s", step, paths.checkpoint)
-        distributed.barrier()
-
-    if step == 0 and dev is not None:
-        # The starting model is the first candidate for "best": a later step must beat it strictly.
-        start_metrics = evaluate(0)
-        if env.is_main:
-            best = {"step": 0, **start_metrics}
-            ckpt.save_best(paths, model.state_dict())
-
-    # 3. The loop.
-    window_seconds, window_examples = 0.0, 0  # training time only: evaluations and checkpoints excluded
-    bar = tqdm(total=total_steps, initial=step, desc=f"{config.objective} SimCSE" if views == 2 else config.objective,
-               disable=not env.is_main, dynamic_ncols=True)
+    run = Run(config, resume)
+    state = run.start()
+    window = Throughput(run.config.batch_size)  # training time only: evaluations and checkpoints excluded
     # The stop handler stays in place until the artifact is written: a signal after the last step lets the
     # run finish (there is nothing left to checkpoint) instead of killing it halfway through the save.
     with StopSignal() as stop:
-        with bar:
-            while step < total_steps:
-                step_start = time.perf_counter()
-                indices = batch_indices(len(data), config.batch_size, config.seed, step)
-                batch = make_batch(data, indices[env.rank * local : (env.rank + 1) * local])
-                if config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
-                    raise DataError(
-                        f"{config.train_file}: the batch of step {step} has fewer than 2 distinct sentences"
-                    )
-                loss = train_step(
-                    trained, batch, tokenizer, loss_fn, optimizer, scheduler, views=views,
-                    mini_batch_size=config.mini_batch_size, max_grad_norm=config.max_grad_norm,
-                    autocast=autocast, scaler=scaler,
-                )
-                step += 1
-                step_seconds = time.perf_counter() - step_start
-                train_seconds += step_seconds
-                pending_losses.append(loss)
-                window_seconds += step_seconds
-                window_examples += config.batch_size
-                if step % config.log_steps == 0 or step == total_steps:
-                    record = {
-                        "step": step, "epoch": step / steps_per_epoch(len(data), config.batch_size),
-                        "loss": sum(pending_losses) / len(pending_losses), "lr": scheduler.get_last_lr()[0],
-                        "sentences_per_s": window_examples / window_seconds if window_seconds > 0 else None,
-                    }
-                    metrics_log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    sent_s=f"{record['sentences_per_s'] or 0:.0f}")
-                    pending_losses, window_seconds, window_examples = [], 0.0, 0
+        with run.progress_bar(state.step) as bar:
+            while state.step < run.total_steps:
+                loss, seconds = run.step(state)
+                window.add(seconds)
+                run.log_step(state, window, bar)
                 bar.update(1)
-
-                if dev is not None and (step % config.eval_steps == 0 or step == total_steps):
-                    result = last_eval = evaluate(step)
-                    if env.is_main and (best is None or result["spearman"] > best["spearman"]):
-                        best = {"step": step, **result}
-                        ckpt.save_best(paths, model.state_dict())
+                run.maybe_evaluate(state)
                 if on_step is not None:
-                    on_step(step, loss)
+                    on_step(state.step, loss)
                 # After the last step there is nothing to resume: the run goes on to write its artifact.
-                stopping = distributed.any_process(stop.received is not None) and step < total_steps
-                if stopping or (config.checkpoint_steps and step % config.checkpoint_steps == 0 and step < total_steps):
-                    save_checkpoint()
+                stopping = distributed.any_process(stop.received is not None) and state.step < run.total_steps
+                if stopping or run.checkpoint_due(state.step):
+                    run.save_checkpoint(state)
                 if stopping:
                     raise TrainingInterrupted(
-                        f"stopped at step {step} of {total_steps}; checkpoint saved in {paths.checkpoint}; "
-                        f"continue with: embedline train --resume --output {paths.output}"
-                    )
-
-        # 4. The artifact: the best dev weights (or the last ones without a dev file).
+                        f"stopped at step {state.step} of {run.total_steps}; checkpoint saved in "
+                        f"{run.paths.checkpoint}; continue with: embedline train --resume --output {run.paths.output}")
         if stop.received is not None:
-            log.warning("all %d steps were done when the stop arrived: writing the artifact", total_steps)
-        metrics: dict[str, Any] = {"steps": step, "train_examples": len(data),
-                                   "skipped_empty_lines": data.skipped_empty,
-                                   "train_seconds": round(train_seconds, 1)}
-        if env.is_main:
-            last = [r for r in (json.loads(line) for line in paths.metrics.read_text().splitlines()) if "loss" in r]
-            metrics["train_loss"] = last[-1]["loss"] if last else None
-            if best is not None:
-                model.load_state_dict(ckpt.load_best(paths))
-                metrics.update({"dev_file": config.dev_file, "best_step": best["step"],
-                                "dev_spearman": best["spearman"], "dev_alignment": best["alignment"],
-                                "dev_uniformity": best["uniformity"]})
-            if start_metrics is not None:
-                metrics["dev_spearman_start"] = start_metrics["spearman"]
-                metrics["kept_start"] = best is not None and best["step"] == 0
-                if metrics["kept_start"]:
-                    log.warning("no step beat the starting model on the dev set (Spearman %.2f at the start, "
-                                "%s last): the artifact holds the starting weights", start_metrics["spearman"],
-                                f"{last_eval['spearman']:.2f}" if last_eval is not None else "none")
-            if last_eval is not None:
-                metrics["dev_spearman_last"] = last_eval["spearman"]
-            save_artifact(
-                model.encoder.cpu(), config.output, tokenizer_dir=base.path, name=config.name, base_model=config.model,
-                max_seq_length=base.inference_max_seq_length, training=to_dict(config), metrics=metrics,
-                matryoshka_dims=config.matryoshka_dims,
-            )
-            plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
-            ckpt.clean_up(paths)
-            log.info("artifact written to %s: %s", config.output, json.dumps(metrics))
+            log.warning("all %d steps were done when the stop arrived: writing the artifact", run.total_steps)
+        metrics = run.write_artifact(state)
     distributed.barrier()
-    return TrainResult(art.load_artifact(config.output), metrics, step)
+    return TrainResult(art.load_artifact(run.config.output), metrics, state.step)
