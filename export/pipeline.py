@@ -158,6 +158,41 @@ def calibration_batches(artifact: art.Artifact, calibration_file: str | os.PathL
     return parity.make_batches(tokenizer, texts, 1), description
 
 
+def _clear_previous_export(artifact: art.Artifact, to_export: list[str]) -> art.Artifact:
+    """What a previous export left would describe other files: drop its variants, parity and record first,
+    so an export that fails half-way never looks complete to ensure_exported."""
+    artifact.onnx_dir.mkdir(parents=True, exist_ok=True)
+    for variant in art.VARIANTS:
+        if variant not in to_export:
+            artifact.onnx_path(variant).unlink(missing_ok=True)
+    shutil.rmtree(artifact.openvino_dir, ignore_errors=True)
+    (artifact.onnx_dir / art.PARITY_FILE).unlink(missing_ok=True)
+    return art.update_metadata(artifact.path, {"export": None})
+
+
+def _write_variant(artifact: art.Artifact, variant: str, calibration_file: str | os.PathLike | None,
+                   sts_pairs) -> dict[str, Any]:
+    """Write one variant's files (each derived from fp32 or fused, written before it); -> what the record
+    keeps of the step: the fused operator counts, or the OpenVINO calibration set."""
+    if variant == "fp32":
+        export_fp32(artifact)
+    elif variant == "fused":
+        num_heads, hidden_size = graphs.attention_shape(artifact.path / "config.json")
+        return {"fused_operators": graphs.fuse(artifact.onnx_path("fp32"), artifact.onnx_path("fused"),
+                                               num_heads, hidden_size)}
+    elif variant == "fp16":
+        graphs.to_fp16(artifact.onnx_path("fused"), artifact.onnx_path("fp16"))
+    elif variant == OPENVINO_VARIANT:
+        from embedline.export import openvino_int8
+
+        batches, calibration = calibration_batches(artifact, calibration_file, sts_pairs)
+        openvino_int8.quantize(artifact.onnx_path("fp32"), artifact.openvino_files()[0], batches)
+        return {"calibration": calibration}
+    else:
+        graphs.quantize_int8(artifact.onnx_path("fused"), artifact.onnx_path("int8"))
+    return {}
+
+
 def export_artifact(
     artifact: art.Artifact | str | os.PathLike,
     variants: Iterable[str] = art.VARIANTS,
@@ -195,40 +230,16 @@ def export_artifact(
         from embedline.export.openvino_int8 import require_openvino
 
         require_openvino()  # fail before any work, naming the extra
-    onnx_dir = artifact.onnx_dir
-    onnx_dir.mkdir(parents=True, exist_ok=True)
-    # What a previous export left would describe other files: drop its variants, parity and record first,
-    # so an export that fails half-way never looks complete to ensure_exported.
-    for variant in art.VARIANTS:
-        if variant not in to_export:
-            artifact.onnx_path(variant).unlink(missing_ok=True)
-    shutil.rmtree(artifact.openvino_dir, ignore_errors=True)
-    (onnx_dir / art.PARITY_FILE).unlink(missing_ok=True)
-    artifact = art.update_metadata(artifact.path, {"export": None})
-
+    artifact = _clear_previous_export(artifact, to_export)
     started = time.perf_counter()
-    fused_operators: dict[str, int] = {}
+    notes: dict[str, Any] = {"fused_operators": {}}
     steps = [*to_export, *([OPENVINO_VARIANT] if openvino else [])]
     with tqdm(total=len(steps) + 1, desc=f"export {artifact.name}", unit="step",
               disable=not show_progress) as bar:
         for variant in steps:
             bar.set_postfix_str(variant)
             step_started = time.perf_counter()
-            if variant == "fp32":
-                export_fp32(artifact)
-            elif variant == "fused":
-                num_heads, hidden_size = graphs.attention_shape(artifact.path / "config.json")
-                fused_operators = graphs.fuse(artifact.onnx_path("fp32"), artifact.onnx_path("fused"),
-                                              num_heads, hidden_size)
-            elif variant == "fp16":
-                graphs.to_fp16(artifact.onnx_path("fused"), artifact.onnx_path("fp16"))
-            elif variant == OPENVINO_VARIANT:
-                from embedline.export import openvino_int8
-
-                batches, calibration = calibration_batches(artifact, calibration_file, sts_pairs)
-                openvino_int8.quantize(artifact.onnx_path("fp32"), artifact.openvino_files()[0], batches)
-            else:
-                graphs.quantize_int8(artifact.onnx_path("fused"), artifact.onnx_path("int8"))
+            notes.update(_write_variant(artifact, variant, calibration_file, sts_pairs))
             log.info("export step %s: %.1f s", variant, time.perf_counter() - step_started)
             bar.update(1)
 
@@ -239,11 +250,11 @@ def export_artifact(
         log.info("export step parity + speed: %.1f s", time.perf_counter() - step_started)
         bar.update(1)
 
-    record["fused_operators"] = fused_operators
+    fused_operators = record["fused_operators"] = notes["fused_operators"]
     if openvino:
-        record["variants"][OPENVINO_VARIANT]["calibration"] = calibration
+        record["variants"][OPENVINO_VARIANT]["calibration"] = notes["calibration"]
     record["speed"]["host"] = host_record()
-    parity_path = onnx_dir / art.PARITY_FILE
+    parity_path = artifact.onnx_dir / art.PARITY_FILE
     rejected = _apply_gates(record, artifact)
     art.write_json(parity_path, record)
     _check_fp32(record, parity_path)

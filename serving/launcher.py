@@ -36,10 +36,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from embedline.serving.memory import cgroup_root, fit_to_memory, memory_limit_mib
-from embedline.serving.settings import add_server_options, settings_from_args
+from embedline.serving.memory import MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
+from embedline.serving.settings import RepositorySettings, add_server_options, settings_from_args
 from embedline.serving.triton import (
     ServingError,
     TritonServer,
@@ -435,10 +436,27 @@ def check_serve_ports(args: argparse.Namespace) -> None:
     check_ports_free(args.host, {name: getattr(args, f"{name}_port") for name in ("grpc", "http", "metrics", "openai")})
 
 
-def run(args: argparse.Namespace) -> int:
-    from embedline.variants import available_device, host_mismatch
-    from embedline.serving.repository import build_repository, served_names
+@dataclass
+class ServePlan:
+    """What one `serve` runs, decided before anything starts."""
+
+    artifacts: list
+    names: list
+    variants: list[str]
+    device: str
+    settings: RepositorySettings
+    memory: MemoryPlan
+    memory_limit: int | None
+    api_key: str | None
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+def plan_serve(args: argparse.Namespace) -> ServePlan:
+    """Check the options and ports, prepare the artifacts, choose variants and settings that fit the memory."""
+    from embedline.serving.repository import served_names
     from embedline.serving.settings import artifact_variants
+    from embedline.variants import available_device
 
     api_key = read_api_key(args.api_key_file)
     check_exposure(args.host, api_key, args.insecure)
@@ -456,63 +474,80 @@ def run(args: argparse.Namespace) -> int:
     memory_limit = memory_limit_mib(cgroup_root())
     settings, memory = fit_to_memory(settings, variants, sum(a.has_head() for a in artifacts), memory_limit,
                                      layout_chosen_by_serve=args.instances is None and args.threads is None)
+    return ServePlan(artifacts, names, variants, device, settings, memory, memory_limit, api_key, tls_cert, tls_key)
+
+
+def print_banner(plan: ServePlan, args: argparse.Namespace, server: TritonServer, route: RouteProcess | None,
+                 repository: Path) -> None:
+    from embedline.variants import host_mismatch
+
+    for artifact, model_names, variant in zip(plan.artifacts, plan.names, plan.variants):
+        print(f"embedline: serving {artifact.name} as `{model_names.embed}` ({variant}, {plan.device}) "
+              f"from {artifact.path}")
+    if plan.device == "cpu":
+        for artifact in plan.artifacts:
+            warning = host_mismatch(artifact)
+            if warning:
+                print(f"  warning  {warning}")
+    settings = plan.settings
+    threads = settings.intra_op_threads or "one per core"
+    print(f"  engine   {settings.instances} instance{'s' if settings.instances > 1 else ''} x "
+          f"{threads} thread{'s' if threads != 1 else ''}")
+    limit = f"{plan.memory_limit} MiB limit" if plan.memory_limit else "no memory limit set"
+    print(f"  memory   up to {plan.memory.need_mib} MiB ({plan.memory.describe()}); {limit}")
+    print(f"  gRPC     {server.grpc_url}{' (TLS)' if plan.tls_cert else ''}")
+    print(f"  HTTP     http://{server.http_url}")
+    print(f"  metrics  {server.metrics_url}")
+    if route is not None:
+        print(f"  OpenAI   {route.url}/v1 (POST /v1/embeddings, GET /v1/models)")
+    print(f"  log      {server.log_file}")
+    print(f"  auth     {'API key required (all but health)' if plan.api_key else 'none'}; "
+          f"queue <= {settings.max_queue_size or 'unbounded'} requests per model")
+    if args.watch:
+        print(f"  watching {repository} for `embedline publish`")
+    print("Ctrl-C to stop.", flush=True)
+
+
+def route_for(plan: ServePlan, args: argparse.Namespace, server: TritonServer) -> RouteProcess:
+    from embedline.serving.openai_api import ServedModel, openai_command
+
+    models = [ServedModel.from_artifact(artifact, embed_model=model_names.embed)
+              for artifact, model_names in zip(plan.artifacts, plan.names)]
+    command = openai_command(server.grpc_url, models, host=args.host, port=args.openai_port,
+                             grpc_root_certificates=plan.tls_cert, drain_timeout=args.drain_timeout,
+                             insecure=args.insecure)
+    return RouteProcess(command, plan.api_key, args.openai_port, args.host)
+
+
+def run(args: argparse.Namespace) -> int:
+    from embedline.serving.repository import build_repository
+
+    plan = plan_serve(args)
     log_file = Path(tempfile.gettempdir()) / f"embedline-serve-{args.grpc_port}.log"
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run
     with tempfile.TemporaryDirectory(prefix="embedline-serve-") as tmp:
-        repository = build_repository(artifacts, args.repository or Path(tmp) / "models", settings, variants)
+        repository = build_repository(plan.artifacts, args.repository or Path(tmp) / "models", plan.settings,
+                                      plan.variants)
         server = TritonServer(
             repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_file=log_file,
-            api_key=api_key, restrict_admin=not is_loopback(args.host), tls_cert=tls_cert, tls_key=tls_key,
-            exit_timeout_s=args.drain_timeout, explicit_model_control=args.watch)
-        route = None
-        if args.openai_port:
-            from embedline.serving.openai_api import ServedModel, openai_command
-
-            models = [ServedModel.from_artifact(artifact, embed_model=model_names.embed)
-                      for artifact, model_names in zip(artifacts, names)]
-            route = RouteProcess(
-                openai_command(server.grpc_url, models, host=args.host, port=args.openai_port,
-                               grpc_root_certificates=tls_cert, drain_timeout=args.drain_timeout,
-                               insecure=args.insecure),
-                api_key, args.openai_port, args.host)
+            api_key=plan.api_key, restrict_admin=not is_loopback(args.host), tls_cert=plan.tls_cert,
+            tls_key=plan.tls_key, exit_timeout_s=args.drain_timeout, explicit_model_control=args.watch)
+        route = route_for(plan, args, server) if args.openai_port else None
         supervisor = Supervisor(server, args.max_restarts, repository if args.watch else None, route)
         signal.signal(signal.SIGTERM, supervisor.request_stop)
         signal.signal(signal.SIGINT, supervisor.request_stop)
         announced = []
 
-        def banner(server: TritonServer) -> None:
+        def on_ready(server: TritonServer) -> None:
             if announced:
                 print(f"embedline: tritonserver restarted, serving again on {server.grpc_url}", flush=True)
-                return
-            announced.append(True)
-            for artifact, model_names, variant in zip(artifacts, names, variants):
-                print(f"embedline: serving {artifact.name} as `{model_names.embed}` ({variant}, {device}) "
-                      f"from {artifact.path}")
-            if device == "cpu":
-                for artifact in artifacts:
-                    warning = host_mismatch(artifact)
-                    if warning:
-                        print(f"  warning  {warning}")
-            threads = settings.intra_op_threads or "one per core"
-            print(f"  engine   {settings.instances} instance{'s' if settings.instances > 1 else ''} x "
-                  f"{threads} thread{'s' if threads != 1 else ''}")
-            limit = f"{memory_limit} MiB limit" if memory_limit else "no memory limit set"
-            print(f"  memory   up to {memory.need_mib} MiB ({memory.describe()}); {limit}")
-            print(f"  gRPC     {server.grpc_url}{' (TLS)' if tls_cert else ''}")
-            print(f"  HTTP     http://{server.http_url}")
-            print(f"  metrics  {server.metrics_url}")
-            if route is not None:
-                print(f"  OpenAI   {route.url}/v1 (POST /v1/embeddings, GET /v1/models)")
-            print(f"  log      {server.log_file}")
-            print(f"  auth     {'API key required (all but health)' if api_key else 'none'}; "
-                  f"queue <= {settings.max_queue_size or 'unbounded'} requests per model")
-            if args.watch:
-                print(f"  watching {repository} for `embedline publish`")
-            print("Ctrl-C to stop.", flush=True)
+            else:
+                announced.append(True)
+                print_banner(plan, args, server, route, repository)
 
         try:
-            code = supervisor.run(on_ready=banner)
+            code = supervisor.run(on_ready=on_ready)
         finally:
             if route is not None:
                 route.stop(5)

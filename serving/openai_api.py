@@ -258,8 +258,174 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
     max_body_bytes: larger request bodies get 413 without being read to the end.
 
     Tokenizers load here, so a bad path fails before anything is served; the gRPC clients are made on startup.
+    Handlers raise ApiError; Starlette's exception handlers turn it, Starlette's own HTTP errors and any bug
+    into OpenAI's error shape.
     """
-    models = dict(models)
+    route = EmbeddingsRoute(models, default_model, grpc_url, api_key, max_body_bytes)
+    routes = [
+        Route("/v1/embeddings", route.embeddings, methods=["POST"]),
+        Route("/v1/models", route.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", route.retrieve_model, methods=["GET"]),
+        Route("/health", route.health, methods=["GET"]),
+    ]
+    handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal_error}
+    app = Starlette(routes=routes, lifespan=route.lifespan, exception_handlers=handlers)
+    app.state.drain = route.drain
+    return app
+
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return exc.response()
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in OpenAI's shape."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                    headers=exc.headers).response()
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug still answers in OpenAI's shape; the details go to the log, not to the caller."""
+    log.error("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError(500, "internal error", "server_error", code="internal_error").response()
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "embedline"}
+
+
+class EmbeddingsRoute:
+    """The route's state (served models, their tokenizers and SDK clients, the API key, the drain) and its
+    handlers, one method each."""
+
+    def __init__(self, models: Mapping[str, ServedModel], default_model: str, grpc_url: str, api_key: str | None,
+                 max_body_bytes: int):
+        self.models = dict(models)
+        check_models(self.models, default_model)
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        self.default_model, self.grpc_url, self.max_body_bytes = default_model, grpc_url, max_body_bytes
+        self.api_key = check_api_key(api_key)
+        self.expected_auth = f"Bearer {self.api_key}".encode() if self.api_key else None
+        self.tokenizers = {name: load_tokenizer(model.tokenizer_path, model.max_seq_length)
+                           for name, model in self.models.items()}
+        self.clients: dict[str, AsyncEmbeddingClient] = {}
+        self.drain = Drain()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        for name, model in self.models.items():
+            kwargs: dict[str, Any] = {"max_concurrency": DEFAULT_MAX_CONCURRENCY}
+            if self.api_key:
+                kwargs["api_key"] = self.api_key
+            self.clients[name] = AsyncEmbeddingClient(self.grpc_url, **{**kwargs, **model.client_kwargs})
+        log.info("serving %s from %s (default %s)", ", ".join(self.models), self.grpc_url, self.default_model)
+        try:
+            yield
+        finally:
+            for client in self.clients.values():
+                await client.close()
+            self.clients.clear()
+
+    def authorize(self, request: Request) -> None:
+        if self.expected_auth is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # Normalized spelling of the scheme, then one constant-time comparison of the whole header.
+        given_bytes = f"Bearer {token.strip()}".encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given_bytes, self.expected_auth):
+            message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
+                       else "incorrect API key provided")
+            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(self, request: Request) -> bytes:
+        too_large = ApiError(413, f"request body is larger than {self.max_body_bytes} bytes",
+                             code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise _invalid("invalid Content-Length header")
+            if int(length) > self.max_body_bytes:
+                raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def embeddings(self, request: Request) -> Response:
+        if self.drain.draining:
+            raise self.drain.refusal()
+        self.drain.in_flight += 1
+        try:
+            self.authorize(request)
+            name, texts, dimensions, encoding_format = self.parse_request(await self.read_body(request))
+            vectors = await self.embed(name, texts, dimensions)
+            if len(texts) > TOKENIZE_INLINE_MAX:
+                tokens = await asyncio.to_thread(count_tokens, self.tokenizers[name], texts)
+            else:
+                tokens = count_tokens(self.tokenizers[name], texts)
+            content = embeddings_body(encode_vectors(vectors, encoding_format), name, tokens)
+            return Response(content, media_type="application/json")
+        finally:
+            self.drain.in_flight -= 1
+
+    def parse_request(self, body: bytes) -> tuple[str, list[str], int | None, str]:
+        """-> (model name, texts, dimensions, encoding_format) of a POST /v1/embeddings body."""
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _invalid(f"the request body is not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise _invalid("the request body must be a JSON object")
+        name = payload.get("model")
+        if name is None:
+            name = self.default_model
+        elif not isinstance(name, str):
+            raise _invalid("'model' must be a string", "model")
+        if "input" not in payload:
+            raise _invalid("'input' is required", "input")
+        texts = parse_input(payload["input"])
+        dimensions = parse_dimensions(payload.get("dimensions"))
+        encoding_format = parse_encoding_format(payload.get("encoding_format"))
+        if name not in self.models:
+            raise ApiError(404, f"the model '{name}' does not exist; served: {', '.join(sorted(self.models))}",
+                           param="model", code="model_not_found")
+        return name, texts, dimensions, encoding_format
+
+    async def embed(self, name: str, texts: list[str], dimensions: int | None) -> np.ndarray:
+        try:
+            return await self.clients[name].embed(texts, dimensions=dimensions)
+        except (EmbeddingClientError, ValueError) as exc:
+            error = sdk_error(exc)
+            log_at = logging.WARNING if error.status >= 500 else logging.DEBUG
+            log.log(log_at, "embedding %d text(s) with %s failed: %s", len(texts), name, exc)
+            raise error from exc
+
+    async def list_models(self, request: Request) -> Response:
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [model_object(name) for name in self.models]})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        self.authorize(request)
+        name = request.path_params["model"]
+        if name not in self.models:
+            raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(model_object(name))
+
+    async def health(self, request: Request) -> Response:
+        if self.drain.draining:
+            return JSONResponse({"status": "draining", "in_flight": self.drain.in_flight}, status_code=503)
+        checks = await asyncio.gather(*(client.health(timeout=HEALTH_TIMEOUT_S) for client in self.clients.values()))
+        healthy = bool(self.clients) and all(checks)
+        return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
+
+
+def check_models(models: dict[str, ServedModel], default_model: str) -> None:
     if not models:
         raise ValueError("create_app needs at least one model")
     for name, model in models.items():
@@ -269,154 +435,6 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
             raise ValueError(f"model {name!r}: max_seq_length must be >= 1, got {model.max_seq_length}")
     if default_model not in models:
         raise ValueError(f"default model {default_model!r} is not one of the served models {sorted(models)}")
-    if max_body_bytes < 1:
-        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
-    api_key = check_api_key(api_key)
-    expected_auth = f"Bearer {api_key}".encode() if api_key else None
-    tokenizers = {name: load_tokenizer(model.tokenizer_path, model.max_seq_length) for name, model in models.items()}
-    clients: dict[str, AsyncEmbeddingClient] = {}
-    drain = Drain()
-
-    def client_kwargs(model: ServedModel) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_concurrency": DEFAULT_MAX_CONCURRENCY}
-        if api_key:
-            kwargs["api_key"] = api_key
-        return {**kwargs, **model.client_kwargs}
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        for name, model in models.items():
-            clients[name] = AsyncEmbeddingClient(grpc_url, **client_kwargs(model))
-        log.info("serving %s from %s (default %s)", ", ".join(models), grpc_url, default_model)
-        try:
-            yield
-        finally:
-            for client in clients.values():
-                await client.close()
-            clients.clear()
-
-    def authorize(request: Request) -> None:
-        if expected_auth is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        # Normalized spelling of the scheme, then one constant-time comparison of the whole header.
-        given_bytes = f"Bearer {token.strip()}".encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
-        if not hmac.compare_digest(given_bytes, expected_auth):
-            message = ("missing API key: send 'Authorization: Bearer <key>'" if not given
-                       else "incorrect API key provided")
-            raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    async def read_body(request: Request) -> bytes:
-        too_large = ApiError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.strip().isdigit():
-                raise _invalid("invalid Content-Length header")
-            if int(length) > max_body_bytes:
-                raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def embeddings(request: Request) -> Response:
-        if drain.draining:
-            return drain.refusal().response()
-        drain.in_flight += 1
-        try:
-            return await embed_request(request)
-        finally:
-            drain.in_flight -= 1
-
-    async def embed_request(request: Request) -> Response:
-        try:
-            authorize(request)
-            body = await read_body(request)
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _invalid(f"the request body is not valid JSON ({exc})") from None
-            if not isinstance(payload, dict):
-                raise _invalid("the request body must be a JSON object")
-            name = payload.get("model")
-            if name is None:
-                name = default_model
-            elif not isinstance(name, str):
-                raise _invalid("'model' must be a string", "model")
-            if "input" not in payload:
-                raise _invalid("'input' is required", "input")
-            texts = parse_input(payload["input"])
-            dimensions = parse_dimensions(payload.get("dimensions"))
-            encoding_format = parse_encoding_format(payload.get("encoding_format"))
-            if name not in models:
-                raise ApiError(404, f"the model '{name}' does not exist; served: {', '.join(sorted(models))}",
-                               param="model", code="model_not_found")
-            client = clients[name]
-            try:
-                vectors = await client.embed(texts, dimensions=dimensions)
-            except (EmbeddingClientError, ValueError) as exc:
-                error = sdk_error(exc)
-                log_at = logging.WARNING if error.status >= 500 else logging.DEBUG
-                log.log(log_at, "embedding %d text(s) with %s failed: %s", len(texts), name, exc)
-                raise error from exc
-            if len(texts) > TOKENIZE_INLINE_MAX:
-                tokens = await asyncio.to_thread(count_tokens, tokenizers[name], texts)
-            else:
-                tokens = count_tokens(tokenizers[name], texts)
-            content = embeddings_body(encode_vectors(vectors, encoding_format), name, tokens)
-            return Response(content, media_type="application/json")
-        except ApiError as error:
-            return error.response()
-        except Exception:  # noqa: BLE001 - a bug here must still answer in OpenAI's shape
-            log.exception("unexpected error in POST /v1/embeddings")
-            return ApiError(500, "internal error", "server_error", code="internal_error").response()
-
-    def model_object(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "embedline"}
-
-    async def list_models(request: Request) -> Response:
-        try:
-            authorize(request)
-        except ApiError as error:
-            return error.response()
-        return JSONResponse({"object": "list", "data": [model_object(name) for name in models]})
-
-    async def retrieve_model(request: Request) -> Response:
-        try:
-            authorize(request)
-            name = request.path_params["model"]
-            if name not in models:
-                raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
-        except ApiError as error:
-            return error.response()
-        return JSONResponse(model_object(name))
-
-    async def health(request: Request) -> Response:
-        if drain.draining:
-            return JSONResponse({"status": "draining", "in_flight": drain.in_flight}, status_code=503)
-        checks = await asyncio.gather(*(client.health(timeout=HEALTH_TIMEOUT_S) for client in clients.values()))
-        healthy = bool(clients) and all(checks)
-        return JSONResponse({"status": "ok" if healthy else "unavailable"}, status_code=200 if healthy else 503)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(status)
-        return ApiError(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'error')}",
-                        code=code, headers=getattr(exc, "headers", None)).response()
-
-    routes = [
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.state.drain = drain
-    return app
 
 
 # ----------------------------------------------------------------------------------------------

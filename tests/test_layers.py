@@ -69,3 +69,16 @@ def test_the_cli_names_every_verb_module_without_importing_it():
 
     source = (REPO / "embedline" / "cli.py").read_text(encoding="utf-8")
     assert all(f'"{module}"' in source for module, _ in VERBS.values())
+
+
+def test_no_product_function_is_over_80_lines():
+    """Long functions hid state and drifted; a function of the product reads on one screen."""
+    long = []
+    for folder in ("embedline", "client", "export", "serving", "training", "model_repository"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
