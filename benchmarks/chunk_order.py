@@ -1,4 +1,4 @@
-"""Chunk order: the SDK's corpus call sending its longest requests first (`_common.plan_chunks`) against
+"""Chunk order: the SDK's corpus call sending its longest requests first (`planning.plan_chunks`) against
 the same requests shortest first.
 
 A call ends when its last requests do. With the costliest requests at the end, one instance sits idle
@@ -34,17 +34,17 @@ def shortest_first(plan_chunks):
 
 def measure(url: str, texts: list[str], order: str) -> dict[str, float]:
     """One sync and one asyncio `client.embed(texts)` with requests sent in `order`; -> sentences/s each."""
-    from embedline.client import _common
+    from embedline.client import planning
 
     from benchmarks.suite import _async_corpus_call, _corpus_call
 
-    longest_first = _common.plan_chunks
+    longest_first = planning.plan_chunks
     if order == "shortest first":
-        _common.plan_chunks = shortest_first(longest_first)
+        planning.plan_chunks = shortest_first(longest_first)
     try:
         return {"client": _corpus_call(url, texts)["sentences_per_s"], "client_async": _async_corpus_call(url, texts)}
     finally:
-        _common.plan_chunks = longest_first
+        planning.plan_chunks = longest_first
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def readme_section() -> str:
                             "asyncio, longest first", "asyncio, shortest first", "longest first faster"], rows)
     return ("## Chunk order: a corpus call's longest requests first or last\n\n" + table
             + "\n\n`client.embed(texts)` in sentences/s, medians of alternating rounds on one server (the layout "
-            "`embedline serve` runs). The SDK sends the longest first (`client/_common.py: plan_chunks`).\n\n"
+            "`embedline serve` runs). The SDK sends the longest first (`client/planning.py: plan_chunks`).\n\n"
             + "\n".join(notes))
 
 

@@ -427,7 +427,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     import math
     import statistics
 
-    from embedline.client._common import plan_requests
+    from embedline.client.planning import plan_requests
     from embedline.serving.settings import served_settings
 
     from benchmarks.common import cpu_flags, other_group_size

@@ -28,7 +28,6 @@ Errors are `EmbeddingClientError` subclasses (see `embedline.client.errors`): Se
 DeadlineExceededError, ServerError.
 """
 
-from embedline.client._common import EmbedResult, ModelInfo, Prediction, RetryPolicy
 from embedline.client.aio import AsyncEmbeddingClient
 from embedline.client.errors import (
     AuthenticationError,
@@ -40,6 +39,8 @@ from embedline.client.errors import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
+from embedline.client.results import EmbedResult, ModelInfo, Prediction
+from embedline.client.retry import RetryPolicy
 from embedline.client.sync import EmbeddingClient
 
 __all__ = [

@@ -1,8 +1,8 @@
 """The asyncio gRPC client: `AsyncEmbeddingClient`, the coroutine twin of `EmbeddingClient`.
 
 Same constructor, methods, chunking, replicas, deadlines, retries and exceptions (the logic lives in
-`_common`); requests of a split list run concurrently with `asyncio.gather`, at most
-`max_concurrency` at once (default: planned from the server's config, `_common.plan_requests`), spread
+`base`, `planning`, `encoding`, `model_config` and `retry`); requests of a split list run concurrently with `asyncio.gather`, at most
+`max_concurrency` at once (default: planned from the server's config, `planning.plan_requests`), spread
 over the replicas.
 """
 
@@ -18,16 +18,17 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from embedline.client import _common as common
-from embedline.client._common import EmbedResult, ModelInfo, Prediction
+from embedline import wire
+from embedline.client import base, encoding, model_config, planning, results, retry
 from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
+from embedline.client.results import EmbedResult, ModelInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class AsyncEmbeddingClient(common.ClientBase):
+class AsyncEmbeddingClient(base.ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC, asyncio).
 
     Example:
@@ -94,16 +95,16 @@ class AsyncEmbeddingClient(common.ClientBase):
 
             result = await client.embed_with_details(["short", "a very long document ..."])
         """
-        texts = common.validate_texts(texts)
+        texts = planning.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = await self._embed_spec(deadline)
-        dim = common.spec_dim(spec, spec.url)
-        dimensions = common.check_dimensions(dimensions, dim)
+        dim = model_config.spec_dim(spec, spec.url)
+        dimensions = encoding.check_dimensions(dimensions, dim)
         if not texts:
             return EmbedResult(np.empty((0, dimensions or dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = await self._infer_chunks(
-            spec, texts, common.EMBED_OUTPUTS, lambda result, n, url: common.parse_embed(result, n, url, spec.name), deadline)
-        return common.truncate_dimensions(common.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
+            spec, texts, encoding.EMBED_OUTPUTS, lambda result, n, url: encoding.parse_embed(result, n, url, spec.name), deadline)
+        return encoding.truncate_dimensions(encoding.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
 
     async def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
         """Classify `texts` with the server's `classify` model: one Prediction per text, in input order.
@@ -112,18 +113,18 @@ class AsyncEmbeddingClient(common.ClientBase):
 
             predictions = await client.classify(["I love it", "awful"])
         """
-        texts = common.validate_texts(texts)
+        texts = planning.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = await self._classify_spec(deadline)
-        labels = common.spec_labels(spec, spec.url)
-        outputs = common.classify_outputs(spec)
+        labels = model_config.spec_labels(spec, spec.url)
+        outputs = encoding.classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = await self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n, url: common.parse_classify(result, n, labels, url, spec.name,
-                                                  neighbours=common.NEIGHBOURS_OUTPUT in outputs), deadline)
-        return common.assemble_predictions(len(texts), chunks, parts)
+            lambda result, n, url: encoding.parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=wire.NEIGHBOURS_OUTPUT in outputs), deadline)
+        return encoding.assemble_predictions(len(texts), chunks, parts)
 
     async def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached)."""
@@ -134,7 +135,7 @@ class AsyncEmbeddingClient(common.ClientBase):
                 classify = await self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = common.build_info(embed, classify, embed.url)
+            self._info = model_config.build_info(embed, classify, embed.url)
         return self._info
 
     async def health(self, *, timeout: float | None = None) -> bool:
@@ -162,9 +163,9 @@ class AsyncEmbeddingClient(common.ClientBase):
 
     # -- internals -------------------------------------------------------------------------------
 
-    async def _replica_health(self, triton: grpcaio.InferenceServerClient, url: str, deadline: common.Deadline) -> bool:
+    async def _replica_health(self, triton: grpcaio.InferenceServerClient, url: str, deadline: retry.Deadline) -> bool:
         def left() -> float:
-            return max(deadline.remaining(), common.MIN_ATTEMPT_S)
+            return max(deadline.remaining(), retry.MIN_ATTEMPT_S)
 
         try:
             return bool(
@@ -188,7 +189,7 @@ class AsyncEmbeddingClient(common.ClientBase):
             self._semaphore = None
         return self._tritons
 
-    async def _call(self, rpc: Callable[[Any, common.Attempt], Awaitable[T]], deadline: common.Deadline, model: str | None) -> T:
+    async def _call(self, rpc: Callable[[Any, retry.Attempt], Awaitable[T]], deadline: retry.Deadline, model: str | None) -> T:
         """Await `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
         Raises the classified error when the Retrier gives up.
@@ -208,55 +209,55 @@ class AsyncEmbeddingClient(common.ClientBase):
             if delay:
                 await asyncio.sleep(delay)
 
-    async def _spec(self, model: str, deadline: common.Deadline) -> common._ModelSpec:
+    async def _spec(self, model: str, deadline: retry.Deadline) -> results._ModelSpec:
         spec = self._specs.get(model)
         if spec is None:
-            async def fetch(triton: grpcaio.InferenceServerClient, attempt: common.Attempt) -> common._ModelSpec:
+            async def fetch(triton: grpcaio.InferenceServerClient, attempt: retry.Attempt) -> results._ModelSpec:
                 response = await triton.get_model_config(model, headers=self._headers,
                                                          client_timeout=attempt.timeout)
-                return common.parse_model_config(response, attempt.url)
+                return model_config.parse_model_config(response, attempt.url)
 
             spec = self._specs.setdefault(model, await self._call(fetch, deadline, model))
         return spec
 
-    async def _resolve_model(self, deadline: common.Deadline) -> None:
+    async def _resolve_model(self, deadline: retry.Deadline) -> None:
         """Turn `model=` into its Triton model names, from the server's catalog (once)."""
         if self._model_to_resolve is not None:
-            default = await self._spec(common.EMBED_MODEL, deadline)
-            self.embed_model, self.classify_model = common.resolve_model(default, self._model_to_resolve, default.url)
+            default = await self._spec(wire.EMBED_MODEL, deadline)
+            self.embed_model, self.classify_model = model_config.resolve_model(default, self._model_to_resolve, default.url)
             self._model_to_resolve = None
 
-    async def _embed_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+    async def _embed_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         await self._resolve_model(deadline)
         return await self._spec(self.embed_model, deadline)
 
-    async def _classify_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+    async def _classify_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         await self._resolve_model(deadline)
         try:
             return await self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(common.classify_missing_message(exc.url or self.url, self.classify_model),
+            raise ModelNotFoundError(model_config.classify_missing_message(exc.url or self.url, self.classify_model),
                                      status=exc.status, url=exc.url) from exc
 
-    async def _infer_chunks(self, spec: common._ModelSpec, texts: list[str], outputs: tuple[str, ...],
+    async def _infer_chunks(self, spec: results._ModelSpec, texts: list[str], outputs: tuple[str, ...],
                             parse: Callable[[Any, int, str], T],
-                            deadline: common.Deadline) -> tuple[list[list[int]], list[T]]:
+                            deadline: retry.Deadline) -> tuple[list[list[int]], list[T]]:
         """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
         plan = self._plan(spec, len(texts))
-        chunks = common.plan_chunks(texts, plan.batch_size)
+        chunks = planning.plan_chunks(texts, plan.batch_size)
         self._clients()  # the semaphore below belongs to the running loop
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(plan.in_flight)
         semaphore = self._semaphore
 
         async def infer(indices: list[int]) -> T:
-            inputs = [common.text_input(grpcclient, [texts[i] for i in indices])]
-            requested = common.requested_outputs(grpcclient, outputs)
+            inputs = [encoding.text_input(grpcclient, [texts[i] for i in indices])]
+            requested = encoding.requested_outputs(grpcclient, outputs)
 
-            async def send(triton: grpcaio.InferenceServerClient, attempt: common.Attempt) -> T:
+            async def send(triton: grpcaio.InferenceServerClient, attempt: retry.Attempt) -> T:
                 result = await triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,
                                             timeout=attempt.server_timeout_us, client_timeout=attempt.timeout)
                 return parse(result, len(indices), attempt.url)

@@ -10,7 +10,7 @@ one `{"text": ..., "embedding": [...], "truncated": ...}` per line. Also home of
 
 `embed` streams: it reads the input in blocks of --block-size lines (default 4096, or
 $EMBEDLINE_CLI_BLOCK_SIZE), embeds each block with one client call (requests planned from the server's
-config, see _common.plan_requests) and writes its rows before reading the next block. Memory holds one
+config, see planning.plan_requests) and writes its rows before reading the next block. Memory holds one
 block whatever the input's size. JSON lines are written as they come; a `.npy` file needs its row count
 in its header, so the input's lines are counted first (stdin is first copied to a temporary file for
 that) and the rows are written into a memory-mapped `FILE.npy.partial`, renamed to FILE.npy when
@@ -34,7 +34,7 @@ from typing import IO, BinaryIO
 
 import numpy as np
 
-from embedline.client._common import DEFAULT_TIMEOUT_S, DEFAULT_URL
+from embedline.client.connection import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from embedline.client.sync import EmbeddingClient
 from embedline.errors import EmbedlineError
 

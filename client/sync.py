@@ -5,7 +5,7 @@ It speaks the `embed` / `classify` wire contract of model_repository/README.md t
 max_batch_size are split into length-grouped requests sent concurrently from a small thread pool
 (gRPC calls release the GIL while they wait), spread over the replicas, and put back in input
 order. Every public call has one deadline that covers its config look-up, all its requests and
-their retries and failovers; the routing and retry logic is `_common.Retrier`'s.
+their retries and failovers; the routing and retry logic is `retry.Retrier`'s.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from embedline.client import _common as common
-from embedline.client._common import EmbedResult, ModelInfo, Prediction
+from embedline import wire
+from embedline.client import base, encoding, model_config, planning, results, retry
 from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
+from embedline.client.results import EmbedResult, ModelInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class EmbeddingClient(common.ClientBase):
+class EmbeddingClient(base.ClientBase):
     """Embeds and classifies texts through a Triton server's `embed` / `classify` models (gRPC).
 
     Example:
@@ -67,7 +68,7 @@ class EmbeddingClient(common.ClientBase):
             it is ridden out) and never past the deadline (see RetryPolicy). Authentication and input errors are never
             retried.
         max_concurrency: requests in flight at once when a list is split (shared by all the client's
-            calls). Default: chosen from the server's config (`_common.plan_requests`): enough to keep its
+            calls). Default: chosen from the server's config (`planning.plan_requests`): enough to keep its
             dynamic batcher fed, 2 x max_batch_size x instances / batch size (4 for a one-instance server).
         batch_size: texts per request (cap: the model's max_batch_size). Default: a list that fits in
             one request is sent as one; a longer one is cut into requests of the server's length group
@@ -133,16 +134,16 @@ class EmbeddingClient(common.ClientBase):
             result = client.embed_with_details(["short", "a very long document ..."])
             result.embeddings.shape, result.truncated   # (2, 384), array([False,  True])
         """
-        texts = common.validate_texts(texts)
+        texts = planning.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = self._embed_spec(deadline)
-        dim = common.spec_dim(spec, spec.url)
-        dimensions = common.check_dimensions(dimensions, dim)
+        dim = model_config.spec_dim(spec, spec.url)
+        dimensions = encoding.check_dimensions(dimensions, dim)
         if not texts:
             return EmbedResult(np.empty((0, dimensions or dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = self._infer_chunks(
-            spec, texts, common.EMBED_OUTPUTS, lambda result, n, url: common.parse_embed(result, n, url, spec.name), deadline)
-        return common.truncate_dimensions(common.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
+            spec, texts, encoding.EMBED_OUTPUTS, lambda result, n, url: encoding.parse_embed(result, n, url, spec.name), deadline)
+        return encoding.truncate_dimensions(encoding.assemble_embeddings(len(texts), dim, chunks, parts), dimensions, dim)
 
     def classify(self, texts: Iterable[str], *, timeout: float | None = None) -> list[Prediction]:
         """Classify `texts` with the server's `classify` model: one Prediction per text, in input order.
@@ -151,18 +152,18 @@ class EmbeddingClient(common.ClientBase):
 
             [p.label for p in client.classify(["I love it", "awful"])]   # ['positive', 'negative']
         """
-        texts = common.validate_texts(texts)
+        texts = planning.validate_texts(texts)
         deadline = self._deadline(timeout)
         spec = self._classify_spec(deadline)
-        labels = common.spec_labels(spec, spec.url)
-        outputs = common.classify_outputs(spec)
+        labels = model_config.spec_labels(spec, spec.url)
+        outputs = encoding.classify_outputs(spec)
         if not texts:
             return []
         chunks, parts = self._infer_chunks(
             spec, texts, outputs,
-            lambda result, n, url: common.parse_classify(result, n, labels, url, spec.name,
-                                                  neighbours=common.NEIGHBOURS_OUTPUT in outputs), deadline)
-        return common.assemble_predictions(len(texts), chunks, parts)
+            lambda result, n, url: encoding.parse_classify(result, n, labels, url, spec.name,
+                                                  neighbours=wire.NEIGHBOURS_OUTPUT in outputs), deadline)
+        return encoding.assemble_predictions(len(texts), chunks, parts)
 
     def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached).
@@ -178,7 +179,7 @@ class EmbeddingClient(common.ClientBase):
                 classify = self._spec(self.classify_model, deadline)
             except ModelNotFoundError:
                 classify = None
-            self._info = common.build_info(embed, classify, embed.url)
+            self._info = model_config.build_info(embed, classify, embed.url)
         return self._info
 
     def health(self, *, timeout: float | None = None) -> bool:
@@ -205,11 +206,11 @@ class EmbeddingClient(common.ClientBase):
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _replica_health(self, replica: int, deadline: common.Deadline) -> bool:
+    def _replica_health(self, replica: int, deadline: retry.Deadline) -> bool:
         triton = self._tritons[replica]
 
         def left() -> float:
-            return max(deadline.remaining(), common.MIN_ATTEMPT_S)
+            return max(deadline.remaining(), retry.MIN_ATTEMPT_S)
 
         try:
             return bool(
@@ -221,7 +222,7 @@ class EmbeddingClient(common.ClientBase):
             logger.debug("health check of %s failed: %s", self.urls[replica], exc)
             return False
 
-    def _call(self, rpc: Callable[[Any, common.Attempt], T], deadline: common.Deadline, model: str | None) -> T:
+    def _call(self, rpc: Callable[[Any, retry.Attempt], T], deadline: retry.Deadline, model: str | None) -> T:
         """Run `rpc(triton, attempt)` on a replica, failing over and retrying within the deadline.
 
         Raises the classified error when the Retrier gives up.
@@ -240,35 +241,35 @@ class EmbeddingClient(common.ClientBase):
             if delay:
                 time.sleep(delay)
 
-    def _spec(self, model: str, deadline: common.Deadline) -> common._ModelSpec:
+    def _spec(self, model: str, deadline: retry.Deadline) -> results._ModelSpec:
         # Cached per model: the config (max_batch_size, dim, labels) is fixed while the server runs.
         spec = self._specs.get(model)
         if spec is None:
             spec = self._call(
-                lambda triton, attempt: common.parse_model_config(
+                lambda triton, attempt: model_config.parse_model_config(
                     triton.get_model_config(model, headers=self._headers, client_timeout=attempt.timeout),
                     attempt.url),
                 deadline, model)
             spec = self._specs.setdefault(model, spec)
         return spec
 
-    def _resolve_model(self, deadline: common.Deadline) -> None:
+    def _resolve_model(self, deadline: retry.Deadline) -> None:
         """Turn `model=` into its Triton model names, from the server's catalog (once)."""
         if self._model_to_resolve is not None:
-            default = self._spec(common.EMBED_MODEL, deadline)
-            self.embed_model, self.classify_model = common.resolve_model(default, self._model_to_resolve, default.url)
+            default = self._spec(wire.EMBED_MODEL, deadline)
+            self.embed_model, self.classify_model = model_config.resolve_model(default, self._model_to_resolve, default.url)
             self._model_to_resolve = None
 
-    def _embed_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+    def _embed_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)
         return self._spec(self.embed_model, deadline)
 
-    def _classify_spec(self, deadline: common.Deadline) -> common._ModelSpec:
+    def _classify_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)
         try:
             return self._spec(self.classify_model, deadline)
         except ModelNotFoundError as exc:
-            raise ModelNotFoundError(common.classify_missing_message(exc.url or self.url, self.classify_model),
+            raise ModelNotFoundError(model_config.classify_missing_message(exc.url or self.url, self.classify_model),
                                      status=exc.status, url=exc.url) from exc
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
@@ -280,18 +281,18 @@ class EmbeddingClient(common.ClientBase):
                 self._pool = ThreadPoolExecutor(workers, thread_name_prefix="embedline-client")
             return self._pool
 
-    def _infer_chunks(self, spec: common._ModelSpec, texts: list[str], outputs: tuple[str, ...],
-                      parse: Callable[[Any, int, str], T], deadline: common.Deadline) -> tuple[list[list[int]], list[T]]:
+    def _infer_chunks(self, spec: results._ModelSpec, texts: list[str], outputs: tuple[str, ...],
+                      parse: Callable[[Any, int, str], T], deadline: retry.Deadline) -> tuple[list[list[int]], list[T]]:
         """Send `texts` as length-grouped requests of <= batch size; -> (chunks of indices, parsed parts).
 
         `parse(result, n, url)` reads one response; url names the replica that sent it.
         """
         plan = self._plan(spec, len(texts))
-        chunks = common.plan_chunks(texts, plan.batch_size)
+        chunks = planning.plan_chunks(texts, plan.batch_size)
 
         def infer(indices: list[int]) -> T:
-            inputs = [common.text_input(grpcclient, [texts[i] for i in indices])]
-            requested = common.requested_outputs(grpcclient, outputs)
+            inputs = [encoding.text_input(grpcclient, [texts[i] for i in indices])]
+            requested = encoding.requested_outputs(grpcclient, outputs)
             return self._call(
                 lambda triton, attempt: parse(
                     triton.infer(spec.name, inputs, outputs=requested, headers=self._headers,

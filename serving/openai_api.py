@@ -10,7 +10,7 @@ embedline by changing its base url:
 
 Every request is forwarded to Triton over gRPC through the SDK's `AsyncEmbeddingClient` (one per served model,
 created on startup and closed on shutdown), so splitting, deadlines, retries and the error classification stay
-in one place (client/_common.py, client/errors.py); `dimensions` is the SDK's Matryoshka truncation. `usage`
+in one place (client/retry.py, client/planning.py, client/errors.py); `dimensions` is the SDK's Matryoshka truncation. `usage`
 counts real tokens with the model's own tokenizer.json: special tokens included, cut at max_seq_length, as
 the server's model sees them.
 

@@ -93,7 +93,7 @@ def engine_layout(device: str, cores: int) -> tuple[int, int]:
 def group_size_for(variant: str) -> int:
     """The largest length group `serve` gives `variant`: 64 texts for OpenVINO, 32 for ONNX Runtime.
 
-    The SDK cuts a long list into requests of one group each (client/_common.py: plan_requests), so this
+    The SDK cuts a long list into requests of one group each (client/planning.py: plan_requests), so this
     also sets a corpus call's requests. 64 made OpenVINO's corpus calls faster and gained ONNX Runtime
     nothing (benchmarks/README.md, "Length groups").
     """

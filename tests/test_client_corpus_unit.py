@@ -1,4 +1,4 @@
-"""Corpus calls without a server: how a long list is planned into requests (`_common.plan_requests`),
+"""Corpus calls without a server: how a long list is planned into requests (`planning.plan_requests`),
 what the model config says about it, and the `embedline embed` CLI's streaming (blocks, .npy, progress)."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from embedline.client import _common
+from embedline.client import model_config, planning
 from embedline.client import cli
-from embedline.client._common import EmbedResult, RequestPlan, plan_requests
+from embedline.client.planning import RequestPlan, plan_requests
+from embedline.client.results import EmbedResult
 from embedline.errors import EmbedlineError
 
 # ----------------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ def test_a_long_list_is_cut_into_length_groups_with_enough_in_flight():
     # A server whose instances batch more texts at once gets more in flight: 2 x 4 x 128 / 32 = 32.
     assert plan_requests(2000, 128, instances=4) == RequestPlan(batch_size=32, in_flight=32)
     # ... bounded by 64 and by the server's queue bound.
-    assert plan_requests(10_000, 256, instances=16).in_flight == _common.MAX_AUTO_IN_FLIGHT
+    assert plan_requests(10_000, 256, instances=16).in_flight == planning.MAX_AUTO_IN_FLIGHT
     assert plan_requests(10_000, 256, instances=16, max_queue_size=20).in_flight == 20
     # The server's own length group size is followed.
     assert plan_requests(2000, 64, group_size=16).batch_size == 16
@@ -66,16 +67,16 @@ def _config_response(max_batch_size=64, counts=(1,), queue=0, **parameters):
 
 
 def test_the_plan_follows_the_model_config():
-    spec = _common.parse_model_config(_config_response(64, (1,), 32, length_group_size="32"), "h:1")
+    spec = model_config.parse_model_config(_config_response(64, (1,), 32, length_group_size="32"), "h:1")
     assert (spec.instances, spec.max_queue_size) == (1, 32)
-    assert _common.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(32, 4)
-    spec = _common.parse_model_config(_config_response(128, (2, 2), 0, length_group_size="16"), "h:1")
-    assert (spec.instances, spec.max_queue_size, _common.spec_group_size(spec)) == (4, 0, 16)
-    assert _common.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(16, 64)
+    assert planning.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(32, 4)
+    spec = model_config.parse_model_config(_config_response(128, (2, 2), 0, length_group_size="16"), "h:1")
+    assert (spec.instances, spec.max_queue_size, planning.spec_group_size(spec)) == (4, 0, 16)
+    assert planning.plan_for_spec(spec, 2000, None, None, "h:1") == RequestPlan(16, 64)
     # An older config without these fields: one instance, groups of 32, no queue bound.
-    bare = _common.parse_model_config(_config_response(64, ()), "h:1")
-    assert (bare.instances, bare.max_queue_size, _common.spec_group_size(bare)) == (1, 0, 32)
-    assert _common.plan_for_spec(bare, 2000, 64, 4, "h:1") == RequestPlan(64, 4)
+    bare = model_config.parse_model_config(_config_response(64, ()), "h:1")
+    assert (bare.instances, bare.max_queue_size, planning.spec_group_size(bare)) == (1, 0, 32)
+    assert planning.plan_for_spec(bare, 2000, 64, 4, "h:1") == RequestPlan(64, 4)
 
 
 def test_max_concurrency_none_is_automatic_and_bad_values_are_refused():

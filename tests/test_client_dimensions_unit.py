@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from embedline.client import EmbedResult
-from embedline.client import _common
+from embedline.client import encoding
 from test_client_unit import DIM, fake_embedding, make_async_client, make_client
 
 TEXTS = ["first text", "a second, longer text", "3"]
@@ -24,7 +24,7 @@ def expected(texts: list[str], k: int) -> np.ndarray:
 
 def test_truncate_keeps_the_first_k_components_renormalized():
     rows = np.array([[3.0, 4.0, 12.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=np.float32)
-    result = _common.truncate_dimensions(EmbedResult(rows, np.array([True, False])), 2, 4)
+    result = encoding.truncate_dimensions(EmbedResult(rows, np.array([True, False])), 2, 4)
     assert result.embeddings.dtype == np.float32 and result.embeddings.shape == (2, 2)
     np.testing.assert_allclose(result.embeddings[0], [0.6, 0.8], rtol=1e-6)
     # A row whose first k components are all zero stays zero instead of becoming NaN.
@@ -35,15 +35,15 @@ def test_truncate_keeps_the_first_k_components_renormalized():
 def test_truncate_with_none_or_the_full_dim_changes_nothing():
     rows = np.eye(3, dtype=np.float32)
     result = EmbedResult(rows, np.zeros(3, dtype=bool))
-    assert _common.truncate_dimensions(result, None, 3) is result
-    assert _common.truncate_dimensions(result, 3, 3) is result
-    assert _common.truncate_dimensions(result, np.int64(1), 3).embeddings.shape == (3, 1)
+    assert encoding.truncate_dimensions(result, None, 3) is result
+    assert encoding.truncate_dimensions(result, 3, 3) is result
+    assert encoding.truncate_dimensions(result, np.int64(1), 3).embeddings.shape == (3, 1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, DIM + 1, 2.0, "2", True, [2]])
 def test_bad_dimensions_is_a_value_error_naming_the_dim(bad):
     with pytest.raises(ValueError, match=f"model's dim {DIM}"):
-        _common.check_dimensions(bad, DIM)
+        encoding.check_dimensions(bad, DIM)
 
 
 def test_sync_embed_with_dimensions():

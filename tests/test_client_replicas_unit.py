@@ -36,7 +36,7 @@ from embedline.client import (
     ServerUnavailableError,
 )
 from embedline.client import __all__ as public_names
-from embedline.client import _common, errors
+from embedline.client import errors, retry
 from embedline.client import aio as aio_module
 from embedline.client import sync as sync_module
 
@@ -153,7 +153,7 @@ def test_overload_retries_stop_inside_the_deadline_and_keep_the_type(monkeypatch
     with pytest.raises(ServerOverloadedError, match="gave up after") as caught:
         client.embed(["a"])
     assert time.monotonic() - started < 0.3 + 0.2  # the deadline, plus scheduling slack
-    assert sleeps and sum(sleeps) <= 0.3 - _common.MIN_ATTEMPT_S  # no wait reaches past the deadline
+    assert sleeps and sum(sleeps) <= 0.3 - retry.MIN_ATTEMPT_S  # no wait reaches past the deadline
     reference = random.Random(5)
     assert sleeps == [reference.uniform(0, 0.05 * 2 ** k) for k in range(len(sleeps))]  # full jitter
     assert len(fake.infer_calls) == len(sleeps) + 1
@@ -196,8 +196,8 @@ def test_stub_not_healthy_is_retried_and_queue_timeout_is_not(monkeypatch):
 
 def test_retrier_uses_the_single_retry_predicate(monkeypatch):
     seen = []
-    real = _common.is_retryable
-    monkeypatch.setattr(_common, "is_retryable", lambda error: seen.append(type(error)) or real(error))
+    real = retry.is_retryable
+    monkeypatch.setattr(retry, "is_retryable", lambda error: seen.append(type(error)) or real(error))
     client, fake = make_client()
     longest_jitter(client)
     monkeypatch.setattr(sync_module.time, "sleep", lambda s: None)
@@ -209,9 +209,9 @@ def test_retrier_uses_the_single_retry_predicate(monkeypatch):
 
 def test_a_wait_that_overruns_the_deadline_reports_the_retryable_error():
     now = [0.0]
-    deadline = _common.Deadline(1.0, clock=lambda: now[0])
+    deadline = retry.Deadline(1.0, clock=lambda: now[0])
     policy = RetryPolicy(initial_backoff=0.5, rng=TopOfRange())
-    retrier = _common.Retrier(policy, deadline, _common.Replicas(["h:1"]), "embed")
+    retrier = retry.Retrier(policy, deadline, retry.Replicas(["h:1"]), "embed")
     retrier.next_attempt()
     try:
         raise queue_full()
@@ -220,7 +220,7 @@ def test_a_wait_that_overruns_the_deadline_reports_the_retryable_error():
     now[0] = 0.995  # the sleep overran: no time is left for the retry
     with pytest.raises(ServerOverloadedError, match="gave up after 1 attempt"):
         retrier.next_attempt()
-    untried = _common.Retrier(policy, deadline, _common.Replicas(["h:1"]), "embed")
+    untried = retry.Retrier(policy, deadline, retry.Replicas(["h:1"]), "embed")
     with pytest.raises(DeadlineExceededError, match="1 s timeout"):  # no time left before any attempt
         untried.next_attempt()
 
@@ -242,8 +242,8 @@ def test_infer_sends_the_remaining_deadline_as_tritons_timeout_in_microseconds()
 
 
 def test_attempt_server_timeout_rounds_down():
-    assert _common.Attempt(0, "h:1", 1.2345678).server_timeout_us == 1_234_567
-    assert _common.Attempt(0, "h:1", 1e-9).server_timeout_us == 1
+    assert retry.Attempt(0, "h:1", 1.2345678).server_timeout_us == 1_234_567
+    assert retry.Attempt(0, "h:1", 1e-9).server_timeout_us == 1
 
 
 def test_async_infer_sends_the_timeout_too():
@@ -472,7 +472,7 @@ def test_a_cooled_down_replica_is_tried_again():
     for _ in range(4):
         client.embed(["a"])
     assert down.attempts == ["get_model_config"]
-    now[0] += _common.REPLICA_COOLDOWN_S
+    now[0] += retry.REPLICA_COOLDOWN_S
     for _ in range(4):
         client.embed(["a"])
     assert down.attempts == ["get_model_config", "infer"]  # back in turn, failed, cooling again
@@ -560,7 +560,7 @@ def test_a_hung_replica_does_not_delay_health():
 
 def test_replicas_choose_in_turn_and_skip_cooling_ones():
     now = [0.0]
-    replicas = _common.Replicas(["a", "b", "c"], cooldown=1.0, clock=lambda: now[0])
+    replicas = retry.Replicas(["a", "b", "c"], cooldown=1.0, clock=lambda: now[0])
     assert [replicas.choose() for _ in range(4)] == [0, 1, 2, 0]
     replicas.failed(2)
     assert [replicas.choose() for _ in range(3)] == [1, 0, 1]

@@ -38,7 +38,7 @@ from embedline.client import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
-from embedline.client import _common, errors
+from embedline.client import encoding, errors, planning, retry
 from embedline.client import aio as aio_module
 from embedline.client import sync as sync_module
 from embedline.errors import EmbedlineError
@@ -241,7 +241,7 @@ def mixed_texts(n: int) -> list[str]:
 
 def test_plan_chunks_groups_by_length_and_covers_every_index_once():
     texts = mixed_texts(50)
-    chunks = _common.plan_chunks(texts, 8)
+    chunks = planning.plan_chunks(texts, 8)
     assert [len(c) for c in chunks] == [8] * 6 + [2]
     flat = [i for chunk in chunks for i in chunk]
     assert sorted(flat) == list(range(50))
@@ -251,10 +251,10 @@ def test_plan_chunks_groups_by_length_and_covers_every_index_once():
 
 
 def test_plan_chunks_is_stable_for_equal_lengths_and_rejects_bad_sizes():
-    assert _common.plan_chunks(["bb", "a", "cc", "d"], 3) == [[0, 2, 1], [3]]
-    assert _common.plan_chunks([], 4) == []
+    assert planning.plan_chunks(["bb", "a", "cc", "d"], 3) == [[0, 2, 1], [3]]
+    assert planning.plan_chunks([], 4) == []
     with pytest.raises(ValueError):
-        _common.plan_chunks(["a"], 0)
+        planning.plan_chunks(["a"], 0)
 
 
 def test_sync_embed_splits_by_max_batch_size_and_restores_input_order():
@@ -385,7 +385,7 @@ def test_embed_accepts_any_iterable_of_str():
 def test_text_input_is_n_by_1_utf8_bytes():
     import tritonclient.grpc as grpcclient
 
-    infer_input = _common.text_input(grpcclient, ["héllo", "", "日本"])
+    infer_input = encoding.text_input(grpcclient, ["héllo", "", "日本"])
     assert infer_input.shape() == [3, 1] and infer_input.datatype() == "BYTES"
     decoded = deserialize_bytes_tensor(infer_input._get_content())
     assert list(decoded) == ["héllo".encode(), b"", "日本".encode()]
@@ -597,13 +597,13 @@ def test_async_retries_use_asyncio_sleep_and_the_same_bounds(monkeypatch):
 
 def test_deadline_object():
     now = [100.0]
-    deadline = _common.Deadline(2.0, clock=lambda: now[0])
+    deadline = retry.Deadline(2.0, clock=lambda: now[0])
     assert deadline.remaining() == pytest.approx(2.0)
     now[0] = 101.5
     assert deadline.remaining() == pytest.approx(0.5)
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError):
-            _common.Deadline(bad)
+            retry.Deadline(bad)
 
 
 # ----------------------------------------------------------------------------------------------

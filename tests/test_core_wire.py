@@ -74,7 +74,7 @@ def config_parameters(path: Path) -> dict[str, str]:
 
 
 def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_classifier, tmp_path):
-    from embedline.client import _common
+    from embedline.client import model_config, planning, results
 
     repo = build_repository(tiny_classifier, tmp_path / "models", RepositorySettings(variant="fp32"))
     embed = config_parameters(repo / "embed" / "config.pbtxt")
@@ -83,12 +83,12 @@ def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_c
     assert set(config_parameters(repo / "classifier_head" / "config.pbtxt")) == {"dim", *wire.HEAD_PARAMETERS}
     for key, parameter in wire.EMBED_PARAMETERS.items():
         wire.decode(parameter, embed[key])  # every value parses as its declared kind
-    spec = _common._ModelSpec(name="embed", max_batch_size=64, parameters=embed, url="h:1")
-    classify = _common._ModelSpec(name="classify", max_batch_size=64,
+    spec = results._ModelSpec(name="embed", max_batch_size=64, parameters=embed, url="h:1")
+    classify = results._ModelSpec(name="classify", max_batch_size=64,
                                   parameters=config_parameters(repo / "classify" / "config.pbtxt"), url="h:1")
-    info = _common.build_info(spec, classify, "h:1")
+    info = model_config.build_info(spec, classify, "h:1")
     assert (info.dim, info.max_seq_length, info.variant) == (tiny_classifier.dim, tiny_classifier.max_seq_length, "fp32")
-    assert _common.spec_group_size(spec) == 32 and info.labels
+    assert planning.spec_group_size(spec) == 32 and info.labels
 
 
 def test_encode_refuses_parameters_outside_the_contract():

@@ -1,0 +1,89 @@
+"""A served model's config -> what the clients need of it (_ModelSpec, ModelInfo, the served-model catalog)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embedline import wire
+from embedline.client.errors import ModelNotFoundError, ServerError
+from embedline.client.results import ModelInfo, _ModelSpec
+from embedline.wire import CLASSIFY_MODEL
+
+
+def parse_model_config(response: Any, url: str = "") -> _ModelSpec:
+    """A tritonclient ModelConfigResponse (protobuf) from replica `url` -> the parts the client needs."""
+    config = response.config
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    instances = sum(max(1, int(group.count)) for group in config.instance_group) or 1
+    max_queue_size = 0
+    if config.HasField("dynamic_batching"):
+        max_queue_size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
+    return _ModelSpec(name=config.name, max_batch_size=int(config.max_batch_size), parameters=parameters, url=url,
+                      instances=instances, max_queue_size=max_queue_size)
+
+
+def _parameter(spec: _ModelSpec, key: str, url: str, default: Any = None) -> Any:
+    """The typed value of a config parameter (embedline/wire.py); `default` where an older server lacks
+    it, ServerError where a required one is missing or does not parse."""
+    try:
+        value = wire.read(spec.parameters, key, default)
+    except ValueError as exc:
+        raise ServerError(f"model '{spec.name}' at {url}: {exc}") from None
+    if value is None:
+        raise ServerError(f"model '{spec.name}' at {url} has no config parameter '{key}'; "
+                          "was its repository built by `embedline build-repo`?")
+    return value
+
+
+def spec_dim(spec: _ModelSpec, url: str) -> int:
+    return _parameter(spec, "dim", url)
+
+
+def spec_labels(spec: _ModelSpec, url: str) -> tuple[str, ...]:
+    labels = _parameter(spec, "labels", url)
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ServerError(f"model '{spec.name}' at {url}: parameter 'labels' is not a JSON list of strings: "
+                          f"{spec.parameters.get('labels')!r}")
+    return tuple(labels)
+
+
+def build_info(embed: _ModelSpec, classify: _ModelSpec | None, url: str) -> ModelInfo:
+    return ModelInfo(
+        model_name=_parameter(embed, "model_name", url),
+        dim=spec_dim(embed, url),
+        max_seq_length=_parameter(embed, "max_seq_length", url),
+        variant=_parameter(embed, "variant", url),
+        pooling=_parameter(embed, "pooling", url, default=""),
+        max_batch_size=embed.max_batch_size,
+        labels=spec_labels(classify, url) if classify is not None else (),
+        served_models=tuple(served_catalog(embed)),
+        matryoshka_dims=tuple(int(d) for d in _parameter(embed, "matryoshka_dims", url, default=[])),
+        host_warning=_parameter(embed, "host_warning", url, default=""),
+    )
+
+
+def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:
+    """name -> {"embed": Triton model, "classify": Triton model or ""} of every artifact the server serves.
+
+    Read from an embed model's `served_models` parameter; a server that predates it serves one artifact.
+    """
+    catalog = wire.read(spec.parameters, "served_models")
+    if catalog:
+        return catalog
+    return {wire.read(spec.parameters, "model_name", spec.name): {"embed": spec.name, "classify": CLASSIFY_MODEL}}
+
+
+def resolve_model(default_embed: _ModelSpec, name: str, url: str) -> tuple[str, str]:
+    """The (embed, classify) Triton model names of the served model called `name`."""
+    catalog = served_catalog(default_embed)
+    if name not in catalog:
+        raise ModelNotFoundError(f"server at {url} serves no model named {name!r}; it serves {', '.join(catalog)}",
+                                 status=None, url=url)
+    entry = catalog[name]
+    # No classifier head: a name no model has, so classify() reports the missing model clearly.
+    return entry["embed"], entry["classify"] or f"{entry['embed']}-classify"
+
+
+def classify_missing_message(url: str, model: str = CLASSIFY_MODEL) -> str:
+    return (f"server at {url} has no '{model}' model: it serves an artifact without a classifier head "
+            "(train one with `embedline train-classifier`); embed still works")
