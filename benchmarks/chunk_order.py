@@ -14,14 +14,13 @@ from every such file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, command_line, cpu_flags, load_average, markdown_table, save_results,
-                               update_readme_section)
+from benchmarks.common import RESULTS, markdown_table
+from benchmarks.experiment import Experiment
 
 ORDERS = ("longest first", "shortest first")
 CALLS = ("client", "client_async")
@@ -48,49 +47,37 @@ def measure(url: str, texts: list[str], order: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default=None, help="artifact directory (default: the bundled model's)")
-    parser.add_argument("--variant", default="openvino")
-    parser.add_argument("--threads", type=int, default=2, help="cores the server uses")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-
-    from embedline.serving.launcher import prepare_artifact
+    experiment = Experiment.from_command_line(__doc__, rounds=12)
     from embedline.serving.settings import served_settings
 
     from benchmarks.suite import triton
     from benchmarks.workloads import build_workloads
 
-    artifact = prepare_artifact(args.artifact)
+    artifact = experiment.artifact
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short", "mixed"))
-    load_before = load_average()
     rounds = {w: {o: {c: [] for c in CALLS} for o in ORDERS} for w in workloads}
     with tempfile.TemporaryDirectory(prefix="embedline-chunk-order-") as tmp, \
-            triton(artifact, Path(tmp), served_settings(args.variant, args.threads)) as server:
+            triton(artifact, Path(tmp), served_settings(experiment.variant, experiment.threads)) as server:
         for workload in workloads.values():
             texts = list(workload.texts)
             for order in ORDERS:  # untimed: the engine's first runs of each input shape
                 measure(server.grpc_url, texts, order)
-            for k in range(args.rounds):
+            for k in range(experiment.rounds):
                 for order in ORDERS if k % 2 == 0 else ORDERS[::-1]:
                     for call, value in measure(server.grpc_url, texts, order).items():
                         rounds[workload.name][order][call].append(value)
                 print(f"round {k} {workload.name}: " + ", ".join(
                     f"{o} {rounds[workload.name][o]['client'][-1]}" for o in ORDERS), flush=True)
-    record = {"artifact": artifact.name, "variant": args.variant, "threads": args.threads,
-              "texts": {name: len(w.texts) for name, w in workloads.items()}, "rounds": rounds,
-              "median": {w: {o: {c: round(statistics.median(v), 1) for c, v in by_call.items()}
-                             for o, by_call in by_order.items()} for w, by_order in rounds.items()},
-              "rounds_won_by_longest_first": {
-                  w: {c: sum(a > b for a, b in zip(by_order[ORDERS[0]][c], by_order[ORDERS[1]][c])) for c in CALLS}
-                  for w, by_order in rounds.items()},
-              "cpu_flags": cpu_flags(), "load_before": load_before, "load_after": load_average(),
-              "command": command_line()}
+    record = experiment.record(
+        texts={name: len(w.texts) for name, w in workloads.items()}, rounds=rounds,
+        median={w: {o: {c: round(statistics.median(v), 1) for c, v in by_call.items()}
+                    for o, by_call in by_order.items()} for w, by_order in rounds.items()},
+        rounds_won_by_longest_first={
+            w: {c: sum(a > b for a, b in zip(by_order[ORDERS[0]][c], by_order[ORDERS[1]][c])) for c in CALLS}
+            for w, by_order in rounds.items()})
     print(json.dumps({k: record[k] for k in ("median", "rounds_won_by_longest_first")}))
-    print(f"saved {save_results(f'chunk_order_{args.variant}', record)}")
-    if not args.no_readme:
-        update_readme_section("chunk_order", readme_section())
+    experiment.save(f"chunk_order_{experiment.variant}", record)
+    experiment.report("chunk_order", readme_section())
 
 
 def readme_section() -> str:

@@ -14,7 +14,6 @@ Writes benchmarks/results/cli_corpus.json and the "cli_corpus" section of benchm
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -22,45 +21,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (command_line, cpu_flags, load_average, markdown_table, save_results,
-                               update_readme_section)
+from benchmarks.common import markdown_table
+from benchmarks.experiment import Experiment
 
 MEASURES = ("cli", "client", "closed_loop_32x16")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default=None, help="artifact directory (default: the bundled model's)")
-    parser.add_argument("--variant", default="openvino")
-    parser.add_argument("--threads", type=int, default=2, help="cores the server uses")
-    parser.add_argument("--lines", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-
+    experiment = Experiment.from_command_line(__doc__, rounds=4, options=lambda parser: parser.add_argument(
+        "--lines", type=int, default=20_000, help="lines in the file the CLI embeds"))
     import numpy as np
 
-    from embedline.serving.launcher import prepare_artifact
     from embedline.serving.settings import served_settings
 
     from benchmarks.load import closed_loop
     from benchmarks.suite import _corpus_call, triton
     from benchmarks.workloads import build_workloads
 
-    artifact = prepare_artifact(args.artifact)
+    artifact, lines_wanted = experiment.artifact, experiment.args.lines
     short = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short",))["short"]
     one_line = [text.replace("\n", " ") for text in short.texts]
-    texts = (one_line * -(-args.lines // len(one_line)))[:args.lines]
+    texts = (one_line * -(-lines_wanted // len(one_line)))[:lines_wanted]
     embed_cli = Path(sys.executable).parent / "embedline"
-    load_before = load_average()
     rounds: dict[str, list[float]] = {measure: [] for measure in MEASURES}
     with tempfile.TemporaryDirectory(prefix="embedline-cli-corpus-") as tmp:
         lines, output = Path(tmp) / "texts.txt", Path(tmp) / "vectors.npy"
         lines.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        with triton(artifact, Path(tmp), served_settings(args.variant, args.threads)) as server:
+        with triton(artifact, Path(tmp), served_settings(experiment.variant, experiment.threads)) as server:
             url = server.grpc_url
             _corpus_call(url, texts[:2000])  # untimed: the engine's first runs of each input shape
-            for k in range(args.rounds):
+            for k in range(experiment.rounds):
                 started = time.perf_counter()
                 subprocess.run([str(embed_cli), "embed", "--url", url, "--input", str(lines), "--output", str(output)],
                                check=True, stderr=subprocess.DEVNULL)
@@ -73,16 +63,13 @@ def main() -> None:
                     closed_loop(url, list(short.texts), short.tokens, 32, 16, 4.0, 0.5)["sentences_per_s"])
                 print(f"round {k}: " + ", ".join(f"{m} {v[-1]}" for m, v in rounds.items()), flush=True)
     median = {measure: round(statistics.median(values), 1) for measure, values in rounds.items()}
-    record = {"artifact": artifact.name, "variant": args.variant, "threads": args.threads, "lines": len(texts),
-              "rounds": rounds, "median": median,
-              "ratio_cli_to_closed_loop": round(median["cli"] / median["closed_loop_32x16"], 3),
-              "ratio_client_to_closed_loop": round(median["client"] / median["closed_loop_32x16"], 3),
-              "cpu_flags": cpu_flags(), "load_before": load_before, "load_after": load_average(),
-              "command": command_line()}
+    record = experiment.record(
+        lines=len(texts), rounds=rounds, median=median,
+        ratio_cli_to_closed_loop=round(median["cli"] / median["closed_loop_32x16"], 3),
+        ratio_client_to_closed_loop=round(median["client"] / median["closed_loop_32x16"], 3))
     print({k: record[k] for k in ("median", "ratio_cli_to_closed_loop", "ratio_client_to_closed_loop")})
-    print(f"saved {save_results('cli_corpus', record)}")
-    if not args.no_readme:
-        update_readme_section("cli_corpus", readme_section(record))
+    experiment.save("cli_corpus", record)
+    experiment.report("cli_corpus", readme_section(record))
 
 
 def readme_section(record: dict) -> str:

@@ -12,39 +12,29 @@ every such file.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
-from benchmarks.common import sts_sentences, update_readme_section
+from benchmarks.common import sts_sentences
+from benchmarks.experiment import Experiment
 from benchmarks.side_by_side import compare, readme_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default=None, help="artifact directory (default: the bundled model's)")
-    parser.add_argument("--variant", default="openvino")
-    parser.add_argument("--threads", type=int, default=2, help="cores both layouts share")
-    parser.add_argument("--texts", type=int, default=2000, help="texts in one corpus call (STS-B sentences)")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-
+    experiment = Experiment.from_command_line(__doc__, rounds=6, options=lambda parser: parser.add_argument(
+        "--texts", type=int, default=2000, help="texts in one corpus call (STS-B sentences)"))
     import numpy as np
 
-    from embedline.serving.launcher import prepare_artifact
     from embedline.serving.settings import served_settings
 
-    artifact = prepare_artifact(args.artifact)
-    texts = sts_sentences(args.texts)
+    texts = sts_sentences(experiment.args.texts)
     tokens = np.array([len(t.split()) for t in texts])
-    served = served_settings(args.variant, args.threads)  # what `embedline serve` runs on these cores
-    one = f"1 instance x {args.threads} threads"
+    threads = experiment.threads
+    served = served_settings(experiment.variant, threads)  # what `embedline serve` runs on these cores
+    one = f"1 instance x {threads} threads"
     shared = f"{served.instances} instances x {served.intra_op_threads} thread{'s' if served.intra_op_threads > 1 else ''}"
-    layouts = {one: replace(served, instances=1, intra_op_threads=args.threads), shared: served}
-    path = compare("engine_layout", artifact, args, layouts, shared, texts, tokens)
-    print(f"saved {path}")
-    if not args.no_readme:
-        update_readme_section("engine_layout", readme_section())
+    layouts = {one: replace(served, instances=1, intra_op_threads=threads), shared: served}
+    compare("engine_layout", experiment, layouts, shared, texts, tokens)
+    experiment.report("engine_layout", readme_section())
 
 
 def readme_section() -> str:

@@ -14,38 +14,26 @@ from every such file.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
-from benchmarks.common import update_readme_section
+from benchmarks.experiment import Experiment
 from benchmarks.side_by_side import compare, readme_table
 
 SIZES = (32, 64)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default=None, help="artifact directory (default: the bundled model's)")
-    parser.add_argument("--variant", default="openvino")
-    parser.add_argument("--threads", type=int, default=2, help="cores both servers share")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-
-    from embedline.serving.launcher import prepare_artifact
+    experiment = Experiment.from_command_line(__doc__, rounds=12)
     from embedline.serving.settings import served_settings
 
     from benchmarks.workloads import build_workloads
 
-    artifact = prepare_artifact(args.artifact)
+    artifact = experiment.artifact
     short = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short",))["short"]
-    served = served_settings(args.variant, args.threads)  # what `embedline serve` runs on these cores
+    served = served_settings(experiment.variant, experiment.threads)  # what `embedline serve` runs here
     sizes = {f"groups of {size}": replace(served, length_group_size=size) for size in SIZES}
-    path = compare("length_groups", artifact, args, sizes, f"groups of {served.group_size}",
-                   list(short.texts), short.tokens)
-    print(f"saved {path}")
-    if not args.no_readme:
-        update_readme_section("length_groups", readme_section())
+    compare("length_groups", experiment, sizes, f"groups of {served.group_size}", list(short.texts), short.tokens)
+    experiment.report("length_groups", readme_section())
 
 
 def readme_section() -> str:

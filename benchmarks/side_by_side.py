@@ -16,7 +16,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from benchmarks.common import RESULTS, command_line, cpu_flags, load_average, markdown_table, save_results
+from benchmarks.common import RESULTS, markdown_table
 
 MEASURES = ("client", "client_async", "closed_loop_32x16", "c1_p50_ms")
 
@@ -53,17 +53,15 @@ def rounds_won(values: dict[str, dict[str, list[float]]], name: str, other: str)
             for m in MEASURES}
 
 
-def compare(name: str, artifact, args, settings_by_name: dict, default: str, texts: list[str], tokens) -> Path:
+def compare(name: str, experiment, settings_by_name: dict, default: str, texts: list[str], tokens) -> Path:
     """Run the rounds for `settings_by_name` (two servers, `default` being what `serve` runs) and save the
     record as results/NAME_VARIANT.json; -> its path."""
     other = next(server for server in settings_by_name if server != default)
-    load_before = load_average()
-    rounds = alternating_rounds(artifact, settings_by_name, texts, tokens, args.rounds, prefix=f"embedline-{name}-")
-    record = {"artifact": artifact.name, "variant": args.variant, "threads": args.threads, "texts": len(texts),
-              "default": default, "rounds": rounds, "median": medians(rounds),
-              "rounds_won_by_default": rounds_won(rounds, default, other), "cpu_flags": cpu_flags(),
-              "load_before": load_before, "load_after": load_average(), "command": command_line()}
-    return save_results(f"{name}_{args.variant}", record)
+    rounds = alternating_rounds(experiment.artifact, settings_by_name, texts, tokens, experiment.rounds,
+                                prefix=f"embedline-{name}-")
+    record = experiment.record(texts=len(texts), default=default, rounds=rounds, median=medians(rounds),
+                               rounds_won_by_default=rounds_won(rounds, default, other))
+    return experiment.save(f"{name}_{experiment.variant}", record)
 
 
 def readme_table(name: str, settings_header: str) -> str:

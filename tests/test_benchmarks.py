@@ -426,3 +426,19 @@ def test_setfit_comparison_names_the_missing_venv(tmp_path):
 
     with pytest.raises(SystemExit, match="make bench-setfit-deps"):
         run_setfit(tmp_path / "no-venv", {"threads": 1})
+
+
+def test_an_experiment_resolves_the_shared_options_and_records_its_conditions(tiny_fp32):
+    from benchmarks.experiment import Experiment
+
+    experiment = Experiment.from_command_line("d", rounds=3, argv=["--artifact", str(tiny_fp32.path), "--no-readme"],
+                                              options=lambda parser: parser.add_argument("--texts", type=int, default=5))
+    # The variant `serve` would pick for this artifact here, the script's default rounds, its own option.
+    assert (experiment.variant, experiment.rounds, experiment.threads, experiment.args.texts) == ("fp32", 3, 2, 5)
+    record = experiment.record(median={"a": 1.0})
+    assert record["median"] == {"a": 1.0} and record["variant"] == "fp32" and record["artifact"] == "tiny"
+    assert {"cpu_flags", "load_before", "load_after", "command"} <= set(record)
+    experiment.report("never-written", "## nothing")  # --no-readme: the README is left alone
+    from benchmarks.common import README
+
+    assert "never-written" not in README.read_text()
