@@ -2,9 +2,9 @@
 
     model.onnx --openvino.read_model--> --nncf.quantize(TRANSFORMER, SmoothQuant 0.75)--> onnx/openvino/model.xml + .bin
 
-On an AVX-512 VNNI host post-training int8 by NNCF is the fastest CPU route (1.4-3x ONNX Runtime's dynamic
-int8 in-process, STS-B dev within 0.1 of fp32); on AVX2-only hosts it was slower than ONNX Runtime int8
-(docs/architecture.md, "Measured decisions", OpenVINO). The export's speed check on the exporting host
+On an AVX-512 VNNI host post-training int8 by NNCF is the fastest CPU route, within 0.1 STS-B Spearman of
+fp32; on AVX2-only hosts it was slower than ONNX Runtime int8 (docs/architecture.md, "Measured decisions",
+OpenVINO). The export's speed check on the exporting host
 decides which serves (embedline/variants.py: choose_variant). NNCF is needed only here, at export; the server
 needs only the `openvino` runtime. Both come with the `openvino` extra (pip install 'embedline[openvino]');
 nothing else in embedline imports them.

@@ -143,10 +143,8 @@ def ort_session(path: str | os.PathLike, threads: int,
 
 # Each runner runs alone for turns of this long (at most; a quarter of the measurement when shorter), its
 # first batch of a turn untimed, and the runners take turns. Switching engine every batch, as this check
-# used to, measures each engine cold, which no server sees: on all-MiniLM-L6-v2 (AVX-512 VNNI host, 2
-# threads, same run) batch-by-batch turns put ORT int8 at 0.98-1.04x fp32 where each engine alone measured
-# 1.73-1.97x, and OpenVINO at 2.09-2.15x ORT int8 against 1.43-1.62x alone (benchmarks/README.md, "int8
-# calibration"). Turns still spread a shared machine's load changes over all runners alike.
+# used to, measures each engine cold, which no server sees, and misranked them (benchmarks/README.md,
+# "int8 calibration"). Turns still spread a shared machine's load changes over all runners alike.
 SPEED_TURN_SECONDS = 0.25
 
 

@@ -36,11 +36,10 @@ class RepositorySettings:
     queue_delay_us: int = 0
     # Most requests waiting in one model's queue; more are refused at once with UNAVAILABLE ("Exceeds
     # maximum queue size"), which the SDK retries with backoff. 0 = no queue policy: unbounded, and no
-    # request timeouts. At 4x overload (benchmarks/overload.py) an unbounded queue let 93.5% of requests
-    # time out after 2 s; bounded, the excess is refused in under a millisecond. 32 keeps accepted work
-    # inside a 2 s deadline and leaves the batcher room (docs/architecture.md, "Server"). Any queue policy
-    # also turns off Triton's payload prefetching, which costs a two-instance CPU server 3-9% throughput
-    # (same section, "What the bound costs"); 0 trades the bound for it.
+    # request timeouts. Under overload a bounded queue refuses the excess at once instead of letting every
+    # request time out; 32 keeps accepted work inside a 2 s deadline and leaves the batcher room. Any queue
+    # policy also turns off Triton's payload prefetching; 0 trades the bound for it (docs/architecture.md,
+    # "Server"; benchmarks/README.md, "Overload").
     max_queue_size: int = 32
     # Longest a request may wait in the queue before it is rejected. Triton lets a request's own timeout
     # (the SDK sends its remaining deadline) override this only when it is shorter than a nonzero default,
@@ -64,8 +63,8 @@ class RepositorySettings:
     streams: int = 1  # OpenVINO CPU streams per instance (parallel infer requests over the length groups)
     gpu_provider: str = "cuda"  # cuda | tensorrt (python layout on GPU; tensorrt falls back to cuda)
     # ONNX Runtime's workers spin-wait for the next parallel section instead of sleeping on a futex between
-    # them (ORT's own default). Measured on 2 quiet cores: batch-1 int8 4.2 -> 2.6 ms, and a server that is
-    # as fast or faster at every load point. Off leaves the cores alone between runs: for a machine shared
+    # them (ORT's own default): faster single requests and a server as fast or faster at every load point
+    # (benchmarks/README.md, "Server tuning"). Off leaves the cores alone between runs: for a machine shared
     # with busier processes (`--no-spin-wait`).
     spin_wait: bool = True
 
