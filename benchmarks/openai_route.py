@@ -234,7 +234,7 @@ def measure(artifact, variant: str, requests: int, seconds: float, rounds: int, 
         with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),
                           metrics_port=free_port()) as server:
             port = free_port()
-            argv = openai_command(server.grpc_url, [ServedModel.from_artifact(artifact, name=MODEL_NAME)], port=port)
+            argv = openai_command(server.grpc_url, [ServedModel.from_artifact(artifact, name=MODEL_NAME, embed_model="embed")], port=port)
             env = {k: v for k, v in os.environ.items() if k != "EMBEDLINE_API_KEY"}
             route = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             base_url = f"http://127.0.0.1:{port}"

@@ -222,9 +222,10 @@ class AsyncEmbeddingClient(base.ClientBase):
 
     async def _resolve_model(self, deadline: retry.Deadline) -> None:
         """Turn `model=` into its Triton model names, from the server's catalog (once)."""
-        if self._model_to_resolve is not None:
+        name = self._model_to_resolve  # read once: concurrent calls may resolve it while this one waits
+        if name is not None:
             default = await self._spec(wire.EMBED_MODEL, deadline)
-            self.embed_model, self.classify_model = model_config.resolve_model(default, self._model_to_resolve, default.url)
+            self.embed_model, self.classify_model = model_config.resolve_model(default, name, default.url)
             self._model_to_resolve = None
 
     async def _embed_spec(self, deadline: retry.Deadline) -> results._ModelSpec:

@@ -511,8 +511,7 @@ def print_banner(plan: ServePlan, args: argparse.Namespace, server: TritonServer
 def route_for(plan: ServePlan, args: argparse.Namespace, server: TritonServer) -> RouteProcess:
     from embedline.serving.openai_api import ServedModel, openai_command
 
-    models = [ServedModel.from_artifact(artifact, embed_model=model_names.embed)
-              for artifact, model_names in zip(plan.artifacts, plan.names)]
+    models = [ServedModel.from_artifact(artifact) for artifact in plan.artifacts]
     command = openai_command(server.grpc_url, models, host=args.host, port=args.openai_port,
                              grpc_root_certificates=plan.tls_cert, drain_timeout=args.drain_timeout,
                              insecure=args.insecure)

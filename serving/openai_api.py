@@ -34,7 +34,10 @@ Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}:
 Run it as a process (the API key comes from the environment only, never from argv):
 
     EMBEDLINE_API_KEY=... python -m embedline.serving.openai_api --grpc-url 127.0.0.1:8001 --port 8080 \\
-        --model all-MiniLM-L6-v2=/path/artifact/tokenizer.json:256[:embed] [--model ...] [--default NAME]
+        --model all-MiniLM-L6-v2=/path/artifact/tokenizer.json [--model ...] [--default NAME]
+
+The served models' Triton names and lengths come from the server (the SDK reads its catalog and configs),
+so the command line carries only what the server cannot tell: public names and tokenizer files.
 
 `openai_command(...)` builds that command line for a supervisor (serving/launcher.py). The supervisor owns
 the listening socket and passes it down (`--fd`): while the route restarts after a crash, new connections wait
@@ -58,7 +61,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,7 @@ from embedline.client import (
     DeadlineExceededError,
     EmbeddingClientError,
     InvalidInputError,
+    ModelNotFoundError,
     ServerOverloadedError,
     ServerUnavailableError,
 )
@@ -100,23 +104,22 @@ DEFAULT_MAX_CONCURRENCY = 64
 class ServedModel:
     """One model the route serves.
 
-    name: the public model name (`model` in requests, `id` in /v1/models).
+    name: the public model name (`model` in requests, `id` in /v1/models); the SDK finds its Triton model
+        in the server's catalog (the `served_models` parameter), and its max_seq_length in its config.
     tokenizer_path: the artifact's tokenizer.json, for the token counts of `usage`.
-    max_seq_length: where the server cuts texts (tokens), so counts match what the model sees.
     client_kwargs: extra keyword arguments for its AsyncEmbeddingClient, e.g. {"embed_model": "embed"}
-        (the Triton model name), {"timeout": 10.0}, {"ssl": True, "root_certificates": "ca.pem"}.
+        (a Triton model name, for a repository not built by embedline or another public name for a
+        model), {"timeout": 10.0}, {"ssl": True, "root_certificates": "ca.pem"}.
     """
 
     name: str
     tokenizer_path: str | os.PathLike
-    max_seq_length: int
     client_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
     def from_artifact(cls, artifact: Any, name: str | None = None, **client_kwargs: Any) -> ServedModel:
         """The model of an `embedline.artifact.Artifact`, named after it unless `name` is given."""
-        return cls(name=name or artifact.name, tokenizer_path=artifact.tokenizer_path,
-                   max_seq_length=artifact.max_seq_length, client_kwargs=client_kwargs)
+        return cls(name=name or artifact.name, tokenizer_path=artifact.tokenizer_path, client_kwargs=client_kwargs)
 
 
 class ApiError(Exception):
@@ -229,18 +232,20 @@ def embeddings_body(vectors: list[Any], model: str, tokens: int) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def load_tokenizer(path: str | os.PathLike, max_seq_length: int) -> Tokenizer:
-    """The model's tokenizer cut at max_seq_length, without padding: len(ids) is what the model sees."""
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The model's tokenizer without padding or truncation: len(ids) is the whole text's token count."""
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_seq_length)
+    tokenizer.no_truncation()
     return tokenizer
 
 
-def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
+def count_tokens(tokenizer: Tokenizer, texts: list[str], max_seq_length: int) -> int:
+    """The tokens the model sees: each text's, special tokens included, cut at max_seq_length (truncation
+    keeps the special tokens inside that length)."""
     # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: ~15% less CPU, same ids.
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return sum(len(encoding.ids) for encoding in encode(texts))
+    return sum(min(len(encoding.ids), max_seq_length) for encoding in encode(texts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +313,7 @@ class EmbeddingsRoute:
         self.default_model, self.grpc_url, self.max_body_bytes = default_model, grpc_url, max_body_bytes
         self.api_key = check_api_key(api_key)
         self.expected_auth = f"Bearer {self.api_key}".encode() if self.api_key else None
-        self.tokenizers = {name: load_tokenizer(model.tokenizer_path, model.max_seq_length)
-                           for name, model in self.models.items()}
+        self.tokenizers = {name: load_tokenizer(model.tokenizer_path) for name, model in self.models.items()}
         self.clients: dict[str, AsyncEmbeddingClient] = {}
         self.drain = Drain()
 
@@ -319,6 +323,8 @@ class EmbeddingsRoute:
             kwargs: dict[str, Any] = {"max_concurrency": DEFAULT_MAX_CONCURRENCY}
             if self.api_key:
                 kwargs["api_key"] = self.api_key
+            if "embed_model" not in model.client_kwargs:
+                kwargs["model"] = name  # found in the server's catalog on first use
             self.clients[name] = AsyncEmbeddingClient(self.grpc_url, **{**kwargs, **model.client_kwargs})
         log.info("serving %s from %s (default %s)", ", ".join(self.models), self.grpc_url, self.default_model)
         try:
@@ -365,10 +371,11 @@ class EmbeddingsRoute:
             self.authorize(request)
             name, texts, dimensions, encoding_format = self.parse_request(await self.read_body(request))
             vectors = await self.embed(name, texts, dimensions)
+            max_seq_length = (await self.call_sdk(name, len(texts), self.clients[name].info())).max_seq_length
             if len(texts) > TOKENIZE_INLINE_MAX:
-                tokens = await asyncio.to_thread(count_tokens, self.tokenizers[name], texts)
+                tokens = await asyncio.to_thread(count_tokens, self.tokenizers[name], texts, max_seq_length)
             else:
-                tokens = count_tokens(self.tokenizers[name], texts)
+                tokens = count_tokens(self.tokenizers[name], texts, max_seq_length)
             content = embeddings_body(encode_vectors(vectors, encoding_format), name, tokens)
             return Response(content, media_type="application/json")
         finally:
@@ -398,12 +405,20 @@ class EmbeddingsRoute:
         return name, texts, dimensions, encoding_format
 
     async def embed(self, name: str, texts: list[str], dimensions: int | None) -> np.ndarray:
+        return await self.call_sdk(name, len(texts), self.clients[name].embed(texts, dimensions=dimensions))
+
+    async def call_sdk(self, name: str, n_texts: int, call: Awaitable[Any]) -> Any:
+        """An SDK call's result; its errors as OpenAI's (sdk_error). `info()` is cached by the client after
+        its first answer, so the model's max_seq_length costs one look-up per model."""
         try:
-            return await self.clients[name].embed(texts, dimensions=dimensions)
+            return await call
+        except ModelNotFoundError as exc:
+            raise ApiError(404, f"the model '{name}' is not served by the embedding server", param="model",
+                           code="model_not_found") from exc
         except (EmbeddingClientError, ValueError) as exc:
             error = sdk_error(exc)
             log_at = logging.WARNING if error.status >= 500 else logging.DEBUG
-            log.log(log_at, "embedding %d text(s) with %s failed: %s", len(texts), name, exc)
+            log.log(log_at, "embedding %d text(s) with %s failed: %s", n_texts, name, exc)
             raise error from exc
 
     async def list_models(self, request: Request) -> Response:
@@ -431,8 +446,6 @@ def check_models(models: dict[str, ServedModel], default_model: str) -> None:
     for name, model in models.items():
         if name != model.name:
             raise ValueError(f"models[{name!r}] is named {model.name!r}; key the mapping by ServedModel.name")
-        if model.max_seq_length < 1:
-            raise ValueError(f"model {name!r}: max_seq_length must be >= 1, got {model.max_seq_length}")
     if default_model not in models:
         raise ValueError(f"default model {default_model!r} is not one of the served models {sorted(models)}")
 
@@ -441,29 +454,24 @@ def check_models(models: dict[str, ServedModel], default_model: str) -> None:
 # The process
 
 
-def parse_model_spec(spec: str) -> ServedModel:
-    """NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL] -> ServedModel (EMBED_MODEL: the Triton model name)."""
-    name, sep, rest = spec.partition("=")
-    parts = rest.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit():
-        path, length, embed_model = parts
-    else:
-        path, _, length = rest.rpartition(":")
-        embed_model = ""
-    if not sep or not name or not path or not length.isdigit() or int(length) < 1:
-        raise argparse.ArgumentTypeError(
-            f"--model {spec!r}: expected NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL]")
-    return ServedModel(name=name, tokenizer_path=path, max_seq_length=int(length),
-                       client_kwargs={"embed_model": embed_model} if embed_model else {})
+def name_value(option: str, spec: str) -> tuple[str, str]:
+    """NAME=VALUE -> (NAME, VALUE), for --model and --triton-model."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{option} {spec!r}: expected NAME=VALUE")
+    return name, value
 
 
-def format_model_spec(model: ServedModel) -> str:
+def model_arguments(model: ServedModel) -> list[str]:
+    """The command-line form of one served model: --model NAME=TOKENIZER_JSON [--triton-model NAME=MODEL]."""
     extra = set(model.client_kwargs) - {"embed_model"}
     if extra:
         raise ValueError(f"model {model.name!r}: client_kwargs {sorted(extra)} have no command-line form "
                          "(only embed_model; timeout, retries and TLS are options of the whole process)")
-    embed_model = model.client_kwargs.get("embed_model")
-    return f"{model.name}={model.tokenizer_path}:{model.max_seq_length}" + (f":{embed_model}" if embed_model else "")
+    argv = ["--model", f"{model.name}={model.tokenizer_path}"]
+    if "embed_model" in model.client_kwargs:
+        argv += ["--triton-model", f"{model.name}={model.client_kwargs['embed_model']}"]
+    return argv
 
 
 def openai_command(grpc_url: str, models: Sequence[ServedModel], *, host: str = "127.0.0.1",
@@ -479,7 +487,7 @@ def openai_command(grpc_url: str, models: Sequence[ServedModel], *, host: str = 
         raise ValueError("openai_command needs at least one model")
     argv = [python, "-m", MODULE, "--grpc-url", grpc_url, "--host", host, "--port", str(port)]
     for model in models:
-        argv += ["--model", format_model_spec(model)]
+        argv += model_arguments(model)
     options = {"--default": default_model, "--timeout": timeout, "--max-retries": max_retries,
                "--max-body-bytes": max_body_bytes, "--grpc-root-certificates": grpc_root_certificates,
                "--drain-timeout": drain_timeout}
@@ -504,10 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fd", type=int, default=None,
                         help="serve on this inherited listening socket (bound by the supervisor) instead of "
                              "binding --host:--port")
-    parser.add_argument("--model", dest="models", action="append", type=parse_model_spec, required=True,
-                        metavar="NAME=TOKENIZER_JSON:MAX_SEQ_LENGTH[:EMBED_MODEL]",
-                        help="a served model: public name, its tokenizer.json, max_seq_length and the Triton "
-                             "model name (default 'embed'); repeat for several")
+    parser.add_argument("--model", dest="models", action="append", required=True, metavar="NAME=TOKENIZER_JSON",
+                        type=lambda spec: name_value("--model", spec),
+                        help="a served model: its public name (found in the server's catalog, which also gives "
+                             "its max_seq_length) and its tokenizer.json; repeat for several")
+    parser.add_argument("--triton-model", dest="triton_models", action="append", default=[],
+                        metavar="NAME=TRITON_MODEL", type=lambda spec: name_value("--triton-model", spec),
+                        help="the Triton model behind public name NAME, where the catalog does not say "
+                             "(a repository not built by embedline, or a second name for a model)")
     parser.add_argument("--default", default=None, help="model for requests without one (default: the first)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds one request may take in Triton, retries included (SDK default: 30)")
@@ -530,9 +542,12 @@ def app_from_args(args: argparse.Namespace, api_key: str | None) -> Starlette:
     if not is_loopback(args.host) and api_key is None and not args.insecure:
         raise ValueError(f"refusing to serve on {args.host} without an API key: set {API_KEY_ENV}, "
                          "or pass --insecure to serve openly")
-    names = [model.name for model in args.models]
+    names = [name for name, _ in args.models]
     if len(set(names)) != len(names):
         raise ValueError(f"--model names must be unique, got {names}")
+    triton_models = dict(args.triton_models)
+    if set(triton_models) - set(names):
+        raise ValueError(f"--triton-model names no --model: {sorted(set(triton_models) - set(names))}")
     shared: dict[str, Any] = {}
     if args.timeout is not None:
         shared["timeout"] = args.timeout
@@ -540,8 +555,9 @@ def app_from_args(args: argparse.Namespace, api_key: str | None) -> Starlette:
         shared["max_retries"] = args.max_retries
     if args.grpc_root_certificates is not None:
         shared.update(ssl=True, root_certificates=args.grpc_root_certificates)
-    models = {model.name: ServedModel(model.name, model.tokenizer_path, model.max_seq_length,
-                                      {**shared, **model.client_kwargs}) for model in args.models}
+    models = {name: ServedModel(name, path, {**shared, **({"embed_model": triton_models[name]}
+                                                          if name in triton_models else {})})
+              for name, path in args.models}
     return create_app(models, args.default or names[0], args.grpc_url, api_key=api_key,
                       max_body_bytes=args.max_body_bytes)
 
@@ -553,9 +569,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         api_key = check_api_key(os.environ.get(API_KEY_ENV))
-        for model in args.models:
-            if not Path(model.tokenizer_path).is_file():
-                raise ValueError(f"--model {model.name}: no tokenizer file {model.tokenizer_path}")
+        for name, path in args.models:
+            if not Path(path).is_file():
+                raise ValueError(f"--model {name}: no tokenizer file {path}")
         app = app_from_args(args, api_key)
     except Exception as exc:  # a bad option or tokenizer file (tokenizers raises plain Exception): one line
         log.error("%s", exc)

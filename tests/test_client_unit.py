@@ -729,3 +729,24 @@ def test_cli_rejects_invalid_utf8_and_bad_output(tmp_path):
                                  timeout=1.0, batch_size=None))()
     with pytest.raises(EmbedlineError, match=r"\.npy or \.jsonl"):
         cli.run(args)
+
+
+def test_concurrent_first_calls_that_name_a_model_all_resolve_it():
+    """Several first calls wait on the catalog look-up together; each must still find its model."""
+
+    class YieldingTriton(AsyncFakeTriton):
+        async def get_model_config(self, *args, **kwargs):
+            await asyncio.sleep(0)  # as a real RPC does: the other calls run meanwhile
+            return await super().get_model_config(*args, **kwargs)
+
+    fake = FakeTriton()
+    client = AsyncEmbeddingClient("fake:1", model="fake-model")
+    client._make_triton = lambda url: YieldingTriton(fake)
+
+    async def main():
+        try:
+            return await asyncio.gather(*(client.embed(["a", "b"]) for _ in range(4)))
+        finally:
+            await client.close()
+
+    assert [vectors.shape for vectors in asyncio.run(main())] == [(2, DIM)] * 4

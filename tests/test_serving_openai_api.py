@@ -41,8 +41,8 @@ from embedline.client import (
 )
 from embedline.serving.openai_api import (
     ServedModel,
+    build_parser,
     openai_command,
-    parse_model_spec,
     sdk_error,
 )
 from embedline.serving.triton import free_port
@@ -110,8 +110,8 @@ def servers(start_server, tiny_fp32):
 def apps(servers, tiny_fp32, tmp_path_factory):
     normal, overloaded = servers
     logs = tmp_path_factory.mktemp("openai-route")
-    tiny = ServedModel("tiny", tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length)
-    alias = ServedModel("tiny-alias", tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, {"embed_model": "embed"})
+    tiny = ServedModel("tiny", tiny_fp32.tokenizer_path)  # Triton's catalog names it; its config gives the length
+    alias = ServedModel("tiny-alias", tiny_fp32.tokenizer_path, {"embed_model": "embed"})
     base_env = {k: v for k, v in os.environ.items() if k != "EMBEDLINE_API_KEY"}
     specs = {
         "app": (normal.grpc_url, [tiny, alias], {"max_body_bytes": BODY_LIMIT}, {}),
@@ -365,7 +365,7 @@ def test_a_draining_route_answers_503_with_retry_after_and_serves_on_an_inherite
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    tiny = ServedModel("tiny", tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length)
+    tiny = ServedModel("tiny", tiny_fp32.tokenizer_path)
     argv = [*openai_command(servers[0].grpc_url, [tiny], port=port), "--fd", str(listener.fileno())]
     env = {k: v for k, v in os.environ.items() if k != "EMBEDLINE_API_KEY"}
     app = App(argv, port, tmp_path / "route.log", env, pass_fds=(listener.fileno(),))
@@ -411,22 +411,23 @@ def test_lone_surrogate_text_is_400(app):
 
 
 def test_openai_command_round_trips_the_models(tmp_path):
-    models = [ServedModel("m1", "/a/tokenizer.json", 256),
-              ServedModel("m2", "/b:odd/tokenizer.json", 128, {"embed_model": "embed_b"})]
+    models = [ServedModel("m1", "/a/tokenizer.json"),
+              ServedModel("m2", "/b:odd=x/tokenizer.json", {"embed_model": "embed_b"})]
     argv = openai_command("h:8001", models, host="0.0.0.0", port=9000, default_model="m2", timeout=5,
                           python="py")
     assert argv[:3] == ["py", "-m", "embedline.serving.openai_api"]
     assert "EMBEDLINE_API_KEY" not in " ".join(argv)
-    specs = [argv[i + 1] for i, a in enumerate(argv) if a == "--model"]
-    assert [parse_model_spec(s) for s in specs] == models
+    args = build_parser().parse_args(argv[3:])
+    assert args.models == [("m1", "/a/tokenizer.json"), ("m2", "/b:odd=x/tokenizer.json")]
+    assert args.triton_models == [("m2", "embed_b")]
     assert argv[argv.index("--default") + 1] == "m2" and argv[argv.index("--timeout") + 1] == "5"
     with pytest.raises(ValueError, match="no command-line form"):
-        openai_command("h:1", [ServedModel("m", "t.json", 8, {"batch_size": 4})])
+        openai_command("h:1", [ServedModel("m", "t.json", {"batch_size": 4})])
 
 
 @pytest.mark.processes
 def test_process_refuses_an_exposed_address_without_a_key(tiny_fp32):
-    argv = openai_command("127.0.0.1:1", [ServedModel("t", tiny_fp32.tokenizer_path, 64)], host="0.0.0.0",
+    argv = openai_command("127.0.0.1:1", [ServedModel("t", tiny_fp32.tokenizer_path)], host="0.0.0.0",
                           port=free_port())
     env = {k: v for k, v in os.environ.items() if k != "EMBEDLINE_API_KEY"}
     result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
