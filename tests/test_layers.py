@@ -82,3 +82,15 @@ def test_no_product_function_is_over_80_lines():
                     if lines > 80:
                         long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+@pytest.mark.parametrize("product, forbidden", [
+    ("simcse", ("fewshot", "diagnostics")),  # the trainer knows nothing of what is built on it
+    ("diagnostics", ("simcse", "fewshot")),  # it measures any artifact, trained here or not
+    ("fewshot", ("diagnostics",)),           # it trains its body with simcse's trainer
+])
+def test_training_products_import_only_the_shared_modules_and_what_they_build_on(product, forbidden):
+    imports = {name for path in sorted((REPO / "training" / product).rglob("*.py")) for name in imported_modules(path)}
+    bad = {name for name in imports for other in forbidden
+           if name == f"embedline.training.{other}" or name.startswith(f"embedline.training.{other}.")}
+    assert not bad, bad
