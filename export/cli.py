@@ -91,7 +91,7 @@ def _quiet_library_logs() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.export.pipeline import export_artifact
+    from embedline.export.pipeline import export_artifact  # torch: not for `embedline export --help`
 
     _quiet_library_logs()
     variants = parse_variants(args.variants)

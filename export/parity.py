@@ -20,8 +20,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from embedline import artifact as art
+from embedline.export.sts import sts_spearman
+from embedline.model_repository.common.ort_options import session_options
 from embedline.tokenization import Batch, embed_by_length, encode, load_tokenizer
 from embedline.variants import TOLERANCES, within_tolerance
+
+# torch, onnxruntime and the torch encoder are imported inside the functions that measure: the benchmarks
+# and the chaos harness import this module for its texts alone.
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -134,8 +139,6 @@ def ort_session(path: str | os.PathLike, threads: int,
     "Measured decisions", thread pinning)."""
     import onnxruntime as ort
 
-    from embedline.model_repository.common.ort_options import session_options
-
     options = session_options(ort, threads, quiet=True)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
@@ -222,7 +225,7 @@ def _measure_variant(artifact: art.Artifact, variant: str, threads: int, batches
                      reference: np.ndarray) -> tuple[dict[str, Any], Callable[[Batch], Any] | None]:
     """(parity.json entry, runner for the speed test or None) of one variant against torch's embeddings."""
     if variant == "openvino":
-        from embedline.export import openvino_int8
+        from embedline.export import openvino_int8  # openvino + nncf: an optional extra
 
         path = artifact.openvino_files()[0]
         run = openvino_int8.runner(path, threads)
@@ -323,7 +326,6 @@ def _sts_spearmans(tokenizer: Tokenizer, dim: int, runners: dict[str, Callable[[
     """STS Spearman x100 of each runner; sentences sorted by length so batches carry little padding."""
     from tqdm.auto import tqdm
 
-    from embedline.export.sts import sts_spearman
 
     def embedder(run: Callable[[Batch], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
         return lambda sentences: embed_by_length(run, tokenizer, sentences, STS_BATCH_SIZE, dim)

@@ -28,6 +28,8 @@ from embedline import artifact as art
 from embedline.export import graphs, parity
 from embedline.export.errors import ExportError
 from embedline.export.onnx_export import OPSET, export_fp32
+from embedline.export.sts import read_sts_file, resolve_sts_file
+from embedline.tokenization import load_tokenizer
 from embedline.variants import OPENVINO_VARIANT, REJECTED, choose_variant_from_parity, host_record
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,7 @@ def calibration_batches(artifact: art.Artifact, calibration_file: str | os.PathL
                         sts_pairs: Any = None) -> tuple[list[dict], dict[str, Any]]:
     """(batches, description) for the OpenVINO int8 calibration: the user's texts mixed with short and
     long ones (openvino_int8.calibration_texts), one single-text batch each (no padding in the statistics)."""
-    from embedline.export.openvino_int8 import calibration_texts
-    from embedline.tokenization import load_tokenizer
+    from embedline.export.openvino_int8 import calibration_texts  # openvino + nncf: an optional extra
 
     tokenizer = load_tokenizer(artifact.tokenizer_path, artifact.max_seq_length)
     user_texts, source = _user_calibration_texts(calibration_file, sts_pairs)
@@ -183,7 +184,7 @@ def _write_variant(artifact: art.Artifact, variant: str, calibration_file: str |
     elif variant == "fp16":
         graphs.to_fp16(artifact.onnx_path("fused"), artifact.onnx_path("fp16"))
     elif variant == OPENVINO_VARIANT:
-        from embedline.export import openvino_int8
+        from embedline.export import openvino_int8  # openvino + nncf: an optional extra
 
         batches, calibration = calibration_batches(artifact, calibration_file, sts_pairs)
         openvino_int8.quantize(artifact.onnx_path("fp32"), artifact.openvino_files()[0], batches)
@@ -220,14 +221,12 @@ def export_artifact(
     """
     from tqdm.auto import tqdm
 
-    from embedline.export.sts import read_sts_file, resolve_sts_file
-
     artifact = artifact if isinstance(artifact, art.Artifact) else art.load_artifact(artifact)
     to_export = resolve_variants(variants)
     sts_path = resolve_sts_file(sts_file)
     sts_pairs = read_sts_file(sts_path) if sts_path else None
     if openvino:
-        from embedline.export.openvino_int8 import require_openvino
+        from embedline.export.openvino_int8 import require_openvino  # an optional extra
 
         require_openvino()  # fail before any work, naming the extra
     artifact = _clear_previous_export(artifact, to_export)

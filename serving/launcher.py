@@ -39,8 +39,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedline import artifact as art
 from embedline.serving.memory import MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
-from embedline.serving.settings import RepositorySettings, add_server_options, settings_from_args
+from embedline.serving.repository import build_repository, served_names
+from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 from embedline.serving.triton import (
     ServingError,
     TritonServer,
@@ -49,7 +51,12 @@ from embedline.serving.triton import (
     die_with_parent,
     is_loopback,
 )
+from embedline.variants import available_device, host_mismatch
 from embedline.wire import API_KEY_ENV, DEFAULT_PORTS
+
+# The launcher stays resident beside tritonserver, so what it imports costs memory for the whole run
+# (docs/architecture.md, "Memory"): the export pipeline (torch), the OpenAI route (starlette, tokenizers)
+# and `publish` (Triton's protobufs) are imported inside the functions that need them, only when they do.
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,7 @@ class Event(enum.Enum):
 
 def prepare_artifact(artifact_dir: str | None):
     """The artifact to serve: the given one (exported first if needed) or the bundled model's."""
-    from embedline import artifact as art
-    from embedline.export.ensure import ensure_exported
+    from embedline.export.ensure import ensure_exported  # torch, only when an export is due
 
     if artifact_dir is None:
         target = art.default_artifact_dir()
@@ -157,7 +163,7 @@ class VersionWatcher:
         self._next_poll = 0.0
 
     def _newest(self) -> dict[str, int]:
-        from embedline.serving.publish import versions
+        from embedline.serving.publish import versions  # only with --watch
 
         newest = {}
         for model_dir in self.repository.iterdir():
@@ -454,10 +460,6 @@ class ServePlan:
 
 def plan_serve(args: argparse.Namespace) -> ServePlan:
     """Check the options and ports, prepare the artifacts, choose variants and settings that fit the memory."""
-    from embedline.serving.repository import served_names
-    from embedline.serving.settings import artifact_variants
-    from embedline.variants import available_device
-
     api_key = read_api_key(args.api_key_file)
     check_exposure(args.host, api_key, args.insecure)
     tls_cert, tls_key = check_tls(args.tls_cert, args.tls_key)
@@ -479,8 +481,6 @@ def plan_serve(args: argparse.Namespace) -> ServePlan:
 
 def print_banner(plan: ServePlan, args: argparse.Namespace, server: TritonServer, route: RouteProcess | None,
                  repository: Path) -> None:
-    from embedline.variants import host_mismatch
-
     for artifact, model_names, variant in zip(plan.artifacts, plan.names, plan.variants):
         print(f"embedline: serving {artifact.name} as `{model_names.embed}` ({variant}, {plan.device}) "
               f"from {artifact.path}")
@@ -509,7 +509,7 @@ def print_banner(plan: ServePlan, args: argparse.Namespace, server: TritonServer
 
 
 def route_for(plan: ServePlan, args: argparse.Namespace, server: TritonServer) -> RouteProcess:
-    from embedline.serving.openai_api import ServedModel, openai_command
+    from embedline.serving.openai_api import ServedModel, openai_command  # only with a route
 
     models = [ServedModel.from_artifact(artifact) for artifact in plan.artifacts]
     command = openai_command(server.grpc_url, models, host=args.host, port=args.openai_port,
@@ -519,8 +519,6 @@ def route_for(plan: ServePlan, args: argparse.Namespace, server: TritonServer) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.serving.repository import build_repository
-
     plan = plan_serve(args)
     log_file = Path(tempfile.gettempdir()) / f"embedline-serve-{args.grpc_port}.log"
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run

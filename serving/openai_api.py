@@ -83,7 +83,7 @@ from embedline.client import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
-from embedline.serving.triton import check_api_key
+from embedline.serving.triton import check_api_key, is_loopback
 from embedline.wire import API_KEY_ENV, DEFAULT_PORTS
 
 MODULE = "embedline.serving.openai_api"
@@ -537,8 +537,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def app_from_args(args: argparse.Namespace, api_key: str | None) -> Starlette:
-    from embedline.serving.triton import is_loopback
-
     if not is_loopback(args.host) and api_key is None and not args.insecure:
         raise ValueError(f"refusing to serve on {args.host} without an API key: set {API_KEY_ENV}, "
                          "or pass --insecure to serve openly")

@@ -27,7 +27,9 @@ from tritonclient.grpc import model_config_pb2
 
 from embedline import artifact as art
 from embedline import wire
+from embedline.serving.repository import embed_parameters, settings_from_parameters, write_embed_version
 from embedline.serving.triton import ServingError
+from embedline.variants import SERVABLE_VARIANTS, available_device, choose_variant, variant_files
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,6 @@ def embed_model_dir(repository: Path, name: str | None) -> Path:
 def publish(artifact: art.Artifact, repository: str | Path, model: str | None = None,
             variant: str | None = None) -> tuple[str, int]:
     """Write `artifact` as the next version of a served embed model; -> (Triton model name, version)."""
-    from embedline.variants import available_device, choose_variant, variant_files
-    from embedline.serving.repository import embed_parameters, settings_from_parameters, write_embed_version
-
     repository = Path(repository).resolve()
     model_dir = embed_model_dir(repository, model)
     config_path = model_dir / "config.pbtxt"
@@ -95,8 +94,6 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from embedline.variants import SERVABLE_VARIANTS
-
     parser.add_argument("--artifact", required=True, help="the new artifact (exported first if needed)")
     parser.add_argument("--repository", required=True,
                         help="the model repository of a server started with `embedline serve --repository DIR --watch`")
@@ -106,7 +103,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from embedline.export.ensure import ensure_exported
+    from embedline.export.ensure import ensure_exported  # the export pipeline (torch) only when one is due
 
     model, version = publish(ensure_exported(args.artifact), args.repository, args.model, args.variant)
     print(f"published {args.artifact} as version {version} of model {model}; "

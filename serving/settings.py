@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from embedline import artifact as art
+from embedline.variants import SERVABLE_VARIANTS, choose_variant
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,6 @@ def _non_negative_int(text: str) -> int:
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The model-serving options `serve` and `build-repo` share (variant, batching, queue, threads)."""
-    from embedline.variants import SERVABLE_VARIANTS
-
     defaults = RepositorySettings
     parser.add_argument("--variant", choices=SERVABLE_VARIANTS, default=None,
                         help="ONNX variant, or openvino (default: fp16 on GPU; on CPU the fastest within "
@@ -180,8 +179,6 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device: str,
                        layout: str = "python", variant: str | None = None) -> RepositorySettings:
     """`served_settings` from the options of `add_server_options` (`variant`: one already chosen)."""
-    from embedline.variants import choose_variant
-
     return served_settings(
         variant or args.variant or choose_variant(artifact, device), device=device, layout=layout,
         instances=args.instances, threads=args.threads,
@@ -197,7 +194,5 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
 
 def artifact_variants(args: argparse.Namespace, artifacts: list[art.Artifact], device: str) -> list[str]:
     """The variant each artifact is served with: --variant for all, else each artifact's own best."""
-    from embedline.variants import choose_variant
-
     return [args.variant or choose_variant(artifact, device) for artifact in artifacts]
 

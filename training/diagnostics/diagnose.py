@@ -40,6 +40,13 @@ from typing import Any
 import numpy as np
 
 from embedline.errors import EmbedlineError
+from embedline.sts import spearman
+from embedline.tokenization import load_tokenizer
+from embedline.training.data import read_sts
+from embedline.training.diagnostics.plot_space import project
+from embedline.training.evaluate import embed_texts
+from embedline.training.evaluate import load_any_encoder
+from embedline.training.plot import save_figure
 from embedline.training.data import DataError
 from embedline.training import labeled_data
 from embedline.training.diagnostics import plot_space
@@ -268,7 +275,6 @@ def class_balance(labels: np.ndarray) -> dict[str, Any]:
 
 def dev_measures(dev: DevPairs) -> dict[str, Any]:
     """sts_spearman (x100), alignment over the top-quartile gold pairs, uniformity over the dev sentences."""
-    from embedline.sts import spearman
 
     x = unit(dev.embeddings)
     left, right = x[dev.left], x[dev.right]
@@ -446,21 +452,17 @@ class Embedder:
     """An artifact's (or model directory's) torch encoder, embedding in-process by length groups."""
 
     def __init__(self, source: str | os.PathLike):
-        from embedline.tokenization import load_tokenizer
-        from embedline.training.evaluate import load_any_encoder
 
         self.source = str(source)
         self.encoder, tokenizer_json, max_seq_length = load_any_encoder(source)
         self.tokenizer = load_tokenizer(tokenizer_json, max_seq_length)
 
     def __call__(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        from embedline.training.evaluate import embed_texts
 
         return embed_texts(self.encoder, self.tokenizer, texts, batch_size).numpy()
 
 
 def embed_dev(embedder: Embedder, path: str | os.PathLike) -> DevPairs:
-    from embedline.training.data import read_sts
 
     pairs = read_sts(path)
     sentences = pairs.unique_sentences()
@@ -476,7 +478,6 @@ def draw(panels: list[tuple[str, np.ndarray, np.ndarray]], labels: tuple[str, ..
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
-    from embedline.training.plot import save_figure
 
     classes = sorted(set(labels)) if labels is not None else []
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -529,7 +530,6 @@ def diagnose(artifact: str | os.PathLike, data_file: str | os.PathLike, output: 
              dev_pairs: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
              method: str = "tsne", max_points: int = 1500, seed: int = 0) -> dict[str, Any]:
     """Measure, flag, write diagnosis.json and diagnosis.png under `output`; returns the JSON's content."""
-    from embedline.training.diagnostics.plot_space import project
 
     if method not in METHODS:
         raise DiagnoseError(f"--method must be one of {', '.join(METHODS)}")

@@ -25,6 +25,8 @@ import numpy as np
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
+from embedline.tokenization import load_tokenizer
+from embedline.training.evaluate import embed_texts, load_any_encoder
 from embedline.training.labeled_data import LabeledData, read_labeled
 from embedline.training.plot import save_figure
 
@@ -108,8 +110,6 @@ def display_name(source: str | os.PathLike) -> str:
 
 def embed(source: str | os.PathLike, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """(n, dim) embeddings of `texts` by an artifact's or a model directory's torch encoder."""
-    from embedline.tokenization import load_tokenizer
-    from embedline.training.evaluate import embed_texts, load_any_encoder
 
     encoder, tokenizer_json, max_seq_length = load_any_encoder(source)
     tokenizer = load_tokenizer(tokenizer_json, max_seq_length)

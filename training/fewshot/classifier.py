@@ -48,6 +48,14 @@ import numpy as np
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
+from embedline.encoder import load_encoder
+from embedline.tokenization import load_tokenizer
+from embedline.training.data import batch_indices, steps_per_epoch
+from embedline.training.evaluate import embed_texts
+from embedline.training.evaluate import load_any_encoder
+from embedline.training.fewshot.head import choose_c, fit_head, save_head
+from embedline.training.simcse.config import TrainConfig
+from embedline.training.simcse.trainer import train
 from embedline.training.simcse.config import option
 from embedline.training.data import SIMILARITY_PAIR_OBJECTIVES, DataError, TrainingData
 from embedline.training.labeled_data import (
@@ -195,8 +203,6 @@ def _write_examples(path: Path, examples: TrainingData) -> Path:
 
 def _embed(encoder, tokenizer_json: Path, max_seq_length: int, texts: list[str]) -> np.ndarray:
     """(n, dim) float32 normalized embeddings with a torch encoder."""
-    from embedline.tokenization import load_tokenizer
-    from embedline.training.evaluate import embed_texts
 
     tokenizer = load_tokenizer(tokenizer_json, max_seq_length)
     return embed_texts(encoder, tokenizer, texts, batch_size=64).numpy()
@@ -205,7 +211,6 @@ def _embed(encoder, tokenizer_json: Path, max_seq_length: int, texts: list[str])
 def trainer_order(examples: TrainingData, batch_size: int, seed: int) -> TrainingData:
     """`examples` laid out so that the trainer's first epoch (`data.batch_indices` with this batch size and
     seed) visits them in their current order: row k goes to the file position the trainer reads k-th."""
-    from embedline.training.data import batch_indices, steps_per_epoch
 
     n = len(examples)
     visit = [i for step in range(steps_per_epoch(n, batch_size)) for i in batch_indices(n, batch_size, seed, step)]
@@ -255,9 +260,6 @@ def stage1_examples(config: ClassifierConfig, data: LabeledData, embeddings: np.
 def train_body(config: ClassifierConfig, data: LabeledData, base: Path,
                user_pairs: ContrastPairs | None = None) -> tuple[art.Artifact, dict[str, Any]]:
     """Stage 1: mine examples with the starting encoder, then run the SimCSE trainer on them."""
-    from embedline.training.simcse.config import TrainConfig
-    from embedline.training.evaluate import load_any_encoder
-    from embedline.training.simcse.trainer import train
 
     encoder, tokenizer_json, _ = load_any_encoder(base)
     embeddings = _embed(encoder, tokenizer_json, config.max_seq_length, list(data.texts))
@@ -297,8 +299,6 @@ def copy_body(config: ClassifierConfig, base: Path) -> art.Artifact:
 
 def train_head(config: ClassifierConfig, data: LabeledData, body: art.Artifact) -> dict[str, Any]:
     """Stage 2: fit the head on the body's embeddings and write <artifact>/head/. Returns its record."""
-    from embedline.encoder import load_encoder
-    from embedline.training.fewshot.head import choose_c, fit_head, save_head
 
     embeddings = _embed(load_encoder(body), body.tokenizer_path, body.max_seq_length, list(data.texts))
     c, cv_scores = config.head_c, None

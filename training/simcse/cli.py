@@ -34,6 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The trainer (torch) is imported here, not at the top: `embedline train --help` stays instant.
     from embedline.training.simcse import checkpoint as ckpt
     from embedline.training.simcse.config import from_dict
     from embedline.training.simcse.trainer import TrainingInterrupted, train
