@@ -4,7 +4,7 @@ what those resolve to, and where results go.
     --artifact DIR   the artifact (default: the bundled all-MiniLM-L6-v2, exported as `serve` would)
     --variant V      the variant (default: the one `embedline serve` picks for it on this machine)
     --threads N      cores the experiment's servers or engines use (default 2)
-    --rounds N       alternating rounds (each script gives its own default)
+    --rounds N       alternating rounds (each script that has rounds gives its own default)
     --no-readme      leave benchmarks/README.md as it is
 
 A script declares its own options in `options(parser)` and gets an `Experiment`:
@@ -32,11 +32,11 @@ class Experiment:
     artifact: Any  # embedline.artifact.Artifact
     variant: str
     threads: int
-    rounds: int
+    rounds: int | None  # None: the experiment has no rounds
     load_before: list[float]
 
     @classmethod
-    def from_command_line(cls, description: str, *, rounds: int, threads: int = 2,
+    def from_command_line(cls, description: str, *, rounds: int | None = None, threads: int = 2,
                           options: Callable[[argparse.ArgumentParser], None] | None = None,
                           argv: list[str] | None = None) -> Experiment:
         parser = argparse.ArgumentParser(description=description,
@@ -45,7 +45,8 @@ class Experiment:
         parser.add_argument("--variant", default=None,
                             help="variant (default: the one `embedline serve` picks on this machine)")
         parser.add_argument("--threads", type=int, default=threads, help="cores the experiment uses")
-        parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
+        if rounds is not None:
+            parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
         parser.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md as it is")
         if options is not None:
             options(parser)
@@ -56,7 +57,7 @@ class Experiment:
         artifact = prepare_artifact(args.artifact)
         variant = args.variant or choose_variant(artifact, "cpu")
         args.variant = variant
-        return cls(args, artifact, variant, args.threads, args.rounds, load_average())
+        return cls(args, artifact, variant, args.threads, getattr(args, "rounds", None), load_average())
 
     def record(self, **results: Any) -> dict[str, Any]:
         """`results` with the conditions they were measured under: artifact, variant, threads, CPU flags,

@@ -23,7 +23,6 @@ Writes benchmarks/results/openai_route.json and prints a table. The target: rout
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import gzip
@@ -37,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_flags, data_dir, load_average, markdown_table, percentile, save_results
+from benchmarks.common import cpu_flags, data_dir, load_average, markdown_table, percentile
+from benchmarks.experiment import Experiment
 
 CONCURRENCY = 16
 REQUEST_TEXTS = 32
@@ -281,22 +281,18 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="single-text requests per way of calling")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one throughput window")
-    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds (one window per way of calling)")
-    args = parser.parse_args()
+    def options(parser) -> None:
+        parser.add_argument("--requests", type=int, default=200, help="single-text requests per way of calling")
+        parser.add_argument("--seconds", type=float, default=3.0, help="length of one throughput window")
 
-    from embedline.variants import available_device, choose_variant
-    from embedline.serving.launcher import prepare_artifact
-
-    artifact = prepare_artifact(None)
-    variant = choose_variant(artifact, available_device())
-    results = measure(artifact, variant, args.requests, args.seconds, args.rounds)
-    path = save_results("openai_route", results)
-    flags = " ".join(cpu_flags()) or "none"
-    print(f"\n{MODEL_NAME} ({variant}), {results['texts']}; CPU flags: {flags}; load {load_average()}\n\n"
-          f"{markdown(results)}\n\nsaved {path}")
+    experiment = Experiment.from_command_line(__doc__, rounds=5, options=options)
+    args = experiment.args
+    results = measure(experiment.artifact, experiment.variant, args.requests, args.seconds, experiment.rounds,
+                      threads=experiment.threads)
+    record = experiment.record(**results)
+    experiment.save("openai_route", record)
+    print(f"\n{MODEL_NAME} ({experiment.variant}), {results['texts']}; CPU flags: "
+          f"{' '.join(record['cpu_flags']) or 'none'}; load {record['load_after']}\n\n{markdown(results)}")
 
 
 if __name__ == "__main__":

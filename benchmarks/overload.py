@@ -12,7 +12,6 @@ Writes benchmarks/results/overload.json and the "overload" table in benchmarks/R
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import time
@@ -20,14 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (
-    cpu_flags,
-    markdown_table,
-    percentile,
-    save_results,
-    sts_sentences,
-    update_readme_section,
-)
+from benchmarks.common import markdown_table, percentile, sts_sentences
+from benchmarks.experiment import Experiment
 
 DEADLINE_S = 2.0
 REQUEST_TEXTS = 8
@@ -117,26 +110,22 @@ def summarise(results: list[tuple[str, float]], seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--factor", type=float, default=4.0, help="offered load as a multiple of capacity")
-    parser.add_argument("--sizes", default="0,8,32,128", help="max queue sizes to compare (0 = unbounded)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
-    args = parser.parse_args()
+    def options(parser) -> None:
+        parser.add_argument("--seconds", type=float, default=10.0)
+        parser.add_argument("--factor", type=float, default=4.0, help="offered load as a multiple of capacity")
+        parser.add_argument("--sizes", default="0,8,32,128", help="max queue sizes to compare (0 = unbounded)")
 
-    from embedline.variants import available_device, choose_variant
-    from embedline.serving.launcher import prepare_artifact
+    experiment = Experiment.from_command_line(__doc__, options=options)
+    args, artifact, variant = experiment.args, experiment.artifact, experiment.variant
     from embedline.serving.repository import build_repository
     from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
-    artifact = prepare_artifact(None)
-    variant = choose_variant(artifact, available_device())
     sentences = sts_sentences(REQUEST_TEXTS * 200)
     requests = [sentences[i:i + REQUEST_TEXTS] for i in range(0, len(sentences), REQUEST_TEXTS)]
     rows, results = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:
-        settings = served_settings(variant, args.threads, max_queue_size=size)
+        settings = served_settings(variant, experiment.threads, max_queue_size=size)  # serve's layout
         with tempfile.TemporaryDirectory() as tmp:
             repository = build_repository(artifact, Path(tmp) / "models", settings)
             with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),
@@ -150,17 +139,17 @@ def main() -> None:
         rows.append([size or "unbounded", summary["capacity_rps"], summary["offered_rps"], summary["sent"],
                      summary["ok"], summary["refused"], summary["dropped"], summary["deadline"], summary["other"],
                      summary["ok_p50_ms"], summary["ok_p99_ms"], summary["refused_p50_ms"]])
-    flags = " ".join(cpu_flags()) or "none"
-    save_results("overload", {"variant": variant, "deadline_s": DEADLINE_S, "request_texts": REQUEST_TEXTS,
-                              "factor": args.factor, "seconds": args.seconds, "by_queue_size": results})
+    record = experiment.record(deadline_s=DEADLINE_S, request_texts=REQUEST_TEXTS, factor=args.factor,
+                               seconds=args.seconds, by_queue_size=results)
+    experiment.save("overload", record)
     table = markdown_table(
         ["max queue", "capacity req/s", "offered req/s", "sent", "ok", "refused at once", "dropped by timeout",
          "client deadline", "other", "ok p50 ms", "ok p99 ms", "refusal p50 ms"], rows)
-    update_readme_section("overload", (
+    experiment.report("overload", (
         "## Overload: the queue bound\n\n"
         f"Open-loop load at {args.factor:g}x capacity for {args.seconds:g} s, {REQUEST_TEXTS}-text STS-B requests, "
         f"{DEADLINE_S:g} s deadlines sent as Triton's request timeout, no retries; bundled model, {variant}, "
-        f"CPU flags: {flags}. `{'.venv/bin/python -m benchmarks.overload'}`\n\n{table}"))
+        f"CPU flags: {' '.join(record['cpu_flags']) or 'none'}. `{record['command']}`\n\n{table}"))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from benchmarks.common import (
     RESULTS,
-    cpu_flags,
     markdown_table,
     percentile,
     save_results,

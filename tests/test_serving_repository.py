@@ -306,8 +306,7 @@ def test_artifacts_of_different_variants_side_by_side_get_their_own_group_sizes(
         assert sizes == ["32" if variant == "fp32" else "64" for variant in order], (order, sizes)
 
 
-def test_publish_of_an_openvino_version_over_onnxruntime_writes_what_build_repo_would(tiny_fp32, tmp_path,
-                                                                                    monkeypatch):
+def test_publish_of_an_openvino_version_over_onnxruntime_writes_what_build_repo_would(tiny_fp32, tmp_path):
     from embedline.serving import publish
 
     openvino = with_openvino_stand_in(tiny_fp32, tmp_path / "ov", tiny_fp32.name)
@@ -320,4 +319,6 @@ def test_publish_of_an_openvino_version_over_onnxruntime_writes_what_build_repo_
     published = read_config(served / "embed" / "config.pbtxt")
     assert parameters(published) == parameters(read_config(expected / "embed" / "config.pbtxt"))
     assert parameters(published)["length_group_size"] == "64"
+    # The whole config, not only its parameters: batching, queue, instances, tensors.
+    assert published == read_config(expected / "embed" / "config.pbtxt")
     assert (served / "embed" / "2" / "model.xml").is_file()
