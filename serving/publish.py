@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 
 from embedline import artifact as art
 from embedline import wire
-from embedline.serving.repository import embed_parameters, settings_from_parameters, write_embed_version
+from embedline.serving.repository import embed_config, settings_from_config, write_embed_version
 from embedline.serving.triton import ServingError
 from embedline.variants import SERVABLE_VARIANTS, available_device, choose_variant, variant_files
 
@@ -77,16 +77,12 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     staging = repository.parent / f".{repository.name}-staging-{model_dir.name}-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     write_embed_version(artifact, staging, variant_files(artifact, variant))
-    # Every parameter describes the new version as `build-repo` would (Triton rereads the config on load);
-    # the engine settings the server was started with, and its catalog, stay.
-    old = {key: value.string_value for key, value in config.parameters.items()}
-    on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
-    settings = replace(settings_from_parameters(old, "gpu" if on_gpu else "cpu"), variant=variant)
-    catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], old["served_models"])
-    for key, value in wire.encode(wire.EMBED_PARAMETERS, embed_parameters(artifact, settings, catalog)).items():
-        config.parameters[key].string_value = value
+    # The config describes the new version as `build-repo` would write it (Triton rereads it on load): the
+    # settings the server was started with and its catalog stay, what follows the artifact and variant changes.
+    settings = replace(settings_from_config(config), variant=variant)
+    catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], config.parameters["served_models"].string_value)
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
-    tmp_config.write_text(text_format.MessageToString(config), encoding="utf-8")
+    tmp_config.write_text(embed_config(artifact, model_dir.name, settings, catalog), encoding="utf-8")
     tmp_config.replace(config_path)
     staging.rename(model_dir / str(version))  # the watcher sees the version whole or not at all
     log.info("published %s as version %d of model %s", artifact.path, version, model_dir.name)

@@ -160,21 +160,13 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
         raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
     templates = _templates()
     params = embed_parameters(artifact, settings, catalog)
-    values = {
-        **names.template_values(),
-        "max_batch_size": settings.max_batch_size,
-        "dim": artifact.dim,
-        "queue_delay_us": settings.queue_delay_us,
-        "dynamic_batching": _dynamic_batching_block(settings),
-        "instances": settings.instances,
-        "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
-        "parameters": _parameters_block(wire.EMBED_PARAMETERS, params),
-    }
+    values = _config_values(artifact, names.template_values(), settings, params)
     layout = templates / settings.layout
     text_batch = templates / "common" / "text_batch.py"
 
     if settings.layout == "python":
-        _render(layout / "embed" / "config.pbtxt", dest / names.embed / "config.pbtxt", values)
+        (dest / names.embed).mkdir(parents=True)
+        (dest / names.embed / "config.pbtxt").write_text(embed_config(artifact, names.embed, settings, catalog))
         write_embed_version(artifact, dest / names.embed / "1", model_files)
     else:
         for model, directory in (("tokenize", names.tokenize), ("encoder", names.encoder), ("embed", names.embed)):
@@ -187,6 +179,48 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
         _place(model_files[0], dest / names.encoder / "1" / "model.onnx")
     if artifact.has_head():
         _add_classify(artifact, names, dest, templates, settings.layout, params, values)
+
+
+def _config_values(artifact: art.Artifact, model_names: dict[str, str], settings: RepositorySettings,
+                   params: dict[str, object]) -> dict[str, object]:
+    """What a model template's placeholders take."""
+    return {
+        **model_names,
+        "max_batch_size": settings.max_batch_size,
+        "dim": artifact.dim,
+        "queue_delay_us": settings.queue_delay_us,
+        "dynamic_batching": _dynamic_batching_block(settings),
+        "instances": settings.instances,
+        "instance_kind": "KIND_GPU" if settings.device == "gpu" else "KIND_CPU",
+        "parameters": _parameters_block(wire.EMBED_PARAMETERS, params),
+    }
+
+
+def embed_config(artifact: art.Artifact, embed_model: str, settings: RepositorySettings, catalog: dict) -> str:
+    """The python-layout `embed` model's config.pbtxt: what `build-repo` writes, and `publish` for a new version."""
+    values = _config_values(artifact, {"embed_model": embed_model}, settings,
+                            embed_parameters(artifact, settings, catalog))
+    template = _templates() / "python" / "embed" / "config.pbtxt"
+    return Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
+
+
+def settings_from_config(config) -> RepositorySettings:
+    """The settings a served embed model's config (a parsed ModelConfig) was written with: the inverse of
+    `embed_config`, so that `publish` writes a new version's config the way `build-repo` did. The length
+    group size is left to the variant."""
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    on_gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+    queue = dict(dynamic_batching=config.HasField("dynamic_batching"))
+    if queue["dynamic_batching"]:
+        batching = config.dynamic_batching
+        policy = batching.default_queue_policy if batching.HasField("default_queue_policy") else None
+        queue.update(queue_delay_us=batching.max_queue_delay_microseconds,
+                     max_queue_size=policy.max_queue_size if policy else 0)
+        if policy:
+            queue["max_queue_wait_s"] = policy.default_timeout_microseconds / 1e6
+    return replace(settings_from_parameters(parameters, "gpu" if on_gpu else "cpu"),
+                   max_batch_size=config.max_batch_size, instances=sum(g.count for g in config.instance_group),
+                   **queue)
 
 
 def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: dict) -> dict[str, object]:
