@@ -22,14 +22,12 @@ Writes benchmarks/results/engine_ceiling.json and a table in benchmarks/README.m
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import (
-    command_line, cpu_flags, markdown_table, pin_threads, save_results, update_readme_section,
-)
+from benchmarks.common import markdown_table, pin_threads
+from benchmarks.experiment import Experiment
 
 ENGINES = ("sentence-transformers", "onnxruntime fp32", "onnxruntime int8", "openvino", "openvino fp32")
 ORDERS = {"request order": False, "length-sorted": True}
@@ -71,37 +69,30 @@ def ratio_rows(results: dict) -> list[list]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", default=None, help="exported artifact (default: the suite's all-MiniLM-L6-v2)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-
+    experiment = Experiment.from_command_line(__doc__.split("\n\n")[0], rounds=2, one_variant=False, options=lambda parser: (
+        parser.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")))
     from benchmarks.engine_process import write_workloads
-    from benchmarks.suite import prepare_artifact
     from benchmarks.workloads import SHORT, build_workloads
 
-    pin_threads(args.threads)
-    artifact = prepare_artifact(args.artifact)
+    threads, artifact = experiment.threads, experiment.artifact
+    pin_threads(threads)
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=1000, names=(SHORT,))
     with tempfile.TemporaryDirectory(prefix="embedline-ceiling-") as tmp:
         workloads_file = write_workloads(workloads, Path(tmp) / "workloads.json")
-        results = measure_engines(artifact, workloads_file, ENGINES, args.threads, args.seconds, args.rounds)
-    record = {"threads": args.threads, "seconds": args.seconds, "rounds": args.rounds,
-              "workload": workloads[SHORT].summary(), "batch_size": 32, "engines": results}
-    path = save_results("engine_ceiling", record)
+        results = measure_engines(artifact, workloads_file, ENGINES, threads, experiment.args.seconds,
+                                  experiment.rounds)
+    record = experiment.record(seconds=experiment.args.seconds, rounds=experiment.rounds,
+                               workload=workloads[SHORT].summary(), batch_size=32, engines=results)
+    path = experiment.save("engine_ceiling", record)
     table = markdown_table(["engine (in-process, batches of 32)", "request order sent/s", "length-sorted sent/s",
                             "request order / ST", "length-sorted / ST", "note"], ratio_rows(results))
     print(table)
-    if not args.no_readme:
-        update_readme_section("engine_ceiling", (
-            f"## Engine ceiling (short texts, {args.threads} threads, CPU vector extensions: "
-            f"{', '.join(cpu_flags()) or 'none reported'})\n\n{table}\n\n"
-            f"Ratios are to sentence-transformers in request order (the suite's reference). Median of "
-            f"{args.rounds} interleaved rounds of {args.seconds:g} s. Command: "
-            f"`{command_line()}`; numbers: `results/{path.name}`."))
+    experiment.report("engine_ceiling", (
+        f"## Engine ceiling (short texts, {threads} threads, CPU vector extensions: "
+        f"{', '.join(record['cpu_flags']) or 'none reported'})\n\n{table}\n\n"
+        f"Ratios are to sentence-transformers in request order (the suite's reference). Median of "
+        f"{experiment.rounds} interleaved rounds of {experiment.args.seconds:g} s. Command: "
+        f"`{record['command']}`; numbers: `results/{path.name}`."))
     return 0
 
 

@@ -37,13 +37,15 @@ class Experiment:
 
     @classmethod
     def from_command_line(cls, description: str, *, rounds: int | None = None, threads: int = 2,
+                          one_variant: bool = True,
                           options: Callable[[argparse.ArgumentParser], None] | None = None,
                           argv: list[str] | None = None) -> Experiment:
         parser = argparse.ArgumentParser(description=description,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--artifact", default=None, help="artifact directory (default: the bundled model's)")
-        parser.add_argument("--variant", default=None,
-                            help="variant (default: the one `embedline serve` picks on this machine)")
+        if one_variant:  # experiments that measure every engine take no --variant
+            parser.add_argument("--variant", default=None,
+                                help="variant (default: the one `embedline serve` picks on this machine)")
         parser.add_argument("--threads", type=int, default=threads, help="cores the experiment uses")
         if rounds is not None:
             parser.add_argument("--rounds", type=int, default=rounds, help="alternating rounds")
@@ -55,7 +57,7 @@ class Experiment:
         from embedline.variants import choose_variant
 
         artifact = prepare_artifact(args.artifact)
-        variant = args.variant or choose_variant(artifact, "cpu")
+        variant = getattr(args, "variant", None) or choose_variant(artifact, "cpu")
         args.variant = variant
         return cls(args, artifact, variant, args.threads, getattr(args, "rounds", None), load_average())
 
