@@ -59,7 +59,23 @@ def build_info(embed: _ModelSpec, classify: _ModelSpec | None, url: str) -> Mode
         served_models=tuple(served_catalog(embed)),
         matryoshka_dims=tuple(int(d) for d in _parameter(embed, "matryoshka_dims", url, default=[])),
         host_warning=_parameter(embed, "host_warning", url, default=""),
+        prompts=dict(_parameter(embed, "prompts", url, default={})),
+        default_prompt_name=_parameter(embed, "default_prompt_name", url, default=""),
     )
+
+
+def with_prompt(spec: _ModelSpec, texts: list[str], prompt_name: str | None) -> list[str]:
+    """`texts` with the named prompt prepended, as sentence-transformers does (so a long text is cut at its
+    end, never the prompt); no name: the model's default prompt, if it has one. ValueError naming the
+    model's prompts for an unknown name."""
+    prompts = wire.read(spec.parameters, "prompts", {})
+    name = prompt_name if prompt_name is not None else (wire.read(spec.parameters, "default_prompt_name") or None)
+    if name is None:
+        return texts
+    if name not in prompts:
+        have = ", ".join(sorted(prompts)) or "none"
+        raise ValueError(f"prompt_name {name!r} is not one of the model's prompts ({have})")
+    return [prompts[name] + text for text in texts]
 
 
 def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:

@@ -29,6 +29,10 @@ class ModelInfo:
     # Non-empty when the server's CPU has other int8 instructions than the one that exported the model
     # and chose its variant by speed: the variant may not be the fastest there.
     host_warning: str = ""
+    # Named prompts (name -> the text prepended to each input), for `embed(..., prompt_name=...)`, and the
+    # one a call that names none gets ("" for none). Empty for a model without prompts.
+    prompts: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    default_prompt_name: str = ""
 
 
 @dataclass(frozen=True, eq=False)

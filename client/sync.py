@@ -113,7 +113,7 @@ class EmbeddingClient(base.ClientBase):
 
     # -- public API ------------------------------------------------------------------------------
 
-    def embed(self, texts: Iterable[str], *, dimensions: int | None = None,
+    def embed(self, texts: Iterable[str], *, dimensions: int | None = None, prompt_name: str | None = None,
               timeout: float | None = None) -> np.ndarray:
         """Embed `texts`: an (n, dim) float32 array of L2-normalized rows, in input order.
 
@@ -122,14 +122,17 @@ class EmbeddingClient(base.ClientBase):
 
             vectors = client.embed(["first text", "second text"])   # (2, dim)
         """
-        return self.embed_with_details(texts, dimensions=dimensions, timeout=timeout).embeddings
+        return self.embed_with_details(texts, dimensions=dimensions, prompt_name=prompt_name,
+                                       timeout=timeout).embeddings
 
     def embed_with_details(self, texts: Iterable[str], *, dimensions: int | None = None,
-                           timeout: float | None = None) -> EmbedResult:
+                           prompt_name: str | None = None, timeout: float | None = None) -> EmbedResult:
         """Embed `texts` and report truncation: EmbedResult(embeddings (n, dim) float32, truncated (n,) bool).
 
         `dimensions=k` (1 <= k <= dim) keeps the first k components of each embedding, re-normalized to
         unit length (Matryoshka truncation, done here in the client): embeddings are then (n, k).
+        `prompt_name` (one of `info().prompts`, e.g. "query") prepends that prompt to every text, as
+        sentence-transformers' `encode(..., prompt_name=...)` does; None: the model's default prompt, if any.
 
             result = client.embed_with_details(["short", "a very long document ..."])
             result.embeddings.shape, result.truncated   # (2, 384), array([False,  True])
@@ -139,6 +142,7 @@ class EmbeddingClient(base.ClientBase):
         spec = self._embed_spec(deadline)
         dim = model_config.spec_dim(spec, spec.url)
         dimensions = encoding.check_dimensions(dimensions, dim)
+        texts = model_config.with_prompt(spec, texts, prompt_name)
         if not texts:
             return EmbedResult(np.empty((0, dimensions or dim), dtype=np.float32), np.empty(0, dtype=bool))
         chunks, parts = self._infer_chunks(

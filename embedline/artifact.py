@@ -71,6 +71,11 @@ TOKENIZER_FILES = (
 )
 
 
+# sentence-transformers' model config: `prompts` (a name -> the text prepended to each input, e.g.
+# {"query": "query: ", "passage": "passage: "}) and `default_prompt_name`. Kept from the imported model.
+PROMPTS_FILE = "config_sentence_transformers.json"
+
+
 class ArtifactError(EmbedlineError):
     """A model directory or artifact is missing, incomplete or of an incompatible format."""
 
@@ -107,6 +112,27 @@ class Artifact:
         """The embedding sizes the model was trained to be truncated to (Matryoshka loss), largest first,
         full dim included; () when it was not trained for truncation (embedline.json has no `matryoshka_dims`)."""
         return tuple(int(d) for d in self.metadata.get("matryoshka_dims") or ())
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Named prompts (sentence-transformers' `prompts`: name -> text prepended to each input); {} when none."""
+        prompts = self._sentence_transformers_config().get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in prompts.items()):
+            raise ArtifactError(f"{self.path / PROMPTS_FILE}: `prompts` must map names to strings")
+        return dict(prompts)
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        """The prompt used when a call names none (sentence-transformers' `default_prompt_name`), or None."""
+        name = self._sentence_transformers_config().get("default_prompt_name")
+        if name is not None and name not in self.prompts:
+            raise ArtifactError(f"{self.path / PROMPTS_FILE}: default_prompt_name {name!r} is not one of its prompts")
+        return name
+
+    def _sentence_transformers_config(self) -> dict[str, Any]:
+        path = self.path / PROMPTS_FILE
+        return read_json(path) if path.is_file() else {}
 
     @property
     def tokenizer_path(self) -> Path:
@@ -353,7 +379,7 @@ def import_model_dir(source: str | os.PathLike, dest: str | os.PathLike, name: s
     info = describe_model_dir(source)
     dest.mkdir(parents=True, exist_ok=True)
     weights = next(w for w in WEIGHT_FILES if (source / w).is_file())
-    for fname in ("config.json", weights, *TOKENIZER_FILES):
+    for fname in ("config.json", weights, *TOKENIZER_FILES, PROMPTS_FILE):
         if (source / fname).is_file():
             shutil.copy2(source / fname, dest / fname)
     write_sentence_transformers_files(dest, info["pooling"], info["max_seq_length"], info["dim"])

@@ -102,7 +102,7 @@ def save_artifact(
     shutil.rmtree(dest / art.ONNX_DIR, ignore_errors=True)
     encoder.transformer.save_pretrained(str(dest), safe_serialization=True)
     tokenizer_dir = Path(tokenizer_dir)
-    for fname in art.TOKENIZER_FILES:
+    for fname in (*art.TOKENIZER_FILES, art.PROMPTS_FILE):  # a fine-tune keeps its base model's prompts
         if (tokenizer_dir / fname).is_file() and tokenizer_dir.resolve() != dest:
             shutil.copy2(tokenizer_dir / fname, dest / fname)
     art.write_sentence_transformers_files(dest, encoder.pooling, max_seq_length, encoder.dim)

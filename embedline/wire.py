@@ -63,6 +63,8 @@ EMBED_PARAMETERS = _parameters(
     ("served_models", "json", "every served artifact's name -> {embed, classify} Triton model names"),
     ("matryoshka_dims", "json", "the dims a Matryoshka loss trained the model for"),
     ("host_warning", "str", "set when this CPU's int8 instructions differ from the exporting host's"),
+    ("prompts", "json", "prompt name -> the text the SDK prepends to each input (sentence-transformers' prompts)"),
+    ("default_prompt_name", "str", "the prompt a call that names none gets; empty: none"),
 )
 
 # The `classify` ensemble carries the embed parameters plus these; `classifier_head` has dim and these.

@@ -165,8 +165,9 @@ def sdk_error(exc: Exception) -> ApiError:
         return ApiError(504, "the embedding server did not answer in time", "server_error", code="timeout")
     if isinstance(exc, InvalidInputError):
         return ApiError(400, str(exc).replace("texts[", "input["), param="input")
-    if isinstance(exc, ValueError):  # the SDK's own argument checks, e.g. dimensions > the model's dim
-        return ApiError(400, str(exc), param="dimensions" if "dimensions" in str(exc) else None)
+    if isinstance(exc, ValueError):  # the SDK's own argument checks: dimensions, prompt_name
+        param = next((p for p in ("dimensions", "prompt_name") if p in str(exc)), None)
+        return ApiError(400, str(exc), param=param, code="unknown_prompt" if param == "prompt_name" else None)
     return ApiError(500, "the embedding server failed to handle the request", "server_error", code="internal_error")
 
 
@@ -207,6 +208,17 @@ def parse_dimensions(value: Any) -> int | None:
     if type(value) is not int or value < 1:
         raise _invalid(f"'dimensions' must be a positive integer, got {json.dumps(value)}", "dimensions")
     return value
+
+
+def parse_prompt_name(prompt_name: Any, input_type: Any) -> str | None:
+    """The prompt a request names: `prompt_name`, or `input_type` (the name other embedding APIs use for
+    "query" / "passage"); both given, they must agree."""
+    for key, value in (("prompt_name", prompt_name), ("input_type", input_type)):
+        if value is not None and not isinstance(value, str):
+            raise _invalid(f"'{key}' must be a string", key)
+    if prompt_name is not None and input_type is not None and prompt_name != input_type:
+        raise _invalid("'prompt_name' and 'input_type' name different prompts", "prompt_name")
+    return prompt_name if prompt_name is not None else input_type
 
 
 def parse_encoding_format(value: Any) -> str:
@@ -369,20 +381,23 @@ class EmbeddingsRoute:
         self.drain.in_flight += 1
         try:
             self.authorize(request)
-            name, texts, dimensions, encoding_format = self.parse_request(await self.read_body(request))
-            vectors = await self.embed(name, texts, dimensions)
-            max_seq_length = (await self.call_sdk(name, len(texts), self.clients[name].info())).max_seq_length
+            name, texts, dimensions, encoding_format, prompt = self.parse_request(await self.read_body(request))
+            vectors = await self.call_sdk(name, len(texts), self.clients[name].embed(
+                texts, dimensions=dimensions, prompt_name=prompt))
+            info = await self.call_sdk(name, len(texts), self.clients[name].info())
+            prompt = prompt if prompt is not None else (info.default_prompt_name or None)
+            seen = [info.prompts[prompt] + text for text in texts] if prompt else texts  # what the model saw
             if len(texts) > TOKENIZE_INLINE_MAX:
-                tokens = await asyncio.to_thread(count_tokens, self.tokenizers[name], texts, max_seq_length)
+                tokens = await asyncio.to_thread(count_tokens, self.tokenizers[name], seen, info.max_seq_length)
             else:
-                tokens = count_tokens(self.tokenizers[name], texts, max_seq_length)
+                tokens = count_tokens(self.tokenizers[name], seen, info.max_seq_length)
             content = embeddings_body(encode_vectors(vectors, encoding_format), name, tokens)
             return Response(content, media_type="application/json")
         finally:
             self.drain.in_flight -= 1
 
-    def parse_request(self, body: bytes) -> tuple[str, list[str], int | None, str]:
-        """-> (model name, texts, dimensions, encoding_format) of a POST /v1/embeddings body."""
+    def parse_request(self, body: bytes) -> tuple[str, list[str], int | None, str, str | None]:
+        """-> (model name, texts, dimensions, encoding_format, prompt name) of a POST /v1/embeddings body."""
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -399,13 +414,11 @@ class EmbeddingsRoute:
         texts = parse_input(payload["input"])
         dimensions = parse_dimensions(payload.get("dimensions"))
         encoding_format = parse_encoding_format(payload.get("encoding_format"))
+        prompt = parse_prompt_name(payload.get("prompt_name"), payload.get("input_type"))
         if name not in self.models:
             raise ApiError(404, f"the model '{name}' does not exist; served: {', '.join(sorted(self.models))}",
                            param="model", code="model_not_found")
-        return name, texts, dimensions, encoding_format
-
-    async def embed(self, name: str, texts: list[str], dimensions: int | None) -> np.ndarray:
-        return await self.call_sdk(name, len(texts), self.clients[name].embed(texts, dimensions=dimensions))
+        return name, texts, dimensions, encoding_format, prompt
 
     async def call_sdk(self, name: str, n_texts: int, call: Awaitable[Any]) -> Any:
         """An SDK call's result; its errors as OpenAI's (sdk_error). `info()` is cached by the client after

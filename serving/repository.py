@@ -245,6 +245,8 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
         # Every served artifact's name -> its Triton models, so a client can address one by name.
         "served_models": catalog,
         "matryoshka_dims": list(artifact.matryoshka_dims),
+        "prompts": artifact.prompts,
+        "default_prompt_name": artifact.default_prompt_name or "",
         # Set when this CPU's int8 instructions differ from the exporting host's, whose speed check chose
         # the CPU variant: `info().host_warning` and the serve banner say so.
         "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",

@@ -316,3 +316,45 @@ def test_cli_classify_on_a_server_without_classify_is_a_one_line_error(url, tmp_
     assert done.returncode == 1
     assert "no 'classify' model" in done.stderr.decode()
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def served_prompted(start_server, minilm_artifact, tmp_path_factory):
+    """all-MiniLM-L6-v2 with sentence-transformers prompts (`query: ` / `passage: `), served as fp32."""
+    import shutil
+
+    from embedline import artifact as art
+
+    dest = tmp_path_factory.mktemp("prompted") / "artifact"
+    shutil.copytree(minilm_artifact.path, dest, copy_function=os.link)  # the shared files stay untouched
+    (dest / art.PROMPTS_FILE).write_text(json.dumps({"prompts": {"query": "query: ", "passage": "passage: "},
+                                                     "default_prompt_name": None}))
+    return start_server(art.load_artifact(dest), variant="fp32")
+
+
+def test_prompts_embed_as_sentence_transformers_encodes_them(served_prompted):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(served_prompted.artifact.path), device="cpu")
+    # Past max_seq_length with its prompt: the text is cut at its end, never the prompt.
+    texts = SENTENCES[:6] + [" ".join(["the dog runs in the park"] * 80)]
+    with EmbeddingClient(served_prompted.grpc_url) as client:
+        info = client.info()
+        assert info.prompts == {"query": "query: ", "passage": "passage: "} and info.default_prompt_name == ""
+        for name in ("query", "passage"):
+            ours = client.embed(texts, prompt_name=name)
+            reference = model.encode(texts, prompt_name=name, normalize_embeddings=True)
+            assert float(np.min(np.sum(ours * reference, axis=1))) >= 0.9999, name
+        plain = client.embed(texts)
+        assert float(np.min(np.sum(plain * model.encode(texts, normalize_embeddings=True), axis=1))) >= 0.9999
+        assert float(np.max(np.sum(plain * client.embed(texts, prompt_name="query"), axis=1))) < 0.9999
+        assert client.embed_with_details(texts, prompt_name="query").truncated.tolist() == [False] * 6 + [True]
+        with pytest.raises(ValueError, match=r"'doc' is not one of the model's prompts \(passage, query\)"):
+            client.embed(["a"], prompt_name="doc")
+
+    async def embed_async():
+        async with AsyncEmbeddingClient(served_prompted.grpc_url) as client:
+            return await client.embed(texts, prompt_name="query")
+
+    reference = model.encode(texts, prompt_name="query", normalize_embeddings=True)
+    assert float(np.min(np.sum(asyncio.run(embed_async()) * reference, axis=1))) >= 0.9999

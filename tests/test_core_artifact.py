@@ -69,3 +69,22 @@ def test_sentence_transformers_loads_artifact(tiny_artifact):
     with torch.no_grad():
         ours = load_encoder(tiny_artifact)(**{k: torch.from_numpy(v) for k, v in tokens.items()}).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_import_keeps_the_models_prompts(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from embedline import artifact as art
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, source)
+    (source / art.PROMPTS_FILE).write_text(json.dumps({"prompts": {"query": "query: ", "passage": "passage: "},
+                                                       "default_prompt_name": "query"}))
+    imported = art.import_model_dir(source, tmp_path / "artifact")
+    assert imported.prompts == {"query": "query: ", "passage": "passage: "}
+    assert imported.default_prompt_name == "query"
+    assert art.import_model_dir(tiny_model_dir, tmp_path / "plain").prompts == {}
+    (tmp_path / "artifact" / art.PROMPTS_FILE).write_text(json.dumps({"prompts": {"q": 1}}))
+    with pytest.raises(art.ArtifactError, match="must map names to strings"):
+        art.load_artifact(tmp_path / "artifact").prompts

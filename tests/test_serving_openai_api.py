@@ -384,6 +384,16 @@ def test_a_draining_route_answers_503_with_retry_after_and_serves_on_an_inherite
         app.stop()
 
 
+def test_a_prompt_the_model_lacks_or_two_names_that_disagree_are_400(app):
+    error = assert_error_shape(raw_post(app, {"input": "hello", "prompt_name": "query"}), 400, "unknown_prompt")
+    assert error["param"] == "prompt_name" and "'query'" in error["message"]
+    assert_error_shape(raw_post(app, {"input": "hello", "input_type": "query"}), 400, "unknown_prompt")
+    error = assert_error_shape(raw_post(app, {"input": "hello", "prompt_name": "query", "input_type": "passage"}), 400)
+    assert error["param"] == "prompt_name"
+    assert_error_shape(raw_post(app, {"input": "hello", "prompt_name": 3}), 400)
+    assert raw_post(app, {"input": "hello"}).status_code == 200  # and the route serves on
+
+
 def test_sdk_errors_map_to_http_statuses():
     cases = [
         (ServerOverloadedError("full"), 429),
