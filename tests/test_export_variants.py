@@ -144,6 +144,7 @@ def test_a_rejected_variant_is_never_served(int8_rejected):
 
 
 @needs_openvino
+@pytest.mark.slow  # a real NNCF quantization
 def test_a_rejected_openvino_variant_leaves_no_ir(tiny_artifact, tmp_path, monkeypatch):
     from embedline.export.pipeline import export_artifact
 

@@ -32,6 +32,9 @@ from embedline.training.simcse.trainer import MetricsLog, train
 
 from test_training_simcse_trainer import _config, corpus  # noqa: F401  (corpus: the fixture)
 
+# Each kills a training run mid-save and resumes it: seconds apiece, so outside `make test-fast`.
+pytestmark = pytest.mark.slow
+
 RANKS = 2  # processes saving their RNG state, as under torchrun
 
 
