@@ -226,6 +226,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=positive_int, default=None,
                         help=f"lines read and embedded at a time; --timeout applies to each block "
                              f"(default {EMBED_BLOCK_SIZE}, or ${BLOCK_SIZE_ENV})")
+    parser.add_argument("--prompt-name", default=None,
+                        help="one of the model's prompts (e.g. query, passage) prepended to every line "
+                             "(default: the model's default prompt, if it has one)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -240,16 +243,20 @@ def run(args: argparse.Namespace) -> int:
     with open_input(args.input, seekable=as_npy) as source, \
             EmbeddingClient(args.url, timeout=args.timeout, batch_size=args.batch_size) as client:
         total = count_lines(source) if as_npy or args.input != "-" else None
-        dim = client.info().dim
+        info = client.info()
+        dim = info.dim
+        if args.prompt_name is not None and args.prompt_name not in info.prompts:
+            have = ", ".join(sorted(info.prompts)) or "none"
+            raise CliInputError(f"--prompt-name {args.prompt_name!r} is not one of the model's prompts ({have})")
         progress = Progress(total)
         texts = iter_blocks(iter_lines(source, args.input), size)
         try:
             if as_npy:
-                truncated_count = _embed_to_npy(client, texts, total or 0, dim, output, progress)
+                truncated_count = _embed_to_npy(client, texts, total or 0, dim, output, progress, args.prompt_name)
             else:
                 with open_text_output(output) as handle:
                     for block in texts:
-                        result = client.embed_with_details(block)
+                        result = client.embed_with_details(block, prompt_name=args.prompt_name)
                         truncated_count += int(result.truncated.sum())
                         handle.write("".join(
                             json.dumps({"text": text, "embedding": embedding.tolist(), "truncated": bool(truncated)},
@@ -266,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _embed_to_npy(client: EmbeddingClient, texts: Iterator[list[str]], total: int, dim: int, output: str,
-                  progress: Progress) -> int:
+                  progress: Progress, prompt_name: str | None = None) -> int:
     """Write the embeddings of `total` texts, block by block, into the .npy file `output`; -> truncated count."""
     partial = Path(output + ".partial")
     try:
@@ -279,7 +286,7 @@ def _embed_to_npy(client: EmbeddingClient, texts: Iterator[list[str]], total: in
     try:
         row = 0
         for block in texts:
-            result = client.embed_with_details(block)
+            result = client.embed_with_details(block, prompt_name=prompt_name)
             if row + len(block) > total:  # the input grew after it was counted
                 raise CliInputError(f"input changed while it was read: more than the {total} lines counted")
             array[row:row + len(block)] = result.embeddings

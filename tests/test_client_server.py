@@ -358,3 +358,19 @@ def test_prompts_embed_as_sentence_transformers_encodes_them(served_prompted):
 
     reference = model.encode(texts, prompt_name="query", normalize_embeddings=True)
     assert float(np.min(np.sum(asyncio.run(embed_async()) * reference, axis=1))) >= 0.9999
+
+
+@pytest.mark.processes
+def test_cli_embed_takes_a_prompt_name(served_prompted, tmp_path):
+    texts = ["what is a qubit?", "why was my card declined?"]
+    with EmbeddingClient(served_prompted.grpc_url) as client:
+        expected = client.embed(texts, prompt_name="query")
+    out = tmp_path / "queries.npy"
+    done = _embedline("embed", "--url", served_prompted.grpc_url, "--prompt-name", "query", "--output", str(out),
+                      stdin="\n".join(texts) + "\n")
+    assert done.returncode == 0, done.stderr.decode()
+    assert cosine_rows(np.load(out), expected).min() >= 0.9999
+    done = _embedline("embed", "--url", served_prompted.grpc_url, "--prompt-name", "doc", stdin="a\n")
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1
+    assert "--prompt-name 'doc' is not one of the model's prompts (passage, query)" in lines[0]
