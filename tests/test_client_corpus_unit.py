@@ -3,6 +3,7 @@ what the model config says about it, and the `embedline embed` CLI's streaming (
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from types import SimpleNamespace
@@ -139,6 +140,13 @@ def test_progress_writes_one_line_only_to_a_terminal():
     assert quiet.getvalue() == "" and progress.done == 3
 
 
+def embed_args(*argv: str) -> argparse.Namespace:
+    """`embedline embed`'s arguments, parsed by its own parser (so every option has its default)."""
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(["--url", "h:1", "--timeout", "1", *argv])
+
+
 class _FakeClient:
     """Stands in for EmbeddingClient in cli.run: embeds text i as a one-hot-ish vector of its length."""
 
@@ -156,7 +164,7 @@ class _FakeClient:
     def info(self):
         return SimpleNamespace(dim=3)
 
-    def embed_with_details(self, texts):
+    def embed_with_details(self, texts, prompt_name=None):
         _FakeClient.calls.append(len(texts))
         embeddings = np.array([[len(t), 1.0, 0.0] for t in texts], dtype=np.float32)
         return EmbedResult(embeddings, np.array([len(t) > 5 for t in texts], dtype=bool))
@@ -174,8 +182,7 @@ def test_cli_embed_streams_blocks_to_npy_and_jsonl(tmp_path, monkeypatch, from_s
         if from_stdin:
             monkeypatch.setattr(cli.sys, "stdin", SimpleNamespace(buffer=io.BytesIO(path.read_bytes())))
         _FakeClient.calls = []
-        args = SimpleNamespace(input=source, output=str(output), url="h:1", timeout=1.0, batch_size=None, block_size=5)
-        assert cli.run(args) == 0
+        assert cli.run(embed_args("--input", source, "--output", str(output), "--block-size", "5")) == 0
         assert _FakeClient.calls == [5, 5, 5, 5, 3]
 
     run(tmp_path / "out" / "vectors.npy")
@@ -192,7 +199,7 @@ def test_cli_embed_streams_blocks_to_npy_and_jsonl(tmp_path, monkeypatch, from_s
 
 def test_cli_embed_to_npy_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     class Failing(_FakeClient):
-        def embed_with_details(self, texts):
+        def embed_with_details(self, texts, prompt_name=None):
             raise EmbedlineError("server went away")
 
     monkeypatch.setattr(cli, "EmbeddingClient", Failing)
@@ -200,8 +207,7 @@ def test_cli_embed_to_npy_leaves_no_partial_file_on_failure(tmp_path, monkeypatc
     path.write_text("a\nb\n", encoding="utf-8")
     out = tmp_path / "vectors.npy"
     with pytest.raises(EmbedlineError, match="went away"):
-        cli.run(SimpleNamespace(input=str(path), output=str(out), url="h:1", timeout=1.0, batch_size=None,
-                                block_size=1))
+        cli.run(embed_args("--input", str(path), "--output", str(out), "--block-size", "1"))
     assert not out.exists() and not (tmp_path / "vectors.npy.partial").exists()
 
 
@@ -210,5 +216,5 @@ def test_cli_embed_empty_input_writes_an_empty_npy(tmp_path, monkeypatch):
     path = tmp_path / "in.txt"
     path.write_bytes(b"")
     out = tmp_path / "vectors.npy"
-    assert cli.run(SimpleNamespace(input=str(path), output=str(out), url="h:1", timeout=1.0, batch_size=None)) == 0
+    assert cli.run(embed_args("--input", str(path), "--output", str(out))) == 0
     assert np.load(out).shape == (0, 3)
