@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 
 from embedline import artifact as art
 from embedline import wire
-from embedline.serving.repository import embed_config, settings_from_config, write_embed_version
+from embedline.serving.repository import embed_config, embed_parameters, settings_from_config, write_embed_version
 from embedline.serving.triton import ServingError
 from embedline.variants import SERVABLE_VARIANTS, available_device, choose_variant, variant_files
 
@@ -82,7 +82,8 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     settings = replace(settings_from_config(config), variant=variant)
     catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], config.parameters["served_models"].string_value)
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
-    tmp_config.write_text(embed_config(artifact, model_dir.name, settings, catalog), encoding="utf-8")
+    params = embed_parameters(artifact, settings, catalog)
+    tmp_config.write_text(embed_config(artifact, model_dir.name, settings, params), encoding="utf-8")
     tmp_config.replace(config_path)
     staging.rename(model_dir / str(version))  # the watcher sees the version whole or not at all
     log.info("published %s as version %d of model %s", artifact.path, version, model_dir.name)

@@ -166,7 +166,7 @@ def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: Repositor
 
     if settings.layout == "python":
         (dest / names.embed).mkdir(parents=True)
-        (dest / names.embed / "config.pbtxt").write_text(embed_config(artifact, names.embed, settings, catalog))
+        (dest / names.embed / "config.pbtxt").write_text(embed_config(artifact, names.embed, settings, params))
         write_embed_version(artifact, dest / names.embed / "1", model_files)
     else:
         for model, directory in (("tokenize", names.tokenize), ("encoder", names.encoder), ("embed", names.embed)):
@@ -196,10 +196,11 @@ def _config_values(artifact: art.Artifact, model_names: dict[str, str], settings
     }
 
 
-def embed_config(artifact: art.Artifact, embed_model: str, settings: RepositorySettings, catalog: dict) -> str:
-    """The python-layout `embed` model's config.pbtxt: what `build-repo` writes, and `publish` for a new version."""
-    values = _config_values(artifact, {"embed_model": embed_model}, settings,
-                            embed_parameters(artifact, settings, catalog))
+def embed_config(artifact: art.Artifact, embed_model: str, settings: RepositorySettings,
+                 params: dict[str, object]) -> str:
+    """The python-layout `embed` model's config.pbtxt: what `build-repo` writes, and `publish` for a new version.
+    `params`: `embed_parameters(artifact, settings, catalog)`."""
+    values = _config_values(artifact, {"embed_model": embed_model}, settings, params)
     template = _templates() / "python" / "embed" / "config.pbtxt"
     return Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
 
