@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 # torch goes in first and pinned: with no torch present, a dependency asking for "torch" would pull the
 # multi-GB CUDA build. On this project's machines torch==2.13.0 resolves to a local CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
-# On a GPU machine: make install EXTRAS=gpu,train,dev (the gpu extra replaces serve + export).
-EXTRAS ?= serve,export,train,dev
+# On a GPU machine: make install EXTRAS=gpu,search,train,dev (the gpu extra replaces serve + export).
+EXTRAS ?= serve,search,export,train,dev
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=

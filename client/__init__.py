@@ -31,6 +31,7 @@ DeadlineExceededError, ServerError.
 from embedline.client.aio import AsyncEmbeddingClient
 from embedline.client.errors import (
     AuthenticationError,
+    CollectionNotFoundError,
     DeadlineExceededError,
     EmbeddingClientError,
     InvalidInputError,
@@ -39,17 +40,19 @@ from embedline.client.errors import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
-from embedline.client.results import EmbedResult, ModelInfo, Prediction
+from embedline.client.results import EmbedResult, Hit, ModelInfo, Prediction
 from embedline.client.retry import RetryPolicy
 from embedline.client.sync import EmbeddingClient
 
 __all__ = [
     "AsyncEmbeddingClient",
     "AuthenticationError",
+    "CollectionNotFoundError",
     "DeadlineExceededError",
     "EmbedResult",
     "EmbeddingClient",
     "EmbeddingClientError",
+    "Hit",
     "InvalidInputError",
     "ModelInfo",
     "ModelNotFoundError",

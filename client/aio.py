@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from embedline import wire
 from embedline.client import base, encoding, model_config, planning, results, retry
 from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
-from embedline.client.results import EmbedResult, ModelInfo, Prediction
+from embedline.client.results import EmbedResult, Hit, ModelInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,40 @@ class AsyncEmbeddingClient(base.ClientBase):
             lambda result, n, url: encoding.parse_classify(result, n, labels, url, spec.name,
                                                   neighbours=wire.NEIGHBOURS_OUTPUT in outputs), deadline)
         return encoding.assemble_predictions(len(texts), chunks, parts)
+
+    async def search(self, queries: str | Iterable[str], *, k: int = 10, filter: str | None = None,
+                     collection: str | None = None, hybrid: bool = False,
+                     timeout: float | None = None) -> list[list[Hit]]:
+        """The k best documents of the served index for each query: a list of Hit lists, one per query,
+        best first (one string is one query). Needs a server started with `--index`.
+
+        `filter` keeps documents whose metadata pass it (`year >= 1960 and lang == "en"`: docs/search.md);
+        `collection`: one of the store's collections (default: `default`, or the only one); `hybrid=True`
+        fuses BM25 and dense rankings (reciprocal rank fusion). Hit scores are cosine similarities, or the
+        fused rank scores with hybrid.
+
+            [hit.id for hit in (await client.search("how do wings stall?", k=3))[0]]   # ['12', '401', '7']
+        """
+        queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
+        deadline = self._deadline(timeout)
+        try:
+            spec = await self._spec(wire.SEARCH_MODEL, deadline)
+        except ModelNotFoundError as exc:
+            raise model_config.search_missing(exc, self.url) from exc
+        outputs = encoding.requested_outputs(grpcaio, (wire.HITS_OUTPUT,))
+        hits: list[list[Hit]] = []
+        for part in planning.blocks(queries, spec.max_batch_size):
+            inputs = [encoding.text_input(grpcaio, part)]
+
+            async def send(triton: grpcaio.InferenceServerClient, attempt: retry.Attempt,
+                           inputs=inputs, n=len(part)) -> list[list[Hit]]:
+                result = await triton.infer(wire.SEARCH_MODEL, inputs, outputs=outputs, parameters=parameters,
+                                            headers=self._headers, timeout=attempt.server_timeout_us,
+                                            client_timeout=attempt.timeout)
+                return encoding.parse_hits(result, n, attempt.url)
+
+            hits += await self._call(send, deadline, wire.SEARCH_MODEL)
+        return hits
 
     async def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached)."""

@@ -4,14 +4,15 @@ predictions out. tritonclient is passed in as a module, so the sync and asyncio 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 
 from embedline import wire
-from embedline.client.errors import ServerError
-from embedline.client.results import EmbedResult, Prediction, _ModelSpec
-from embedline.wire import CLASSIFY_MODEL, EMBED_MODEL, EMBEDDING_OUTPUT, LABEL_OUTPUT, NEIGHBOURS_OUTPUT, PROBABILITIES_OUTPUT, TEXT_INPUT, TRUNCATED_OUTPUT
+from embedline.client.errors import InvalidInputError, ServerError
+from embedline.client.results import EmbedResult, Hit, Prediction, _ModelSpec
+from embedline.wire import HITS_OUTPUT, SEARCH_MODEL, CLASSIFY_MODEL, EMBED_MODEL, EMBEDDING_OUTPUT, LABEL_OUTPUT, NEIGHBOURS_OUTPUT, PROBABILITIES_OUTPUT, TEXT_INPUT, TRUNCATED_OUTPUT
 
 
 def text_input(grpcclient: Any, texts: list[str]) -> Any:
@@ -22,6 +23,43 @@ def text_input(grpcclient: Any, texts: list[str]) -> Any:
     infer_input = grpcclient.InferInput(TEXT_INPUT, list(data.shape), "BYTES")
     infer_input.set_data_from_numpy(data)
     return infer_input
+
+
+# `search`: the most queries one call takes, and the largest k (as the server's store checks).
+MAX_SEARCH_QUERIES = 1024
+MAX_K = 1000
+
+
+def search_parameters(queries: Any, k: Any, filter: str | None, collection: str | None,
+                      hybrid: bool) -> tuple[list[str], dict[str, Any]]:
+    """A search call's queries (one string is one query) and its request parameters, checked here so that a
+    bad call fails before it is sent (InvalidInputError); the server checks them again."""
+    if isinstance(queries, str):
+        queries = [queries]
+    queries = list(queries)
+    if not queries or len(queries) > MAX_SEARCH_QUERIES:
+        raise InvalidInputError(f"search takes 1 to {MAX_SEARCH_QUERIES} queries, got {len(queries)}")
+    for index, query in enumerate(queries):
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError(f"query {index} is {'empty' if isinstance(query, str) else type(query).__name__}: "
+                                    "a query is a non-empty string")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidInputError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+    if filter is not None and not isinstance(filter, str):
+        raise InvalidInputError(f"filter must be a string, got {type(filter).__name__}")
+    if collection is not None and not isinstance(collection, str):
+        raise InvalidInputError(f"collection must be a string, got {type(collection).__name__}")
+    return queries, {"k": k, "filter": filter or "", "collection": collection or "", "hybrid": bool(hybrid)}
+
+
+def parse_hits(result: Any, n: int, url: str) -> list[list[Hit]]:
+    """The `hits` output: per query a JSON list of {"id", "score", "text", "metadata"}."""
+    rows = _output(result, HITS_OUTPUT, n, SEARCH_MODEL, url).reshape(-1)
+    try:
+        return [[Hit(str(h["id"]), float(h["score"]), h["text"], h["metadata"]) for h in json.loads(row)]
+                for row in rows]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServerError(f"model '{SEARCH_MODEL}' at {url} returned hits that do not parse: {exc}") from None
 
 
 def requested_outputs(grpcclient: Any, names: tuple[str, ...]) -> list[Any]:

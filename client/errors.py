@@ -24,6 +24,7 @@ because Triton reports some conditions under a status that would mislead the tab
     "has no available versions"     any        -> ServerUnavailableError  (the model is unloading while the
                                                                            server drains, or loading)
     "unknown model"                 any        -> ModelNotFoundError      (sent as INVALID_ARG or UNAVAILABLE)
+    "has no collection"             any        -> CollectionNotFoundError (the search model's NOT_FOUND)
     "maximum queue size"            any        -> ServerOverloadedError   ("Exceeds maximum queue size")
     "timeout expired"               any        -> DeadlineExceededError   (the per-request timeout ran out
                                                                            while queued: "Request timeout expired")
@@ -84,6 +85,10 @@ class ModelNotFoundError(EmbeddingClientError):
     """The server does not serve the requested model (e.g. `classify` without a classifier head)."""
 
 
+class CollectionNotFoundError(ModelNotFoundError):
+    """The served search index has no collection of that name (a ModelNotFoundError: not found either way)."""
+
+
 class DeadlineExceededError(EmbeddingClientError):
     """The call did not finish within its timeout."""
 
@@ -125,6 +130,7 @@ MESSAGE_RULES: tuple[tuple[str, str | None, type[EmbeddingClientError]], ...] = 
     ("this protocol is restricted", None, AuthenticationError),
     ("has no available versions", None, ServerUnavailableError),
     ("unknown model", None, ModelNotFoundError),
+    ("has no collection", None, CollectionNotFoundError),
     ("maximum queue size", None, ServerOverloadedError),
     ("timeout expired", None, DeadlineExceededError),
     ("is not healthy", "INTERNAL", ServerUnavailableError),
@@ -184,6 +190,8 @@ def from_triton_error(exc: BaseException, *, url: str, model: str | None = None)
                 f"{API_KEY_ENV}) ({status or 'error'}: {server_message})")
     elif cls is DeadlineExceededError:
         text = f"{where} did not answer in time ({server_message})"
+    elif cls is CollectionNotFoundError:
+        text = f"{where}: {server_message}"
     elif cls is ModelNotFoundError:
         text = f"{where} not found ({server_message})"
     else:

@@ -61,6 +61,7 @@ def build_info(embed: _ModelSpec, classify: _ModelSpec | None, url: str) -> Mode
         host_warning=_parameter(embed, "host_warning", url, default=""),
         prompts=dict(_parameter(embed, "prompts", url, default={})),
         default_prompt_name=_parameter(embed, "default_prompt_name", url, default=""),
+        fingerprint=_parameter(embed, "fingerprint", url, default=""),
     )
 
 
@@ -76,6 +77,13 @@ def with_prompt(spec: _ModelSpec, texts: list[str], prompt_name: str | None) -> 
         have = ", ".join(sorted(prompts)) or "none"
         raise ValueError(f"prompt_name {name!r} is not one of the model's prompts ({have})")
     return [prompts[name] + text for text in texts]
+
+
+def search_missing(exc: ModelNotFoundError, url: str) -> ModelNotFoundError:
+    """The error for a server without a `search` model: how to get one."""
+    return ModelNotFoundError(f"server at {exc.url or url} serves no search index: start it with "
+                              "`embedline serve --index STORE` (STORE filled by `embedline index`)",
+                              status=exc.status, url=exc.url)
 
 
 def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:

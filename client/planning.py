@@ -45,6 +45,12 @@ def validate_texts(texts: Iterable[str]) -> list[str]:
     return items
 
 
+def blocks(items: list, size: int) -> list[list]:
+    """`items` in consecutive lists of at most `size` (at least one item each)."""
+    size = max(1, size)
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
 def plan_chunks(texts: list[str], batch_size: int) -> list[list[int]]:
     """Split indices of `texts` into requests of at most `batch_size`, grouped by text length, longest first.
 

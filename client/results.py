@@ -33,6 +33,9 @@ class ModelInfo:
     # one a call that names none gets ("" for none). Empty for a model without prompts.
     prompts: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     default_prompt_name: str = ""
+    # A hash of the model's weights ("sha256:..."): the identity of its vector space, which a search
+    # collection records. "" from a server built before it existed.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +64,17 @@ class Prediction:
     # Labels of the k training examples nearest to the text, nearest first, when the server keeps them
     # (an artifact trained with `--neighbours K`); mixed labels flag a doubtful prediction. Else ().
     neighbour_labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One document a search ranked: its id, score (cosine similarity; with hybrid, the fused rank score),
+    text and metadata."""
+
+    id: str
+    score: float
+    text: str
+    metadata: dict = field(hash=False)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 from embedline import wire
 from embedline.client import base, encoding, model_config, planning, results, retry
 from embedline.client.errors import EmbeddingClientError, ModelNotFoundError
-from embedline.client.results import EmbedResult, ModelInfo, Prediction
+from embedline.client.results import EmbedResult, Hit, ModelInfo, Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,33 @@ class EmbeddingClient(base.ClientBase):
                                                   neighbours=wire.NEIGHBOURS_OUTPUT in outputs), deadline)
         return encoding.assemble_predictions(len(texts), chunks, parts)
 
+    def search(self, queries: str | Iterable[str], *, k: int = 10, filter: str | None = None,
+               collection: str | None = None, hybrid: bool = False, timeout: float | None = None) -> list[list[Hit]]:
+        """The k best documents of the served index for each query: a list of Hit lists, one per query,
+        best first (one string is one query). Needs a server started with `--index`.
+
+        `filter` keeps documents whose metadata pass it (`year >= 1960 and lang == "en"`: docs/search.md);
+        `collection`: one of the store's collections (default: `default`, or the only one); `hybrid=True`
+        fuses BM25 and dense rankings (reciprocal rank fusion). Hit scores are cosine similarities, or the
+        fused rank scores with hybrid.
+
+            [hit.id for hit in client.search("how do wings stall?", k=3)[0]]   # ['12', '401', '7']
+        """
+        queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
+        deadline = self._deadline(timeout)
+        spec = self._search_spec(deadline)
+        outputs = encoding.requested_outputs(grpcclient, (wire.HITS_OUTPUT,))
+        hits: list[list[Hit]] = []
+        for part in planning.blocks(queries, spec.max_batch_size):
+            inputs = [encoding.text_input(grpcclient, part)]
+            hits += self._call(
+                lambda triton, attempt: encoding.parse_hits(
+                    triton.infer(wire.SEARCH_MODEL, inputs, outputs=outputs, parameters=parameters,
+                                 headers=self._headers, timeout=attempt.server_timeout_us,
+                                 client_timeout=attempt.timeout), len(part), attempt.url),
+                deadline, wire.SEARCH_MODEL)
+        return hits
+
     def info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's name, dim, max_seq_length, variant, max_batch_size and labels (cached).
 
@@ -268,6 +295,12 @@ class EmbeddingClient(base.ClientBase):
     def _embed_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)
         return self._spec(self.embed_model, deadline)
+
+    def _search_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
+        try:
+            return self._spec(wire.SEARCH_MODEL, deadline)
+        except ModelNotFoundError as exc:
+            raise model_config.search_missing(exc, self.url) from exc
 
     def _classify_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)

@@ -20,6 +20,7 @@ cheaply. Everything that is missing or incompatible is an `ArtifactError` naming
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -129,6 +130,19 @@ class Artifact:
         if name is not None and name not in self.prompts:
             raise ArtifactError(f"{self.path / PROMPTS_FILE}: default_prompt_name {name!r} is not one of its prompts")
         return name
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the weights (the first of WEIGHT_FILES present, else the fp32 ONNX graph): the identity
+        of the vector space, recorded by a search collection (two artifacts may share a name)."""
+        for path in [self.path / name for name in WEIGHT_FILES] + [self.onnx_path("fp32")]:
+            if path.is_file():
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                return "sha256:" + digest.hexdigest()[:16]
+        raise ArtifactError(f"{self.path}: no weights to fingerprint (expected one of {', '.join(WEIGHT_FILES)})")
 
     def _sentence_transformers_config(self) -> dict[str, Any]:
         path = self.path / PROMPTS_FILE

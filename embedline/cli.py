@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "publish": ("embedline.serving.publish", "roll a `serve --watch` server to a new version of an artifact"),
     "embed": ("embedline.client.cli", "embed texts (one per line) through a running server"),
     "classify": ("embedline.client.cli_classify", "classify texts (one per line) through a running server"),
+    "index": ("embedline.search.indexer", "embed a corpus file through a running server into a search collection"),
+    "eval-retrieval": ("embedline.search.evaluate", "nDCG@10, recall@100, MRR@10 of a served index on queries + qrels"),
     "train": ("embedline.training.simcse.cli", "train a sentence encoder with SimCSE or another contrastive loss"),
     "eval-sts": ("embedline.training.evaluate", "STS Spearman of an artifact on a TSV file"),
     "train-classifier": ("embedline.training.fewshot.classifier", "few-shot classifier: contrastive body + head"),

@@ -26,6 +26,13 @@ LABEL_OUTPUT = "label"                   # classify: [n, 1] BYTES
 PROBABILITIES_OUTPUT = "probabilities"   # classify: [n, num_labels] FP32, in the order of `labels`
 NEIGHBOURS_OUTPUT = "neighbour_labels"   # classify: [n, k] BYTES, only when `neighbours` k > 0
 
+# `search` (served with `serve --index`): query texts -> per query a JSON list of hits.
+SEARCH_MODEL = "search"
+HITS_OUTPUT = "hits"                     # [n, 1] BYTES: JSON [{"id", "score", "text", "metadata"}, ...]
+# Its request parameters (Triton's per-request `parameters`): k (int), filter (str, "" for none),
+# collection (str, "" for the default) and hybrid (bool).
+SEARCH_REQUEST_PARAMETERS = ("k", "filter", "collection", "hybrid")
+
 API_KEY_ENV = "EMBEDLINE_API_KEY"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 8080}
 
@@ -65,12 +72,20 @@ EMBED_PARAMETERS = _parameters(
     ("host_warning", "str", "set when this CPU's int8 instructions differ from the exporting host's"),
     ("prompts", "json", "prompt name -> the text the SDK prepends to each input (sentence-transformers' prompts)"),
     ("default_prompt_name", "str", "the prompt a call that names none gets; empty: none"),
+    ("fingerprint", "str", "a hash of the model's weights: a search collection records it, so vectors of two "
+                           "models are never compared"),
 )
 
 # The `classify` ensemble carries the embed parameters plus these; `classifier_head` has dim and these.
 HEAD_PARAMETERS = _parameters(
     ("labels", "json", "the label order of `probabilities`"),
     ("neighbours", "int", "k nearest training examples' labels returned; 0: none"),
+)
+
+# The `search` model's config parameters.
+SEARCH_PARAMETERS = _parameters(
+    ("store_uri", "str", "the store whose collections it searches"),
+    ("embed_model", "str", "the Triton model queries are embedded with (its config holds the model's record)"),
 )
 
 

@@ -115,6 +115,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="restarts in a row after a crash before giving up with a non-zero exit")
     parser.add_argument("--drain-timeout", type=int, default=30,
                         help="seconds queued and in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--index", default=None, metavar="URI",
+                        help="serve search over this store's collections (`embedline index` fills them): a directory")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver log verbosity")
 
 
@@ -499,7 +501,10 @@ def print_banner(plan: ServePlan, args: argparse.Namespace, server: TritonServer
     print(f"  HTTP     http://{server.http_url}")
     print(f"  metrics  {server.metrics_url}")
     if route is not None:
-        print(f"  OpenAI   {route.url}/v1 (POST /v1/embeddings, GET /v1/models)")
+        search = ", POST /v1/search" if args.index else ""
+        print(f"  OpenAI   {route.url}/v1 (POST /v1/embeddings{search}, GET /v1/models)")
+    if args.index:
+        print(f"  search   collections of {args.index} (`search` model)")
     print(f"  log      {server.log_file}")
     print(f"  auth     {'API key required (all but health)' if plan.api_key else 'none'}; "
           f"queue <= {settings.max_queue_size or 'unbounded'} requests per model")
@@ -524,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
     log_file.write_bytes(b"")  # restarts append to it: one log per launcher run
     with tempfile.TemporaryDirectory(prefix="embedline-serve-") as tmp:
         repository = build_repository(plan.artifacts, args.repository or Path(tmp) / "models", plan.settings,
-                                      plan.variants)
+                                      plan.variants, index=args.index)
         server = TritonServer(
             repository, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
             metrics_port=args.metrics_port, log_verbose=args.log_verbose, log_file=log_file,

@@ -76,6 +76,7 @@ from tokenizers import Tokenizer
 
 from embedline.client import (
     AsyncEmbeddingClient,
+    CollectionNotFoundError,
     DeadlineExceededError,
     EmbeddingClientError,
     InvalidInputError,
@@ -83,6 +84,7 @@ from embedline.client import (
     ServerOverloadedError,
     ServerUnavailableError,
 )
+from embedline.client.results import Hit
 from embedline.serving.triton import check_api_key, is_loopback
 from embedline.wire import API_KEY_ENV, DEFAULT_PORTS
 
@@ -91,6 +93,7 @@ log = logging.getLogger(MODULE)  # not __name__: run with -m, that would be "__m
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_INPUTS = 2048            # OpenAI's limit on texts per request
+MAX_SEARCH_K = 1000          # the most hits per query (the stores' limit)
 RETRY_AFTER_S = 1            # the SDK's longest backoff: a retry sooner would meet the same full queue
 HEALTH_TIMEOUT_S = 2.0
 # Texts counted in a worker thread above this many (tokenizing thousands of texts would stall the event loop).
@@ -221,6 +224,51 @@ def parse_prompt_name(prompt_name: Any, input_type: Any) -> str | None:
     return prompt_name if prompt_name is not None else input_type
 
 
+def parse_search(payload: Any) -> tuple[list[str], dict[str, Any]]:
+    """-> (queries, keyword arguments of client.search) of a POST /v1/search body; 400 for a bad field."""
+    if not isinstance(payload, dict):
+        raise _invalid("the request body must be a JSON object")
+    if "query" not in payload:
+        raise _invalid("'query' is required: a string or an array of strings", "query")
+    query = payload["query"]
+    queries = [query] if isinstance(query, str) else query
+    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
+        raise _invalid("'query' must be a string or a non-empty array of strings", "query")
+    if len(queries) > MAX_INPUTS:
+        raise _invalid(f"'query' has {len(queries)} items; at most {MAX_INPUTS} per request", "query")
+    k = payload.get("k", 10)
+    if type(k) is not int or not 1 <= k <= MAX_SEARCH_K:
+        raise _invalid(f"'k' must be an integer from 1 to {MAX_SEARCH_K}, got {json.dumps(k)}", "k")
+    for key in ("filter", "collection"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            raise _invalid(f"'{key}' must be a string", key)
+    if not isinstance(payload.get("hybrid", False), bool):
+        raise _invalid("'hybrid' must be true or false", "hybrid")
+    return queries, {"k": k, "filter": payload.get("filter"), "collection": payload.get("collection"),
+                     "hybrid": payload.get("hybrid", False)}
+
+
+def search_body(hits: list[list[Hit]], model: str, tokens: int) -> dict[str, Any]:
+    return {"object": "list", "model": model,
+            "data": [{"index": i, "hits": [{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata}
+                                           for h in row]} for i, row in enumerate(hits)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def search_error(exc: Exception) -> ApiError:
+    """The HTTP answer for an exception client.search raised: 404s of its own, then sdk_error's table."""
+    if isinstance(exc, CollectionNotFoundError):
+        return ApiError(404, str(exc).split(": ", 1)[-1], param="collection", code="collection_not_found")
+    if isinstance(exc, ModelNotFoundError):
+        return ApiError(404, "this server serves no search index (start it with `embedline serve --index STORE`)",
+                        code="search_not_served")
+    if isinstance(exc, InvalidInputError):
+        message = str(exc)
+        param = next((p for p in ("filter", "k", "collection") if message.lower().find(p) >= 0), "query")
+        return ApiError(400, message.split(": INVALID_ARG: ")[-1].split(": INVALID_ARGUMENT: ")[-1], param=param)
+    return sdk_error(exc)
+
+
 def parse_encoding_format(value: Any) -> str:
     if value is None:
         return "float"
@@ -281,6 +329,7 @@ def create_app(models: Mapping[str, ServedModel], default_model: str, grpc_url: 
     route = EmbeddingsRoute(models, default_model, grpc_url, api_key, max_body_bytes)
     routes = [
         Route("/v1/embeddings", route.embeddings, methods=["POST"]),
+        Route("/v1/search", route.search, methods=["POST"]),
         Route("/v1/models", route.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", route.retrieve_model, methods=["GET"]),
         Route("/health", route.health, methods=["GET"]),
@@ -433,6 +482,36 @@ class EmbeddingsRoute:
             log_at = logging.WARNING if error.status >= 500 else logging.DEBUG
             log.log(log_at, "embedding %d text(s) with %s failed: %s", n_texts, name, exc)
             raise error from exc
+
+    async def search(self, request: Request) -> Response:
+        """POST /v1/search: the served index's k best documents per query (the SDK's search)."""
+        if self.drain.draining:
+            raise self.drain.refusal()
+        self.drain.in_flight += 1
+        try:
+            self.authorize(request)
+            body = await self.read_body(request)
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _invalid(f"the request body is not valid JSON ({exc})") from None
+            queries, options = parse_search(payload)
+            name = payload.get("model") or self.default_model
+            if name != self.default_model:
+                raise ApiError(404, f"search is served with the model '{self.default_model}', not '{name}'",
+                               param="model", code="model_not_found")
+            client = self.clients[name]
+            try:
+                hits = await client.search(queries, **options)
+                info = await client.info()
+            except (EmbeddingClientError, ValueError) as exc:
+                error = search_error(exc)
+                log.log(logging.WARNING if error.status >= 500 else logging.DEBUG, "search failed: %s", exc)
+                raise error from exc
+            tokens = count_tokens(self.tokenizers[name], queries, info.max_seq_length)
+            return JSONResponse(search_body(hits, name, tokens))
+        finally:
+            self.drain.in_flight -= 1
 
     async def list_models(self, request: Request) -> Response:
         self.authorize(request)

@@ -34,7 +34,7 @@ LAYOUTS = ("python", "onnxruntime")
 # A served model's name is a directory name in the repository and a path segment in Triton's HTTP API.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The default artifact's model names: no other artifact may take them.
-RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder")
+RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder", wire.SEARCH_MODEL)
 # The parameters of the classify ensemble and of its classifier_head step (embedline/wire.py).
 CLASSIFY_CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
 HEAD_CONTRACT = {"dim": wire.EMBED_PARAMETERS["dim"], **wire.HEAD_PARAMETERS}
@@ -128,12 +128,14 @@ def served_names(artifacts: list[art.Artifact]) -> list[ModelNames]:
 
 
 def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | os.PathLike,
-                     settings: RepositorySettings, variants: list[str] | None = None) -> Path:
+                     settings: RepositorySettings, variants: list[str] | None = None,
+                     index: str | None = None) -> Path:
     """Write the model repository for `artifacts` into `dest` (replaced if it exists) and return its path.
 
     One artifact or several (one server, several models): the first is served as `embed` / `classify`,
     each further one under its own name (`ModelNames`). `variants` gives each artifact's variant
-    (default: settings.variant for all).
+    (default: settings.variant for all). `index`: a store URI whose collections the `search` model serves,
+    searched with the first artifact's model.
     """
     artifacts = [artifacts] if isinstance(artifacts, art.Artifact) else list(artifacts)
     if settings.layout not in LAYOUTS:
@@ -148,6 +150,8 @@ def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | o
                for n, a in zip(names, artifacts)}
     for artifact, model_names, variant in zip(artifacts, names, variants):
         _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog)
+    if index:
+        _add_search(names[0], dest, settings, index)
     log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
     return dest
 
@@ -248,6 +252,7 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
         "matryoshka_dims": list(artifact.matryoshka_dims),
         "prompts": artifact.prompts,
         "default_prompt_name": artifact.default_prompt_name or "",
+        "fingerprint": artifact.fingerprint,
         # Set when this CPU's int8 instructions differ from the exporting host's, whose speed check chose
         # the CPU variant: `info().host_warning` and the serve banner say so.
         "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",
@@ -320,6 +325,26 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
     (dest / names.classify / "1").mkdir(parents=True)  # an ensemble still needs its version directory
 
 
+def _add_search(names: ModelNames, dest: Path, settings: RepositorySettings, index: str) -> None:
+    """The `search` model over the store `index`, embedding queries with the default artifact's `embed`."""
+    from embedline.search.store import open_store  # the search extra: only when an index is served
+
+    try:
+        import faiss  # noqa: F401  (the search model's ANN index, in the server's environment)
+    except ImportError:
+        raise art.ArtifactError("serving an index needs the search extra: pip install 'embedline[search]'") from None
+    store = open_store(index)  # a bad URI fails here, before the server starts
+    uri = str(Path(store.uri).resolve()) if "://" not in index else index  # the server runs from elsewhere
+    templates = _templates()
+    _render(templates / "python" / "search" / "config.pbtxt", dest / wire.SEARCH_MODEL / "config.pbtxt",
+            {"search_model": wire.SEARCH_MODEL, "max_batch_size": settings.max_batch_size,
+             "parameters": _parameters_block(wire.SEARCH_PARAMETERS, {"store_uri": uri, "embed_model": names.embed})})
+    version = dest / wire.SEARCH_MODEL / "1"
+    version.mkdir(parents=True)
+    shutil.copy2(templates / "python" / "search" / "1" / "model.py", version / "model.py")
+    shutil.copy2(templates / "common" / PARENT_WATCH, version / PARENT_WATCH)
+
+
 # ---- `embedline build-repo` -------------------------------------------------------------------------
 
 
@@ -332,12 +357,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="python: embedded tritonserver (default); onnxruntime: stock Triton container")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     add_server_options(parser)
+    parser.add_argument("--index", default=None, metavar="URI",
+                        help="also serve search over this store's collections (a directory)")
 
 
 def run(args: argparse.Namespace) -> int:
     artifacts = [art.load_artifact(path) for path in args.artifact]
     variants = artifact_variants(args, artifacts, args.device)
     settings = settings_from_args(args, artifacts[0], args.device, args.layout, variants[0])
-    path = build_repository(artifacts, args.output, settings, variants)
+    path = build_repository(artifacts, args.output, settings, variants, index=args.index)
     print(f"model repository ({settings.layout} layout, variants {', '.join(variants)}): {path}")
     return 0

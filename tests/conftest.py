@@ -59,7 +59,7 @@ def _cuda_available() -> bool:
 
 # Fixtures that start a tritonserver: a test using one (directly or through another fixture) is a
 # `processes` test, left out of `make test-fast`.
-SERVER_FIXTURES = {"start_server", "launch_serve", "served_minilm"}
+SERVER_FIXTURES = {"start_server", "launch_serve", "launch_serve_for_module", "served_minilm"}
 # Fixtures that export the real all-MiniLM-L6-v2 (15 s on 2 cores): a test using one is `slow`.
 MINILM_FIXTURES = {"minilm_artifact", "minilm_exported"}
 # Set by `make test-fast`: a test outside the `processes` mark that starts a process fails, so the mark
@@ -269,13 +269,8 @@ class Launched:
         raise AssertionError(f"no {needle!r} within {timeout}s; output:\n{''.join(seen)}")
 
 
-@pytest.fixture
-def launch_serve():
-    """Factory: launch_serve(*serve args, env=None, ports=None) -> Launched, once its banner is printed.
-
-    ports: (grpc, http, metrics, openai), e.g. a crashed launcher's, to start another on the same ports
-    (default: free ones). Every launcher still running at the end of the test gets SIGTERM, then SIGKILL.
-    """
+def _launcher():
+    """launch(*serve args, env=None, ports=None) -> Launched, once its banner is printed; and a stop() for all."""
     import signal
     import subprocess
 
@@ -297,12 +292,34 @@ def launch_serve():
             served.banner = served.read_until("Ctrl-C to stop", timeout=300)
         return served
 
+    def stop_all() -> None:
+        for served in launched:
+            if served.process.poll() is None:
+                served.process.send_signal(signal.SIGTERM)
+                try:
+                    served.process.wait(60)
+                except subprocess.TimeoutExpired:
+                    served.process.kill()
+                    served.process.wait()
+
+    return launch, stop_all
+
+
+@pytest.fixture
+def launch_serve():
+    """Factory: launch_serve(*serve args, env=None, ports=None) -> Launched, once its banner is printed.
+
+    ports: (grpc, http, metrics, openai), e.g. a crashed launcher's, to start another on the same ports
+    (default: free ones). Every launcher still running at the end of the test gets SIGTERM, then SIGKILL.
+    """
+    launch, stop_all = _launcher()
     yield launch
-    for served in launched:
-        if served.process.poll() is None:
-            served.process.send_signal(signal.SIGTERM)
-            try:
-                served.process.wait(60)
-            except subprocess.TimeoutExpired:
-                served.process.kill()
-                served.process.wait()
+    stop_all()
+
+
+@pytest.fixture(scope="module")
+def launch_serve_for_module():
+    """launch_serve for a server the tests of one module share (stopped when the module ends)."""
+    launch, stop_all = _launcher()
+    yield launch
+    stop_all()

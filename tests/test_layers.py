@@ -2,6 +2,7 @@
 
     core (embedline/)  <-  training/, export/  <-  serving/  <-  benchmarks/ (the checkout only)
     client/ stands alone (the core's errors only); serving/ uses it to forward the OpenAI route
+    search/ embeds through client/ and is served by serving/
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # folder -> the embedline subpackages its modules must not import
 FORBIDDEN = {
-    "embedline": ("export", "training", "serving", "client"),
-    "training": ("export", "serving", "client"),
-    "export": ("training", "serving", "client"),
+    "embedline": ("export", "training", "serving", "client", "search"),
+    "training": ("export", "serving", "client", "search"),
+    "export": ("training", "serving", "client", "search"),
     "serving": ("training",),
-    "client": ("export", "training", "serving"),
+    "client": ("export", "training", "serving", "search"),
+    "search": ("export", "training", "serving"),
 }
 
 

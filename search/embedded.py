@@ -1,0 +1,364 @@
+"""The embedded store: a directory of collections, each one SQLite file plus a FAISS HNSW index.
+
+    STORE/NAME/collection.sqlite   the truth: documents (id, text, metadata, vector), the model record,
+                                   a log of deleted rows, and an FTS5 full-text index (BM25)
+    STORE/NAME/vectors.npz         a saved HNSW graph over the vectors: a cache, rebuilt from SQLite when
+                                   missing or unreadable
+
+Why this shape:
+- Crash safety comes from SQLite: each block of documents is one transaction (an upsert by id), so a
+  `kill -9` leaves whole blocks, and running the same indexing again completes the corpus without duplicates.
+  The HNSW file is written to a temporary name and renamed, so it is always some complete past state.
+- Readers see writers' work without a restart: SQLite's WAL mode lets a server search while `embedline
+  index` writes; before each search the reader asks SQLite whether another connection committed
+  (`PRAGMA data_version`, no I/O) and adds the new rows to its graph. HNSW cannot remove a point, so a
+  deleted or replaced document's row is logged (`deletions`) and masked out of every search.
+- Metadata filters run in SQLite (filters.to_sql) and reach FAISS as a bitmap of allowed rows; when few
+  rows pass, an exact scan over them is both faster and exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from embedline.search.filters import parse_filter, to_sql
+from embedline.search.store import (CollectionNotFoundError, Hit, ModelRecord, StoreError, check_collection_name,
+                                    check_k)
+
+log = logging.getLogger(__name__)
+
+DATABASE_FILE = "collection.sqlite"
+INDEX_FILE = "vectors.npz"
+# HNSW: 32 links per node, an 80-wide beam while building and 256 while searching: recall@10 against exact
+# search is measured in benchmarks/search.py (and tests/test_search_store.py).
+HNSW_LINKS = 32
+EF_CONSTRUCTION = 80
+EF_SEARCH = 256
+# Below this many allowed rows an exact scan is cheaper than a walk of the graph (and exact).
+EXACT_SCAN_BELOW = 2048
+_SQL_VARIABLES = 500  # ids per `IN (...)`: under SQLite's variable limit on every build
+# Words too common to rank by: dropped from BM25 queries (an OR over "the" would touch every document).
+STOP_WORDS = frozenset(
+    "a an and are as at be but by can do does for from how in is it its of on or that the their there these "
+    "this to was were what when where which who why will with".split())
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (
+    row INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    vector BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, row INTEGER NOT NULL);
+CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(text, content='docs', content_rowid='row',
+                                                      tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS docs_added AFTER INSERT ON docs BEGIN
+    INSERT INTO lexical(rowid, text) VALUES (new.row, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS docs_removed AFTER DELETE ON docs BEGIN
+    INSERT INTO lexical(lexical, rowid, text) VALUES ('delete', old.row, old.text);
+    INSERT INTO deletions(row) VALUES (old.row);
+END;
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL under WAL: a process crash loses nothing committed; only a power cut can lose the last commits.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    return connection
+
+
+def _chunks(items: list, size: int = _SQL_VARIABLES):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class DirectoryStore:
+    """Collections as subdirectories of `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def collections(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(d.name for d in self.root.iterdir() if (d / DATABASE_FILE).is_file())
+
+    def open(self, name: str) -> "EmbeddedCollection":
+        check_collection_name(name)
+        path = self.root / name / DATABASE_FILE
+        if not path.is_file():
+            have = ", ".join(self.collections()) or "none"
+            raise CollectionNotFoundError(f"store {self.uri} has no collection {name!r} (it has: {have})")
+        return EmbeddedCollection(name, self.root / name)
+
+    def create_or_open(self, name: str, model: ModelRecord) -> "EmbeddedCollection":
+        """The collection `name`, created for `model` when new; ModelMismatchError when it holds another's."""
+        check_collection_name(name)
+        directory = self.root / name
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create collection {name!r} in {self.uri}: {exc}") from exc
+        EmbeddedCollection.create(directory, model)
+        collection = EmbeddedCollection(name, directory)
+        collection.model.check_same_model(model, name)
+        return collection
+
+    def drop(self, name: str) -> None:
+        check_collection_name(name)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+
+class EmbeddedCollection:
+    """One collection: SQLite for the documents, an in-memory HNSW graph (faiss) for their vectors."""
+
+    def __init__(self, name: str, directory: Path):
+        import faiss  # the search extra; imported here so that the store module imports without it
+
+        self._faiss = faiss
+        self.name = name
+        self.directory = directory
+        self._lock = threading.RLock()
+        try:
+            self._db = _connect(directory / DATABASE_FILE)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"collection {name!r} ({directory}): unreadable ({exc})") from exc
+        if row is None:
+            raise CollectionNotFoundError(f"collection {name!r} ({directory}) was never completely created")
+        self.model = ModelRecord.from_json(json.loads(row[0]))
+        self._data_version = None
+        self._load_index()
+
+    @staticmethod
+    def create(directory: Path, model: ModelRecord) -> None:
+        """The schema (idempotent), then the model record: a collection counts as created once its record
+        exists (EmbeddedCollection checks), so a crash in between leaves nothing that looks whole."""
+        db = _connect(directory / DATABASE_FILE)
+        try:
+            db.executescript(SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('model', ?)", (json.dumps(model.to_json()),))
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot create collection in {directory}: {exc}") from exc
+        finally:
+            db.close()
+
+    # -- the vector index -------------------------------------------------------------------------
+
+    def _new_index(self):
+        index = self._faiss.IndexHNSWFlat(self.model.dim, HNSW_LINKS, self._faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = EF_CONSTRUCTION
+        return index
+
+    def _load_index(self) -> None:
+        """The saved graph when it reads, else an empty one; then whatever SQLite has beyond it."""
+        self._index, self._rows, self._live = self._new_index(), np.empty(0, np.int64), np.empty(0, bool)
+        self._last_row = self._last_deletion = 0
+        path = self.directory / INDEX_FILE
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as saved:
+                    index = self._faiss.deserialize_index(saved["index"])
+                    rows, live = saved["rows"], saved["live"]
+                    last_row, last_deletion = int(saved["last_row"]), int(saved["last_deletion"])
+                if index.ntotal != len(rows) or index.d != self.model.dim:
+                    raise ValueError("index and rows disagree")
+                self._index, self._rows, self._live = index, rows, live
+                self._last_row, self._last_deletion = last_row, last_deletion
+            except Exception as exc:  # a cache: any problem means rebuild it from the truth
+                log.warning("collection %s: rebuilding its vector index (%s unreadable: %s)", self.name, path, exc)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Add the rows other connections committed since the last look; mask the deleted ones."""
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                return
+            self._db.execute("BEGIN")  # one snapshot: the new rows and the deletions agree
+            try:
+                self._add_new_rows()
+                deleted = [r for (r,) in self._db.execute(
+                    "SELECT row FROM deletions WHERE seq > ?", (self._last_deletion,))]
+                self._last_deletion = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM deletions").fetchone()[0]
+            finally:
+                self._db.execute("COMMIT")
+            if deleted:
+                positions = np.searchsorted(self._rows, deleted)
+                found = positions < len(self._rows)
+                found[found] &= self._rows[positions[found]] == np.asarray(deleted)[found]
+                self._live[positions[found]] = False
+            self._data_version = version
+
+    def _add_new_rows(self) -> None:
+        cursor = self._db.execute("SELECT row, vector FROM docs WHERE row > ? ORDER BY row", (self._last_row,))
+        while batch := cursor.fetchmany(16384):
+            rows = np.fromiter((r for r, _ in batch), np.int64, len(batch))
+            vectors = np.frombuffer(b"".join(v for _, v in batch), np.float32).reshape(len(batch), self.model.dim)
+            self._index.add(vectors)
+            self._rows = np.concatenate([self._rows, rows])
+            self._live = np.concatenate([self._live, np.ones(len(rows), bool)])
+            self._last_row = int(rows[-1])
+
+    def save_index(self) -> None:
+        """Write the graph beside the database (atomically), so the next reader loads instead of rebuilding."""
+        with self._lock:
+            self.refresh()
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".vectors.", suffix=".npz")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, index=self._faiss.serialize_index(self._index), rows=self._rows, live=self._live,
+                             last_row=self._last_row, last_deletion=self._last_deletion)
+                os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a server running as another user reads it
+                os.replace(tmp, self.directory / INDEX_FILE)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+
+    def fingerprints(self, ids: list[str]) -> dict[str, str]:
+        """id -> the fingerprint (a hash of text and metadata) stored for it, for the ids present."""
+        found = {}
+        for part in _chunks(list(ids)):
+            marks = ",".join("?" * len(part))
+            found.update(self._db.execute(f"SELECT id, fingerprint FROM docs WHERE id IN ({marks})", part))
+        return found
+
+    def upsert(self, ids: list[str], vectors: np.ndarray, texts: list[str], metadata: list[dict],
+               fingerprints: list[str]) -> None:
+        """Insert the documents, replacing any with the same id: one transaction."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(ids), self.model.dim):
+            raise StoreError(f"collection {self.name!r}: expected {len(ids)} vectors of dim {self.model.dim}, "
+                             f"got shape {vectors.shape}")
+        rows = [(i, t, json.dumps(m, ensure_ascii=False), f, v.tobytes())
+                for i, t, m, f, v in zip(ids, texts, metadata, fingerprints, vectors)]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for part in _chunks(list(ids)):
+                    self._db.execute(f"DELETE FROM docs WHERE id IN ({','.join('?' * len(part))})", part)
+                self._db.executemany(
+                    "INSERT INTO docs(id, text, metadata, fingerprint, vector) VALUES (?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._data_version = None  # our own commits do not move data_version: look again
+
+    def delete(self, ids: list[str]) -> int:
+        """Remove the documents with these ids (absent ids are ignored); how many were removed."""
+        removed = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for part in _chunks(list(ids)):
+                    removed += self._db.execute(
+                        f"DELETE FROM docs WHERE id IN ({','.join('?' * len(part))})", part).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._data_version = None
+        return removed
+
+    # -- searching --------------------------------------------------------------------------------
+
+    def _allowed(self, filter: str | None) -> np.ndarray:
+        """Per graph position: may it be returned (live, and passing the filter)."""
+        if not filter:
+            return self._live
+        where, params = to_sql(parse_filter(filter))
+        rows = np.fromiter((r for (r,) in self._db.execute(f"SELECT row FROM docs WHERE {where}", params)), np.int64)
+        allowed = np.zeros(len(self._rows), bool)
+        positions = np.searchsorted(self._rows, rows)
+        inside = positions < len(self._rows)
+        positions = positions[inside][self._rows[positions[inside]] == rows[inside]]
+        allowed[positions] = True
+        return allowed & self._live
+
+    def search(self, vectors: np.ndarray, k: int, filter: str | None = None,
+               exact: bool = False) -> list[list[Hit]]:
+        """The k nearest documents of each query vector by cosine similarity, best first."""
+        check_k(k)
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if vectors.shape[1] != self.model.dim:
+            raise StoreError(f"collection {self.name!r} holds dim-{self.model.dim} vectors; got dim {vectors.shape[1]}")
+        with self._lock:
+            self.refresh()
+            allowed = self._allowed(filter)
+            n_allowed = int(allowed.sum())
+            if n_allowed == 0:
+                return [[] for _ in vectors]
+            faiss = self._faiss
+            bitmap = np.packbits(allowed, bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+            if exact or n_allowed <= EXACT_SCAN_BELOW or n_allowed < 0.05 * len(allowed):
+                storage = faiss.downcast_index(self._index.storage)
+                scores, positions = storage.search(vectors, min(k, n_allowed), params=faiss.SearchParameters(sel=selector))
+            else:
+                # A sparser mask needs a wider beam to find k allowed neighbours.
+                ef = int(min(4096, max(EF_SEARCH, k) * len(allowed) / n_allowed))
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+                scores, positions = self._index.search(vectors, min(k, n_allowed), params=params)
+            return self._hits(scores, positions)
+
+    def _hits(self, scores: np.ndarray, positions: np.ndarray) -> list[list[Hit]]:
+        wanted = {int(self._rows[p]) for p in positions.ravel() if p >= 0}
+        documents = self._documents(wanted)
+        return [[Hit(documents[row][0], float(score), documents[row][1], documents[row][2])
+                 for score, row in ((s, int(self._rows[p])) for s, p in zip(query_scores, query_positions) if p >= 0)
+                 if row in documents]  # a row deleted since the last refresh is left out
+                for query_scores, query_positions in zip(scores, positions)]
+
+    def _documents(self, rows) -> dict[int, tuple[str, str, dict]]:
+        found = {}
+        for part in _chunks(sorted(rows)):
+            for row, doc_id, text, metadata in self._db.execute(
+                    f"SELECT row, id, text, metadata FROM docs WHERE row IN ({','.join('?' * len(part))})", part):
+                found[row] = (doc_id, text, json.loads(metadata))
+        return found
+
+    def search_text(self, queries: list[str], k: int, filter: str | None = None) -> list[list[Hit]]:
+        """BM25 (SQLite FTS5: k1 1.2, b 0.75, Porter stemming) ranking of each query, best first."""
+        check_k(k)
+        where, params = to_sql(parse_filter(filter), column="docs.metadata") if filter else ("1", [])
+        results = []
+        with self._lock:
+            for query in queries:
+                terms = [t for t in re.findall(r"\w+", query.lower()) if t not in STOP_WORDS]
+                if not terms:
+                    results.append([])
+                    continue
+                match = " OR ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(terms))
+                rows = self._db.execute(
+                    "SELECT docs.id, docs.text, docs.metadata, bm25(lexical) FROM lexical "
+                    "JOIN docs ON docs.row = lexical.rowid "
+                    f"WHERE lexical MATCH ? AND ({where}) ORDER BY bm25(lexical) LIMIT ?", [match, *params, k])
+                # FTS5's bm25() is negative, lower is better: the hit's score is its negation.
+                results.append([Hit(i, -float(s), t, json.loads(m)) for i, t, m, s in rows])
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
