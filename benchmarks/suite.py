@@ -169,11 +169,11 @@ def server_variants(artifact, mode: Mode, requested: str | None, default_variant
 
 
 @contextlib.contextmanager
-def triton(artifact, tmp: Path, settings):
+def triton(artifact, tmp: Path, settings, index: str | None = None):
     from embedline.serving.repository import build_repository
     from embedline.serving.triton import TritonServer, free_port
 
-    repository = build_repository(artifact, Path(tempfile.mkdtemp(dir=tmp)) / "models", settings)
+    repository = build_repository(artifact, Path(tempfile.mkdtemp(dir=tmp)) / "models", settings, index=index)
     with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
         yield server
 

@@ -45,7 +45,7 @@ HNSW_LINKS = 32
 EF_CONSTRUCTION = 80
 EF_SEARCH = 256
 # Below this many allowed rows an exact scan is cheaper than a walk of the graph (and exact).
-EXACT_SCAN_BELOW = 2048
+EXACT_SCAN_BELOW = 1024
 _SQL_VARIABLES = 500  # ids per `IN (...)`: under SQLite's variable limit on every build
 # Words too common to rank by: dropped from BM25 queries (an OR over "the" would touch every document).
 STOP_WORDS = frozenset(
@@ -311,6 +311,9 @@ class EmbeddedCollection:
             if n_allowed == 0:
                 return [[] for _ in vectors]
             faiss = self._faiss
+            if n_allowed == len(allowed) and not exact and n_allowed > EXACT_SCAN_BELOW:  # nothing masked
+                scores, positions = self._index.search(vectors, k, params=faiss.SearchParametersHNSW(efSearch=EF_SEARCH))
+                return self._hits(scores, positions)
             bitmap = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
             if exact or n_allowed <= EXACT_SCAN_BELOW or n_allowed < 0.05 * len(allowed):

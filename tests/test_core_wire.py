@@ -17,9 +17,9 @@ from embedline.serving.repository import RepositorySettings, build_repository
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "model_repository"
-CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
+CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS, **wire.SEARCH_PARAMETERS}
 TENSORS = (wire.TEXT_INPUT, wire.EMBEDDING_OUTPUT, wire.TRUNCATED_OUTPUT, wire.LABEL_OUTPUT,
-           wire.PROBABILITIES_OUTPUT, wire.NEIGHBOURS_OUTPUT)
+           wire.PROBABILITIES_OUTPUT, wire.NEIGHBOURS_OUTPUT, wire.HITS_OUTPUT)
 
 
 def template_sources() -> list[Path]:
@@ -65,7 +65,7 @@ def test_the_model_repository_readme_documents_every_parameter_and_tensor():
     documented = set(re.findall(r"`([a-z_]+)`", readme))
     assert set(CONTRACT) <= documented, sorted(set(CONTRACT) - documented)
     assert set(TENSORS) <= documented, sorted(set(TENSORS) - documented)
-    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL} <= documented
+    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL, wire.SEARCH_MODEL, *wire.SEARCH_REQUEST_PARAMETERS} <= documented
 
 
 def config_parameters(path: Path) -> dict[str, str]:
@@ -79,7 +79,7 @@ def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_c
     repo = build_repository(tiny_classifier, tmp_path / "models", RepositorySettings(variant="fp32"))
     embed = config_parameters(repo / "embed" / "config.pbtxt")
     assert set(embed) == set(wire.EMBED_PARAMETERS)
-    assert set(config_parameters(repo / "classify" / "config.pbtxt")) == set(CONTRACT)
+    assert set(config_parameters(repo / "classify" / "config.pbtxt")) == {*wire.EMBED_PARAMETERS, *wire.HEAD_PARAMETERS}
     assert set(config_parameters(repo / "classifier_head" / "config.pbtxt")) == {"dim", *wire.HEAD_PARAMETERS}
     for key, parameter in wire.EMBED_PARAMETERS.items():
         wire.decode(parameter, embed[key])  # every value parses as its declared kind
@@ -89,6 +89,19 @@ def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_c
     info = model_config.build_info(spec, classify, "h:1")
     assert (info.dim, info.max_seq_length, info.variant) == (tiny_classifier.dim, tiny_classifier.max_seq_length, "fp32")
     assert planning.spec_group_size(spec) == 32 and info.labels
+
+
+def test_build_repo_with_an_index_writes_the_search_contract(tiny_fp32, tmp_path):
+    repo = build_repository(tiny_fp32, tmp_path / "models", RepositorySettings(variant="fp32"),
+                            index=str(tmp_path / "store"))
+    search = config_parameters(repo / wire.SEARCH_MODEL / "config.pbtxt")
+    assert set(search) == set(wire.SEARCH_PARAMETERS)
+    assert search == {"store_uri": str(tmp_path / "store"), "embed_model": wire.EMBED_MODEL}
+    config = text_format.Parse((repo / wire.SEARCH_MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert [o.name for o in config.output] == [wire.HITS_OUTPUT] and config.input[0].name == wire.TEXT_INPUT
+    # the search model reads the served model's record from the embed config: it must carry it
+    assert {"model_name", "dim", "fingerprint", "prompts", "default_prompt_name"} <= set(
+        config_parameters(repo / "embed" / "config.pbtxt"))
 
 
 def test_encode_refuses_parameters_outside_the_contract():

@@ -17,7 +17,9 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(__file__))
 from parent_watch import exit_with_parent  # noqa: E402  (copied next to this file by the repository builder)
 
-from embedline.search.service import CollectionNotFoundError, SearchRequestError, SearchService  # noqa: E402
+from embedline.search.service import (  # noqa: E402
+    CollectionNotFoundError, SearchRequest, SearchRequestError, SearchService,
+)
 from embedline.search.store import ModelMismatchError, ModelRecord, StoreError  # noqa: E402
 
 
@@ -40,9 +42,9 @@ class ServedModel:
             with open(self.path, encoding="utf-8") as f:
                 config = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
             params = {key: value.string_value for key, value in config.parameters.items()}
-            prompts = json.loads(params.get("prompts") or "{}")
+            prompts = json.loads(params["prompts"])
             self.record = ModelRecord.for_model(params["model_name"], int(params["dim"]), params["fingerprint"], prompts)
-            self.default_prompt = prompts.get(params.get("default_prompt_name") or "", "")
+            self.default_prompt = prompts.get(params["default_prompt_name"], "")
             self.mtime = mtime
         return self.record, self.default_prompt
 
@@ -50,11 +52,18 @@ class ServedModel:
 class TritonPythonModel:
     def initialize(self, args):
         exit_with_parent()  # no model process outlives its tritonserver (parent_watch.py)
-        params = _parameters(json.loads(args["model_config"]))
+        try:  # one query at a time: OpenMP's thread team costs more than it saves, beside the embed instances
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+        except ImportError:  # a store without faiss (Milvus)
+            pass
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
         self.embed_model = params["embed_model"]
         repository = os.path.dirname(args["model_repository"])
         self.served = ServedModel(os.path.join(repository, self.embed_model, "config.pbtxt"))
-        self.service = SearchService(params["store_uri"], self.embed)
+        self.service = SearchService(params["store_uri"], self.embed, int(config["max_batch_size"]))
 
     def embed(self, texts):
         tensor = pb_utils.Tensor("text", np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1))
@@ -64,7 +73,9 @@ class TritonPythonModel:
             raise RuntimeError(f"embedding the queries failed: {response.error().message()}")
         return pb_utils.get_output_tensor_by_name(response, "sentence_embedding").as_numpy()
 
-    def search(self, request):
+    @staticmethod
+    def request_of(request):
+        """A Triton request -> SearchRequest (its queries, and its options from the request parameters)."""
         queries = [q.decode("utf-8", errors="replace")
                    for q in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
         options = json.loads(request.parameters() or "{}")
@@ -72,28 +83,30 @@ class TritonPythonModel:
         if isinstance(k, str):  # HTTP clients may send every parameter as a string
             k = int(k) if k.strip().lstrip("-").isdigit() else k
         hybrid = options.get("hybrid", False) in (True, "true", "True", "1")
-        record, default_prompt = self.served.current()
-        hits = self.service.search(queries, record, default_prompt, k=k, filter=options.get("filter") or None,
-                                   collection=options.get("collection") or None, hybrid=hybrid)
-        body = [json.dumps([{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in row],
-                           ensure_ascii=False).encode("utf-8") for row in hits]
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("hits", np.array(body, dtype=np.object_).reshape(-1, 1))])
+        return SearchRequest(queries, k, options.get("filter") or None, options.get("collection") or None, hybrid)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self.search(request))
-            except CollectionNotFoundError as exc:
-                responses.append(self._error(str(exc), pb_utils.TritonError.NOT_FOUND))
-            except (SearchRequestError, ModelMismatchError, ValueError) as exc:
-                responses.append(self._error(str(exc), pb_utils.TritonError.INVALID_ARG))
-            except StoreError as exc:
-                responses.append(self._error(f"the store failed: {exc}", pb_utils.TritonError.UNAVAILABLE))
-            except Exception as exc:  # one request's failure is not the server's
-                responses.append(self._error(f"search failed: {exc}", pb_utils.TritonError.INTERNAL))
-        return responses
+        """A dynamic batch: every request's queries embedded in one call, then each ranked with its own options."""
+        try:
+            record, default_prompt = self.served.current()
+            results = self.service.search_many([self.request_of(r) for r in requests], record, default_prompt)
+        except Exception as exc:  # the batch could not start (e.g. the embed model failed): every request fails
+            results = [exc] * len(requests)
+        return [self._response(result) for result in results]
+
+    def _response(self, result):
+        if isinstance(result, CollectionNotFoundError):
+            return self._error(str(result), pb_utils.TritonError.NOT_FOUND)
+        if isinstance(result, (SearchRequestError, ModelMismatchError, ValueError)):
+            return self._error(str(result), pb_utils.TritonError.INVALID_ARG)
+        if isinstance(result, StoreError):
+            return self._error(f"the store failed: {result}", pb_utils.TritonError.UNAVAILABLE)
+        if isinstance(result, Exception):
+            return self._error(f"search failed: {result}", pb_utils.TritonError.INTERNAL)
+        body = [json.dumps([{"id": h.id, "score": h.score, "text": h.text, "metadata": h.metadata} for h in row],
+                           ensure_ascii=False).encode("utf-8") for row in result]
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("hits", np.array(body, dtype=np.object_).reshape(-1, 1))])
 
     @staticmethod
     def _error(message, code):

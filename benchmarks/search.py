@@ -1,0 +1,262 @@
+"""Search speed: indexing against `client.embed`, a search through the server against a one-text embed, and
+the ANN step alone at a million vectors.
+
+    .venv/bin/python -m benchmarks.search [--documents 100000] [--index-texts 20000] [--ann-vectors 1000000]
+                                          [--rounds 3] [--store milvus://HOST:PORT]
+
+One server of the variant `embedline serve` picks, serving an embedded store (`--index`). Stages:
+
+1. Indexing: alternating rounds of `client.embed(texts)` and `embedline index`'s `index_corpus` into a new
+   collection, on the same INDEX_TEXTS real sentences (shared data's unlabeled corpus): documents/s each,
+   and their ratio (the goal: indexing >= 0.8x embedding, so the store is never the bottleneck).
+2. Serving: DOCUMENTS real sentences indexed, then STS-B dev sentences as queries: alternating one-text
+   `client.embed` and `client.search(k=10)` calls from one caller (p50, p90), and searches from 16 concurrent
+   callers for a few seconds (queries/s). Goal: search p50 <= embed p50 + 2 ms.
+3. The ANN step alone (faiss, the embedded store's HNSW parameters) over ANN_VECTORS 384-d vectors, made from
+   the served collection's real embeddings plus small noise (no million-sentence corpus is on this machine):
+   build time, memory, one-query p50 on one thread, and recall@10 against exact search on 200 queries.
+
+`--store milvus://HOST:PORT` also runs stage 2 against that Milvus server. Writes benchmarks/results/search.json
+and the "search" section of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import gzip
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import data_dir, markdown_table, percentile, stsb_dev_sentences
+from benchmarks.experiment import Experiment
+
+
+def options(parser) -> None:
+    parser.add_argument("--documents", type=int, default=100_000, help="documents the served collection holds")
+    parser.add_argument("--index-texts", type=int, default=20_000, help="texts per indexing round")
+    parser.add_argument("--ann-vectors", type=int, default=1_000_000, help="vectors of the ANN-alone stage (0: skip)")
+    parser.add_argument("--queries", type=int, default=300, help="one-caller queries per measure")
+    parser.add_argument("--store", default=None, help="also measure stage 2 against this Milvus URI")
+
+
+def corpus_sentences(n: int) -> list[str]:
+    """n distinct real sentences: the unlabeled corpus, then Wikipedia sentences when more are asked for."""
+    data = data_dir()
+    sentences: list[str] = []
+    for name in ("unsup_corpus.txt.gz", "wiki1m_head.txt.gz", "us_speeches_sentences.txt.gz"):
+        with gzip.open(data / "corpus" / name, "rt", encoding="utf-8") as f:
+            sentences += [line.strip() for line in f if line.strip()]
+    sentences = list(dict.fromkeys(sentences))
+    if len(sentences) < n:
+        raise SystemExit(f"only {len(sentences)} distinct sentences in the shared corpus; asked for {n}")
+    return sentences[:n]
+
+
+def write_lines(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+def indexing_rounds(url: str, store, texts: list[str], tmp: Path, rounds: int) -> dict:
+    """Alternating client.embed and index_corpus rounds on the same texts: documents/s each."""
+    from embedline.client import EmbeddingClient
+    from embedline.client.cli import Progress
+    from embedline.search.indexer import index_corpus
+
+    lines = write_lines(tmp / "index-texts.txt", texts)
+    measured: dict[str, list[float]] = {"embed": [], "index": []}
+    with EmbeddingClient(url, timeout=600) as client:
+        client.embed(texts[:2000])  # untimed: the engine's first runs of each shape
+        for k in range(rounds):
+            started = time.perf_counter()
+            client.embed(texts)
+            measured["embed"].append(len(texts) / (time.perf_counter() - started))
+            started = time.perf_counter()
+            index_corpus(client, store, f"indexing{k}", lines, progress=Progress(len(texts), enabled=False))
+            measured["index"].append(len(texts) / (time.perf_counter() - started))
+            store.drop(f"indexing{k}")
+            print(f"indexing round {k}: embed {measured['embed'][-1]:.0f}/s, index {measured['index'][-1]:.0f}/s",
+                  flush=True)
+    median = {name: round(statistics.median(values), 1) for name, values in measured.items()}
+    return {"rounds": measured, "median": median, "ratio": round(median["index"] / median["embed"], 3)}
+
+
+def one_caller(url: str, queries: list[str], collection: str) -> dict:
+    """Alternating one-text embed and k=10 search calls from one caller: milliseconds."""
+    from embedline.client import EmbeddingClient
+
+    times: dict[str, list[float]] = {"embed": [], "search": []}
+    with EmbeddingClient(url) as client:
+        for query in queries[:20]:  # warm: channels, configs, the search model's first searches
+            client.embed([query])
+            client.search(query, k=10, collection=collection)
+        for query in queries:
+            started = time.perf_counter()
+            client.embed([query])
+            times["embed"].append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            client.search(query, k=10, collection=collection)
+            times["search"].append((time.perf_counter() - started) * 1000)
+    result = {f"{name}_{q}_ms": round(percentile(values, q), 2) for name, values in times.items() for q in (50, 90)}
+    result["search_minus_embed_p50_ms"] = round(result["search_50_ms"] - result["embed_50_ms"], 2)
+    return result
+
+
+def concurrent_searches(url: str, queries: list[str], collection: str, callers: int = 16, seconds: float = 8.0) -> dict:
+    """Searches from `callers` threads, each with its own client, for `seconds`: queries/s and p50."""
+    from embedline.client import EmbeddingClient
+
+    latencies: list[float] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def caller(offset: int) -> None:
+        with EmbeddingClient(url) as client:
+            client.search(queries[offset], k=10, collection=collection)
+            i = offset
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.search(queries[i % len(queries)], k=10, collection=collection)
+                with lock:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                i += callers
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    with lock:
+        latencies.clear()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    with lock:
+        done, elapsed = len(latencies), time.perf_counter() - started
+        p50 = percentile(latencies, 50)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return {"callers": callers, "queries_per_s": round(done / elapsed, 1), "p50_ms": round(p50, 2)}
+
+
+def ann_alone(vectors: np.ndarray, n: int, queries: np.ndarray) -> dict:
+    """The embedded store's HNSW (same parameters) over n vectors grown from real ones: build, memory,
+    one-query p50 on one thread, recall@10 against exact search."""
+    import faiss
+
+    from embedline.search.embedded import EF_CONSTRUCTION, EF_SEARCH, HNSW_LINKS
+
+    rng = np.random.default_rng(0)
+    base = vectors[rng.integers(0, len(vectors), n)]
+    noisy = base + rng.normal(scale=0.25 / np.sqrt(vectors.shape[1]), size=base.shape).astype(np.float32)
+    data = (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+    del base, noisy
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = EF_CONSTRUCTION
+    started = time.perf_counter()
+    index.add(data)
+    build_s = time.perf_counter() - started
+    index_mib = len(faiss.serialize_index(index)) / 2**20
+    exact = faiss.IndexFlatIP(data.shape[1])
+    exact.add(data)
+    _, truth = exact.search(queries, 10)
+    faiss.omp_set_num_threads(1)
+    params = faiss.SearchParametersHNSW(efSearch=EF_SEARCH)
+    found, times = [], []
+    for query in queries:
+        started = time.perf_counter()
+        _, ids = index.search(query[None], 10, params=params)
+        times.append((time.perf_counter() - started) * 1000)
+        found.append(ids[0])
+    recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+    return {"vectors": n, "dim": int(data.shape[1]), "build_s": round(build_s, 1), "index_mib": round(index_mib),
+            "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024),
+            "p50_ms": round(percentile(times, 50), 3), "p90_ms": round(percentile(times, 90), 3),
+            "recall_at_10": round(recall, 4), "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION,
+                                                       "efSearch": EF_SEARCH}}
+
+
+def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Path, collection: str) -> dict:
+    from embedline.client import EmbeddingClient
+    from embedline.client.cli import Progress
+    from embedline.search.indexer import index_corpus
+
+    lines = write_lines(tmp / f"{collection}.txt", texts)
+    with EmbeddingClient(url, timeout=3600) as client:
+        report = index_corpus(client, store, collection, lines, progress=Progress(len(texts), enabled=False))
+    print(f"{collection}: {report.collection_size} documents indexed in {report.seconds:.0f} s", flush=True)
+    result = {"documents": report.collection_size, "index_s": round(report.seconds, 1)}
+    result.update(one_caller(url, queries, collection))
+    result["c16"] = concurrent_searches(url, queries, collection)
+    print(collection, result, flush=True)
+    return result
+
+
+def main() -> None:
+    experiment = Experiment.from_command_line(__doc__, rounds=3, options=options)
+    from embedline.search.store import open_store
+    from embedline.serving.settings import served_settings
+
+    from benchmarks.suite import triton
+
+    args = experiment.args
+    texts = corpus_sentences(max(args.documents, args.index_texts))
+    queries = stsb_dev_sentences(data_dir())[: args.queries]
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="embedline-search-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        store = open_store(str(tmp / "store"))
+        with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
+                    index=store.uri) as server:
+            results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
+                                                  experiment.rounds)
+            results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries, tmp, "bench")
+        if args.store:
+            milvus = open_store(args.store)
+            with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
+                        index=args.store) as server:
+                results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp, "bench")
+        if args.ann_vectors:
+            collection = store.open("bench")
+            vectors = np.frombuffer(b"".join(v for (v,) in collection._db.execute("SELECT vector FROM docs")),
+                                    np.float32).reshape(-1, collection.model.dim)
+            query_vectors = vectors[np.random.default_rng(1).integers(0, len(vectors), 200)]
+            results["ann"] = ann_alone(vectors, args.ann_vectors, query_vectors)
+            print("ann", results["ann"], flush=True)
+    record = experiment.record(**results)
+    experiment.save("search", record)
+    experiment.report("search", readme_section(record))
+
+
+def readme_section(record: dict) -> str:
+    indexing, served = record["indexing"], record["embedded"]
+    rows = [["`client.embed(texts)`", indexing["median"]["embed"], 1.0],
+            ["`embedline index` (`index_corpus`): embed + store", indexing["median"]["index"], indexing["ratio"]]]
+    text = (f"## Search ({record['variant']}, {record['threads']} cores)\n\n"
+            f"Indexing {len(indexing['rounds']['embed'])} alternating rounds of the same texts (documents/s, medians):\n\n"
+            + markdown_table(["", "documents/s", "/ client.embed"], rows) + "\n\n")
+    stores = [("embedded (SQLite + FAISS HNSW)", served)] + ([("Milvus", record["milvus"])] if "milvus" in record else [])
+    rows = [[name, f"{s['documents']:,}", s["embed_50_ms"], s["search_50_ms"], s["search_minus_embed_p50_ms"],
+             s["search_90_ms"], s["c16"]["queries_per_s"], s["c16"]["p50_ms"]] for name, s in stores]
+    text += ("Serving (one caller alternating one-text embed and k=10 search; then 16 concurrent callers):\n\n"
+             + markdown_table(["store", "documents", "embed p50 ms", "search p50 ms", "search - embed p50 ms",
+                               "search p90 ms", "c16 queries/s", "c16 p50 ms"], rows) + "\n\n")
+    if "ann" in record:
+        ann = record["ann"]
+        text += (f"The ANN step alone (HNSW M={ann['hnsw']['M']}, efConstruction={ann['hnsw']['efConstruction']}, "
+                 f"efSearch={ann['hnsw']['efSearch']}) over {ann['vectors']:,} {ann['dim']}-d vectors (the served "
+                 "collection's real embeddings, each repeated with small noise): build "
+                 f"{ann['build_s']} s on {record['threads']} cores, index {ann['index_mib']} MiB (peak RSS growth "
+                 f"{ann['peak_rss_growth_mib']} MiB with the exact index beside it), one query p50 {ann['p50_ms']} ms / "
+                 f"p90 {ann['p90_ms']} ms on one thread, recall@10 against exact {ann['recall_at_10']}.\n\n")
+    text += (f"Command: `{record['command']}`; load average {record['load_before']} -> {record['load_after']}; "
+             f"CPU flags {', '.join(record['cpu_flags'])} (`results/search.json`).")
+    return text
+
+
+if __name__ == "__main__":
+    main()
