@@ -99,6 +99,23 @@ class DirectoryStore:
             return []
         return sorted(d.name for d in self.root.iterdir() if (d / DATABASE_FILE).is_file())
 
+    def resident_mib(self) -> int:
+        """The HNSW graphs a searching process holds for every collection as it is now: per vector its floats,
+        2 x HNSW_LINKS neighbour ids on the base layer, and the row/mask arrays (faiss's upper layers add ~3%)."""
+        per_vector = 0.0
+        for name in self.collections():
+            db = sqlite3.connect(f"file:{self.root / name / DATABASE_FILE}?mode=ro", uri=True)
+            try:
+                (model,) = db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone() or ("{}",)
+                (rows,) = db.execute("SELECT COALESCE(MAX(row), 0) FROM docs").fetchone()
+            except sqlite3.DatabaseError:
+                continue  # not a whole collection: it will be reported when searched
+            finally:
+                db.close()
+            dim = json.loads(model).get("dim", 0)
+            per_vector += rows * (dim * 4 + 2 * HNSW_LINKS * 4 + 9) * 1.05
+        return int(per_vector / 2**20) + 1
+
     def open(self, name: str) -> "EmbeddedCollection":
         check_collection_name(name)
         path = self.root / name / DATABASE_FILE

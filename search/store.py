@@ -5,7 +5,7 @@ model, and records that model (`ModelRecord`): indexing into it or searching it 
 compare vectors from different spaces, so that is an error, not a silent wrong answer.
 
     a path, or file:///path   the embedded store (embedded.py): a directory, no other server
-    milvus://host:port        a Milvus server (not yet: see docs/architecture.md, "Search")
+    milvus://host:port        a Milvus server (milvus.py; pymilvus, a token from $MILVUS_TOKEN)
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class Store(Protocol):
     uri: str
 
     def collections(self) -> list[str]: ...
+    def resident_mib(self) -> int: ...  # memory its collections take in a process that searches them
     def open(self, name: str) -> Collection: ...
     def create_or_open(self, name: str, model: ModelRecord) -> Collection: ...
     def drop(self, name: str) -> None: ...
@@ -145,8 +146,9 @@ def open_store(uri: str | None = None) -> Store:
 
         return DirectoryStore(Path(rest).expanduser())
     if scheme == "milvus":
-        raise StoreError(f"{uri}: the Milvus store is not available in this version (docs/architecture.md, "
-                         "\"Search\"); use a directory")
+        from embedline.search.milvus import MilvusStore
+
+        return MilvusStore(uri)
     raise StoreError(f"store URI {uri!r}: expected a directory path, file:///path or milvus://host:port")
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedline import artifact as art
-from embedline.serving.memory import MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
+from embedline.serving.memory import SEARCH_PROCESS_MIB, MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
 from embedline.serving.repository import build_repository, served_names
 from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 from embedline.serving.triton import (
@@ -460,6 +460,15 @@ class ServePlan:
     tls_key: Path | None
 
 
+def search_memory_mib(index: str | None) -> int:
+    """What the `search` process needs for the store `index` as it is now (0 without an index)."""
+    if not index:
+        return 0
+    from embedline.search.store import open_store  # the search extra: only when an index is served
+
+    return SEARCH_PROCESS_MIB + open_store(index).resident_mib()
+
+
 def plan_serve(args: argparse.Namespace) -> ServePlan:
     """Check the options and ports, prepare the artifacts, choose variants and settings that fit the memory."""
     api_key = read_api_key(args.api_key_file)
@@ -477,7 +486,8 @@ def plan_serve(args: argparse.Namespace) -> ServePlan:
     settings = settings_from_args(args, artifacts[0], device, variant=variants[0])
     memory_limit = memory_limit_mib(cgroup_root())
     settings, memory = fit_to_memory(settings, variants, sum(a.has_head() for a in artifacts), memory_limit,
-                                     layout_chosen_by_serve=args.instances is None and args.threads is None)
+                                     layout_chosen_by_serve=args.instances is None and args.threads is None,
+                                     search_mib=search_memory_mib(args.index))
     return ServePlan(artifacts, names, variants, device, settings, memory, memory_limit, api_key, tls_cert, tls_key)
 
 

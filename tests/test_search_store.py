@@ -215,3 +215,11 @@ def test_a_writer_killed_mid_block_leaves_whole_blocks_only(tmp_path):
     assert collection._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     [hits] = collection.search(np.ones((1, 32), np.float32), 1000, exact=True)
     assert len(hits) == min(count, 1000) == len({h.id for h in hits})
+
+
+def test_resident_memory_grows_with_the_vectors_a_searching_process_holds(store):
+    assert store.resident_mib() == 1
+    collection = store.create_or_open("docs", MODEL)
+    fill(collection, clustered(20000))
+    expected = 20000 * (DIM * 4 + 2 * 32 * 4 + 9) / 2**20
+    assert expected <= store.resident_mib() <= expected * 1.1 + 1

@@ -64,6 +64,16 @@ def test_fit_to_memory_keeps_drops_to_one_instance_or_refuses():
         fit_to_memory(two, ["openvino"], 0, need_one - 1, True)
 
 
+def test_a_served_index_is_counted_in_the_plan():
+    two = RepositorySettings(variant="openvino", instances=2, intra_op_threads=1)
+    without = memory_plan(["openvino"], 2).need_mib
+    settings, plan = fit_to_memory(two, ["openvino"], 0, None, True, search_mib=300)
+    assert plan.need_mib == without + 300 and "search 300 MiB" in plan.describe()
+    # the index's memory can push the plan to one instance, as the model processes can
+    single, plan = fit_to_memory(two, ["openvino"], 0, without + 299, True, search_mib=300)
+    assert single.instances == 1 and plan.search_mib == 300
+
+
 @pytest.mark.slow
 def test_serve_refuses_a_memory_limit_it_cannot_fit(launch_serve, tiny_fp32, tmp_path):
     (tmp_path / "memory.max").write_text(f"{512 * 2**20}\n")
