@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "embed": ("embedline.client.cli", "embed texts (one per line) through a running server"),
     "classify": ("embedline.client.cli_classify", "classify texts (one per line) through a running server"),
     "index": ("embedline.search.indexer", "embed a corpus file through a running server into a search collection"),
+    "index-ray": ("embedline.search.ray_job", "embed Parquet shards on many replicas with Ray Data and load them into a store"),
     "eval-retrieval": ("embedline.search.evaluate", "nDCG@10, recall@100, MRR@10 of a served index on queries + qrels"),
     "train": ("embedline.training.simcse.cli", "train a sentence encoder with SimCSE or another contrastive loss"),
     "eval-sts": ("embedline.training.evaluate", "STS Spearman of an artifact on a TSV file"),

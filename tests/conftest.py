@@ -59,7 +59,7 @@ def _cuda_available() -> bool:
 
 # Fixtures that start a tritonserver: a test using one (directly or through another fixture) is a
 # `processes` test, left out of `make test-fast`.
-SERVER_FIXTURES = {"start_server", "launch_serve", "launch_serve_for_module", "served_minilm"}
+SERVER_FIXTURES = {"start_server", "launch_serve", "launch_serve_for_module", "served_minilm", "milvus"}
 # Fixtures that export the real all-MiniLM-L6-v2 (15 s on 2 cores): a test using one is `slow`.
 MINILM_FIXTURES = {"minilm_artifact", "minilm_exported"}
 # Set by `make test-fast`: a test outside the `processes` mark that starts a process fails, so the mark
@@ -323,3 +323,50 @@ def launch_serve_for_module():
     launch, stop_all = _launcher()
     yield launch
     stop_all()
+
+
+@dataclass
+class MilvusServer:
+    process: "object"  # subprocess.Popen
+    uri: str
+
+
+def _wait_until_it_answers(process, uri: str, timeout: float = 60) -> None:
+    import time
+
+    from embedline.search.milvus import MilvusStore
+    from embedline.search.store import StoreError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"milvus-lite server exited ({process.returncode}): {process.stdout.read()}")
+        try:
+            MilvusStore(uri, timeout=2).collections()
+            return
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory):
+    """A Milvus Lite server in a process of its own, on a free port, for this module's tests (the same
+    pymilvus wire protocol a Milvus cluster speaks)."""
+    from embedline.serving.triton import free_port
+
+    port = free_port()
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path_factory.mktemp("milvus")),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = MilvusServer(process, f"milvus://127.0.0.1:{port}")
+    try:
+        _wait_until_it_answers(process, server.uri)
+        yield server
+    finally:
+        process.kill()
+        process.wait()
