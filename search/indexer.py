@@ -140,7 +140,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--input", help="corpus: .txt (a text per line), .tsv, .csv, .jsonl or .parquet (.gz ok)")
     what.add_argument("--delete", metavar="FILE", help="remove the ids this file lists (one per line, or a corpus file)")
-    parser.add_argument("--store", default=None, help=f"store URI: a directory (default {default_store_uri()})")
+    parser.add_argument("--store", default=None, help=f"store URI: a directory or milvus://HOST:PORT (default {default_store_uri()})")
     parser.add_argument("--collection", default=DEFAULT_COLLECTION, help=f"default {DEFAULT_COLLECTION!r}")
     parser.add_argument("--id-field", default=None, help="default: the first of id, _id, doc_id, docid present")
     parser.add_argument("--text-field", default=None, help="default: text")

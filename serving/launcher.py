@@ -116,7 +116,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=int, default=30,
                         help="seconds queued and in-flight requests get to finish on SIGTERM")
     parser.add_argument("--index", default=None, metavar="URI",
-                        help="serve search over this store's collections (`embedline index` fills them): a directory")
+                        help="serve search over this store's collections (`embedline index` fills them): a directory or milvus://HOST:PORT")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver log verbosity")
 
 

@@ -358,7 +358,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     add_server_options(parser)
     parser.add_argument("--index", default=None, metavar="URI",
-                        help="also serve search over this store's collections (a directory)")
+                        help="also serve search over this store's collections (a directory or milvus://HOST:PORT)")
 
 
 def run(args: argparse.Namespace) -> int:

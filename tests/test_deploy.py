@@ -369,7 +369,7 @@ def test_cpu_image_installs_cpu_torch_before_the_project():
     steps = dockerfile(DEPLOY / "Dockerfile")
     assert steps[0] == ("FROM", "python:3.11-slim")
     torch = index_of(steps, "RUN", r"pip install torch==")
-    project = index_of(steps, "RUN", r"pip install '\.\[serve,export\]'")
+    project = index_of(steps, "RUN", r"pip install '\.\[serve,search,export\]'")
     assert torch < project
     torch_words = shlex.split(steps[torch][1])
     assert "https://download.pytorch.org/whl/cpu" in torch_words
@@ -383,7 +383,7 @@ def test_cpu_image_prepares_the_default_model_at_build_time():
     env = " ".join(rest for keyword, rest in steps if keyword == "ENV")
     assert re.search(r"EMBEDLINE_HOME=/\S+", env)
     prepare = index_of(steps, "RUN", r"prepare_artifact\(None\)")
-    assert index_of(steps, "RUN", r"pip install '\.\[serve,export\]'") < prepare
+    assert index_of(steps, "RUN", r"pip install '\.\[serve,search,export\]'") < prepare
     code = shlex.split(steps[prepare][1])[2]  # python -c CODE
     compile(code, "prepare", "exec")
     from embedline.serving.launcher import prepare_artifact  # the function the build step calls
