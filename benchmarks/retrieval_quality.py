@@ -32,8 +32,8 @@ def sentence_transformers_scores(model_dir: Path) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-    from embedline.search.documents import CorpusFormat, read_documents
-    from embedline.search.metrics import read_qrels, read_queries
+    from embedline.documents import CorpusFormat, read_documents
+    from embedline.retrieval import read_qrels, read_queries
 
     documents = read_documents(cranfield() / "corpus.tsv.gz", CorpusFormat(title_field="title", skip_empty=True))
     corpus = {d.id: d.text for d in documents}
@@ -52,10 +52,10 @@ def served_scores(experiment: Experiment, variant: str, tmp: Path) -> dict:
     """eval-retrieval's rankings through a server of `variant` over a freshly indexed store."""
     from embedline.client import EmbeddingClient
     from embedline.client.cli import Progress
-    from embedline.search.documents import CorpusFormat
+    from embedline.documents import CorpusFormat
     from embedline.search.evaluate import labelled_queries, rank, rankers
     from embedline.search.indexer import index_corpus
-    from embedline.search.metrics import evaluate, read_qrels, read_queries
+    from embedline.retrieval import evaluate, read_qrels, read_queries
     from embedline.search.store import open_store
     from embedline.serving.settings import served_settings
 

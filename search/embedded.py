@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedline.lexical import FTS5_TOKENIZE, match_expression
 from embedline.search.filters import parse_filter, to_sql
 from embedline.search.store import (CollectionNotFoundError, Hit, ModelRecord, StoreError, check_collection_name,
                                     check_k)
@@ -47,12 +47,7 @@ EF_SEARCH = 256
 # Below this many allowed rows an exact scan is cheaper than a walk of the graph (and exact).
 EXACT_SCAN_BELOW = 1024
 _SQL_VARIABLES = 500  # ids per `IN (...)`: under SQLite's variable limit on every build
-# Words too common to rank by: dropped from BM25 queries (an OR over "the" would touch every document).
-STOP_WORDS = frozenset(
-    "a an and are as at be but by can do does for from how in is it its of on or that the their there these "
-    "this to was were what when where which who why will with".split())
-
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS docs (
     row INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,7 +58,7 @@ CREATE TABLE IF NOT EXISTS docs (
     vector BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, row INTEGER NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS lexical USING fts5(text, content='docs', content_rowid='row',
-                                                      tokenize='porter unicode61');
+                                                      tokenize='{FTS5_TOKENIZE}');
 CREATE TRIGGER IF NOT EXISTS docs_added AFTER INSERT ON docs BEGIN
     INSERT INTO lexical(rowid, text) VALUES (new.row, new.text);
 END;
@@ -366,11 +361,10 @@ class EmbeddedCollection:
         results = []
         with self._lock:
             for query in queries:
-                terms = [t for t in re.findall(r"\w+", query.lower()) if t not in STOP_WORDS]
-                if not terms:
+                match = match_expression(query)  # BM25 as the core defines it (embedline/lexical.py)
+                if match is None:
                     results.append([])
                     continue
-                match = " OR ".join('"' + t.replace('"', '""') + '"' for t in dict.fromkeys(terms))
                 rows = self._db.execute(
                     "SELECT docs.id, docs.text, docs.metadata, bm25(lexical) FROM lexical "
                     "JOIN docs ON docs.row = lexical.rowid "

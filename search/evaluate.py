@@ -29,7 +29,7 @@ from embedline.client.cli import Progress, positive_float
 from embedline.client.connection import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from embedline.client.errors import ModelNotFoundError
 from embedline.client.sync import EmbeddingClient
-from embedline.search.metrics import QrelsError, evaluate, read_qrels, read_queries
+from embedline.retrieval import QrelsError, evaluate, read_qrels, read_queries
 from embedline.search.store import (DEFAULT_COLLECTION, MAX_K, Collection, Hit, default_store_uri, hybrid_search,
                                     open_store)
 

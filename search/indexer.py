@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from embedline.client.cli import Progress, positive_float, positive_int
 from embedline.client.connection import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from embedline.client.sync import EmbeddingClient
-from embedline.search.documents import CorpusFormat, Document, check_corpus, read_documents, read_ids
+from embedline.documents import CorpusFormat, Document, check_corpus, read_documents, read_ids
 from embedline.search.store import DEFAULT_COLLECTION, Collection, ModelRecord, Store, default_store_uri, open_store
 
 # Documents per block: enough for the client to keep every server instance busy between blocks.

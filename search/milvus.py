@@ -50,7 +50,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embedline.search.embedded import EF_CONSTRUCTION, EF_SEARCH, HNSW_LINKS, STOP_WORDS, _chunks
+from embedline.lexical import STOP_WORDS
+from embedline.search.embedded import EF_CONSTRUCTION, EF_SEARCH, HNSW_LINKS, _chunks
 from embedline.search.filters import And, Compare, Filter, Not, Or, Truthy, _kind, parse_filter, to_milvus
 from embedline.search.store import (CollectionNotFoundError, Hit, ModelRecord, StoreError, check_collection_name,
                                     check_k)

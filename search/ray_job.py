@@ -105,7 +105,7 @@ def load_shard(done: Path, collection: Collection, columns: Columns) -> int:
     import pyarrow.parquet as pq
 
     from embedline.search.indexer import document_fingerprint
-    from embedline.search.documents import Document
+    from embedline.documents import Document
 
     rows = 0
     for part in sorted(done.glob("*.parquet")):

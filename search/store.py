@@ -19,14 +19,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedline.errors import EmbedlineError
+# The prompt names of queries and passages (the core's: training records its prompts under them).
+from embedline.retrieval import PASSAGE_PROMPTS, QUERY_PROMPT
 
 DEFAULT_COLLECTION = "default"
 # A collection's name is a directory name in the embedded store and a collection name in Milvus.
 _COLLECTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-# Names of the prompt a passage gets at indexing, in the order they are looked for in a model's prompts
-# (sentence-transformers models name it "passage" (E5), "document" or "doc"); queries get "query".
-PASSAGE_PROMPTS = ("passage", "document", "doc", "corpus")
-QUERY_PROMPT = "query"
 MAX_K = 1000
 
 

@@ -1,4 +1,4 @@
-"""search/documents.py: every corpus format, streaming, and every CorpusError with its file:line."""
+"""embedline/documents.py: every corpus format, streaming, and every CorpusError with its file:line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from embedline.errors import EmbedlineError
-from embedline.search.documents import (
+from embedline.documents import (
     SKIPPED_KEPT,
     CorpusCheck,
     CorpusError,

@@ -1,4 +1,4 @@
-"""search/metrics.py: hand-computed metrics, parity with sentence-transformers' evaluator, queries/qrels files."""
+"""embedline/retrieval.py: hand-computed metrics, parity with sentence-transformers' evaluator, queries/qrels files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedline.search.documents import CorpusError
-from embedline.search.metrics import (
+from embedline.documents import CorpusError
+from embedline.retrieval import (
     QrelsError,
     evaluate,
     mrr_at_k,

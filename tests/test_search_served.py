@@ -22,7 +22,7 @@ except ImportError:  # older `openai`
     import httpx
 from embedline.client import (AsyncEmbeddingClient, CollectionNotFoundError, EmbeddingClient, InvalidInputError,
                               ModelNotFoundError)
-from embedline.search.documents import CorpusFormat
+from embedline.documents import CorpusFormat
 from embedline.search.indexer import index_corpus
 from embedline.search.store import ModelRecord, open_store
 

@@ -1,4 +1,8 @@
-"""Retrieval metrics as BEIR reports them (pytrec_eval's trec_eval definitions), and the queries / qrels files.
+"""Retrieval metrics as BEIR reports them (pytrec_eval's trec_eval definitions), the queries / qrels files, and
+the prompt names of the two sides of retrieval.
+
+Shared by search (`eval-retrieval`, the collections' model record) and training (`train --objective retrieval`,
+`diagnose`), so both read the same files with the same file:line errors and score with the same definitions.
 
 Definitions (a document is relevant when its qrels score is > 0; unjudged documents are not relevant):
 
@@ -21,16 +25,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from embedline.search.documents import CorpusError, file_columns, read_rows
+from embedline.documents import CorpusError, file_columns, read_rows
 
 QUERY_ID_FIELDS = ("query_id", "query-id", "qid", "_id", "id")
 QUERY_TEXT_FIELDS = ("text", "query")
 QRELS_DOC_FIELDS = ("doc_id", "corpus-id", "docid", "corpus_id")
 QRELS_SCORE_FIELDS = ("score", "relevance")
+# The prompt names of the two sides, as sentence-transformers models name them: queries get "query"; passages
+# the first of these the model has ("passage" as E5, "document" or "doc"). `train --objective retrieval`
+# records its prompts under "query" and "passage"; `index` and search look them up by these names.
+QUERY_PROMPT = "query"
+PASSAGE_PROMPTS = ("passage", "document", "doc", "corpus")
 
 
 class QrelsError(CorpusError):
@@ -66,28 +75,41 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     return queries
 
 
-def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+def read_qrels(path: str | os.PathLike, *, queries: Mapping[str, Any] | None = None,
+               documents: Mapping[str, Any] | set[str] | None = None) -> dict[str, dict[str, int]]:
     """{query id: {document id: score}} from a qrels file with a header (BEIR's qrels/test.tsv layout).
 
     Columns: query_id | query-id | qid, doc_id | corpus-id | docid, score. Every judgment is kept, scores
     <= 0 included (they mark a judged non-relevant document); a repeated (query, document) pair is an error.
+    With `queries` / `documents` (the ids of the queries file and of the corpus), a judgment naming an id
+    that is not there is an error naming its line: a typo or a file of another collection.
     """
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    for where, query_id, doc_id, score in qrels_rows(path):
+        if queries is not None and query_id not in queries:
+            raise QrelsError(f"{where}: query {query_id!r} is not in the queries file")
+        if documents is not None and doc_id not in documents:
+            raise QrelsError(f"{where}: document {doc_id!r} is not in the corpus")
+        judged = qrels.setdefault(query_id, {})
+        if doc_id in judged:
+            raise QrelsError(f"{where}: a second judgment for query {query_id!r} and document {doc_id!r}")
+        judged[doc_id] = score
+    if not qrels:
+        raise QrelsError(f"{path.name}: no judgments")
+    return qrels
+
+
+def qrels_rows(path: str | os.PathLike) -> Iterator[tuple[str, str, str, int]]:
+    """(where, query id, document id, score) of each judgment of a qrels file, checked one by one."""
     path = Path(path)
     columns = file_columns(path)
     query_col = _pick(columns, QUERY_ID_FIELDS[:3], path.name, "query id")
     doc_col = _pick(columns, QRELS_DOC_FIELDS, path.name, "document id")
     score_col = _pick(columns, QRELS_SCORE_FIELDS, path.name, "score")
-    qrels: dict[str, dict[str, int]] = {}
     for where, row in read_rows(path, [query_col, doc_col, score_col]):
-        query_id = _id(row[query_col], where, query_col)
-        doc_id = _id(row[doc_col], where, doc_col)
-        judged = qrels.setdefault(query_id, {})
-        if doc_id in judged:
-            raise QrelsError(f"{where}: a second judgment for query {query_id!r} and document {doc_id!r}")
-        judged[doc_id] = _score(row[score_col], where)
-    if not qrels:
-        raise QrelsError(f"{path.name}: no judgments")
-    return qrels
+        yield where, _id(row[query_col], where, query_col), _id(row[doc_col], where, doc_col), _score(
+            row[score_col], where)
 
 
 def _pick(columns: list[str], candidates: Sequence[str], name: str, what: str) -> str:
