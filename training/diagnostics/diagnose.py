@@ -2,6 +2,7 @@
 
     embedline diagnose --artifact DIR --data FILE --output DIR [--dev-pairs TSV] [--baseline DIR]
                        [--method tsne|umap] [--max-points 1500]
+    embedline diagnose --artifact DIR --corpus FILE --queries FILE --qrels FILE --output DIR [...]
 
 The texts of FILE (the classifier trainer's text/label TSV or CSV; the label column is optional) are embedded
 in-process by the artifact's torch encoder and measured in the original space (no projection involved):
@@ -16,6 +17,10 @@ in-process by the artifact's torch encoder and measured in the original space (n
   * class structure (with labels): silhouette (cosine), 5-NN label purity (leave-one-out, with its chance
     level), the most-confused class pairs with an example text and its nearest other-class neighbour,
     cross-label near-duplicates and class counts.
+
+With --corpus/--queries/--qrels instead of --data (a retrieval model), the texts are the queries and relevant
+passages of the qrels, each side embedded with the model's prompt for it, the positives are the (query,
+relevant passage) pairs, and uniformity is also reported per side (retrieval_pairs.py, `pair_measures`).
 
 Pathologies are flagged by name with the usual fix (`FLAG_FIXES`); the thresholds are the constants below.
 Written to OUTPUT/diagnosis.json (machines) and OUTPUT/diagnosis.png (2-D t-SNE/UMAP by label + histogram of
@@ -50,6 +55,7 @@ from embedline.training.plot import save_figure
 from embedline.training.data import DataError
 from embedline.training import labeled_data
 from embedline.training.diagnostics import plot_space
+from embedline.training.diagnostics.retrieval_pairs import QueryPassagePairs, embed_pairs, read_pairs
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +296,27 @@ def dev_measures(dev: DevPairs) -> dict[str, Any]:
     }
 
 
+def pair_measures(embeddings: np.ndarray, pairs: QueryPassagePairs) -> dict[str, Any]:
+    """Alignment over the query-passage pairs, uniformity over both sides and each alone, the positive pairs'
+    mean cosine beside random pairs' (retrieval_pairs.py); `embeddings` in the order of `pairs.texts`."""
+    x = unit(embeddings)
+    queries, passages = x[:len(pairs.queries)], x[len(pairs.queries):]
+    left, right = queries[pairs.left], passages[pairs.right]
+    other = passages[pairs.right[np.random.default_rng(0).permutation(len(pairs.right))]]
+    return {
+        "alignment": alignment(left, right),
+        "uniformity": uniformity(x),
+        "uniformity_queries": uniformity(queries),
+        "uniformity_passages": uniformity(passages),
+        "positive_cosine": float((left * right).sum(axis=1).mean()),
+        "random_pair_cosine": float((left * other).sum(axis=1).mean()),
+        "alignment_positives": int(len(pairs.left)),
+        "alignment_source": f"query-passage pairs of {pairs.source.name} (score > 0)",
+        "queries": len(pairs.queries),
+        "passages": len(pairs.passages),
+    }
+
+
 def measure(embeddings: np.ndarray, labels: list[str] | tuple[str, ...] | None = None,
             texts: list[str] | None = None, dev: DevPairs | None = None) -> dict[str, Any]:
     """Every measure of one embedding space (keys as in diagnosis.json, flags excluded)."""
@@ -397,7 +424,8 @@ def find_flags(measures: dict[str, Any], baseline: dict[str, Any] | None = None)
     return flags
 
 
-DELTA_KEYS = ("alignment", "uniformity", "sts_spearman", "mean_cosine", "effective_rank", "explained_variance_top1",
+DELTA_KEYS = ("alignment", "uniformity", "uniformity_queries", "uniformity_passages", "positive_cosine",
+              "random_pair_cosine", "sts_spearman", "mean_cosine", "effective_rank", "explained_variance_top1",
               f"explained_variance_top{TOP_COMPONENTS}", "silhouette", "knn_purity")
 
 
@@ -526,32 +554,70 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def diagnose(artifact: str | os.PathLike, data_file: str | os.PathLike, output: str | os.PathLike,
+@dataclass(frozen=True)
+class RetrievalFiles:
+    """The files of a labelled query set: its query-passage pairs are the positives (retrieval_pairs.py)."""
+
+    corpus: str
+    queries: str
+    qrels: str
+    title_field: str = "auto"
+
+
+@dataclass(frozen=True)
+class Space:
+    """What is embedded: the texts, their labels (measured) and their plot colours, or query-passage pairs."""
+
+    path: Path
+    texts: list[str]
+    labels: tuple[str, ...] | None
+    colours: tuple[str, ...] | None
+    texts_in_file: int
+    pairs: QueryPassagePairs | None = None
+
+
+def read_space(data_file: str | os.PathLike | None, retrieval: RetrievalFiles | None, max_points: int,
+               seed: int) -> Space:
+    """A text/label file (a per-class subsample of at most max_points), or the pairs of a labelled query set."""
+    if (data_file is None) == (retrieval is None):
+        raise DiagnoseError("diagnose a text file (--data) or query-passage pairs (--corpus, --queries, --qrels), "
+                            "one of the two")
+    if retrieval is not None:
+        pairs = read_pairs(retrieval.corpus, retrieval.queries, retrieval.qrels, retrieval.title_field,
+                           max_texts=max_points, seed=seed)
+        return Space(Path(retrieval.qrels).resolve(), pairs.texts, None, pairs.sides, len(pairs.texts), pairs)
+    full = read_texts(data_file)
+    data = subsample(full, max_points, seed)
+    return Space(data.path, list(data.texts), data.labels, data.labels, len(full.texts))
+
+
+def diagnose(artifact: str | os.PathLike, data_file: str | os.PathLike | None, output: str | os.PathLike,
              dev_pairs: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
-             method: str = "tsne", max_points: int = 1500, seed: int = 0) -> dict[str, Any]:
+             method: str = "tsne", max_points: int = 1500, seed: int = 0,
+             retrieval: RetrievalFiles | None = None) -> dict[str, Any]:
     """Measure, flag, write diagnosis.json and diagnosis.png under `output`; returns the JSON's content."""
 
     if method not in METHODS:
         raise DiagnoseError(f"--method must be one of {', '.join(METHODS)}")
     if max_points < 3:
         raise DiagnoseError("--max-points must be at least 3")
-    full = read_texts(data_file)
-    data = subsample(full, max_points, seed)
-    texts = list(data.texts)
+    space = read_space(data_file, retrieval, max_points, seed)
     output = Path(output)
     results: dict[str, dict[str, Any]] = {}
     panels = []
     for role, source in ([("baseline", baseline)] if baseline else []) + [("artifact", artifact)]:
         embedder = Embedder(source)
-        log.info("%s %s: embedding %d texts", role, source, len(texts))
-        embeddings = embedder(texts)
+        log.info("%s %s: embedding %d texts", role, source, len(space.texts))
+        embeddings = embed_pairs(embedder, source, space.pairs) if space.pairs else embedder(space.texts)
         dev = embed_dev(embedder, dev_pairs) if dev_pairs else None
-        measures = measure(embeddings, data.labels, texts, dev)
+        measures = measure(embeddings, space.labels, space.texts, dev)
+        if space.pairs is not None:
+            measures.update(pair_measures(embeddings, space.pairs))
         results[role] = {"source": str(Path(source).expanduser().resolve()), **measures}
         panels.append((f"{role}: {Path(source).name}", project(embeddings, method, seed), embeddings))
     report = dict(results["artifact"])
-    report["data"] = str(data.path)
-    report["texts_in_file"] = len(full.texts)  # measures are over `texts` (a per-class subsample when larger)
+    report["data"] = str(space.path)
+    report["texts_in_file"] = space.texts_in_file  # measures are over the texts (a subsample when larger)
     report["dev_pairs"] = str(Path(dev_pairs).resolve()) if dev_pairs else None
     report["method"] = method
     report["flags"] = [asdict(f) for f in find_flags(results["artifact"], results.get("baseline"))]
@@ -564,8 +630,8 @@ def diagnose(artifact: str | os.PathLike, data_file: str | os.PathLike, output: 
         "KNN_K", "NEAR_DUPLICATE_COSINE", "FALSE_NEGATIVE_SHARE", "IMBALANCE_RATIO", "IMBALANCE_SHARE",
         "STS_SPEARMAN_FLOOR", "STS_DROP_POINTS")}
     output.mkdir(parents=True, exist_ok=True)
-    report["png"] = str(draw(panels, data.labels, output / PNG_FILE,
-                             f"{data.path.name}: {method.upper()} of the embeddings and pairwise cosines"))
+    report["png"] = str(draw(panels, space.colours, output / PNG_FILE,
+                             f"{space.path.name}: {method.upper()} of the embeddings and pairwise cosines"))
     report = _json_safe(report)
     (output / JSON_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
@@ -587,6 +653,8 @@ def summary(report: dict[str, Any]) -> str:
     lines = [f"{report['source']} on {report['data']}: {report['texts']} texts, dim {report['dim']}"]
     lines += filter(None, [
         show("alignment", "alignment (lower better)"), show("uniformity", "uniformity (lower better)"),
+        show("uniformity_queries", "  of the queries"), show("uniformity_passages", "  of the passages"),
+        show("positive_cosine", "query-passage cosine"), show("random_pair_cosine", "  random pairs' cosine"),
         show("sts_spearman", "dev STS Spearman x100", ".1f"), show("mean_cosine", "mean pairwise cosine"),
         show("effective_rank", "effective rank", ".1f"),
         show(f"explained_variance_top{TOP_COMPONENTS}", f"variance in top {TOP_COMPONENTS} PCs"),
@@ -616,19 +684,30 @@ def summary(report: dict[str, Any]) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifact", required=True, help="the artifact (or model directory) to diagnose")
-    parser.add_argument("--data", required=True, help="TSV or CSV with a text column and an optional label column")
+    parser.add_argument("--data", default=None, help="TSV or CSV with a text column and an optional label column")
     parser.add_argument("--output", required=True, help=f"directory for {JSON_FILE} and {PNG_FILE}")
     parser.add_argument("--dev-pairs", default=None,
                         help="STS TSV: alignment over its top-quartile pairs, uniformity, dev Spearman")
     parser.add_argument("--baseline", default=None,
                         help="another artifact or model directory (e.g. the base model): same measures + deltas")
+    pairs = parser.add_argument_group(
+        "query-passage pairs (instead of --data): alignment over the qrels' relevant pairs, each side with the "
+        "model's prompt, uniformity over queries and passages")
+    pairs.add_argument("--corpus", default=None, help="corpus file (id, [title,] text), as `embedline index` reads it")
+    pairs.add_argument("--queries", default=None, help="queries file (query_id, text)")
+    pairs.add_argument("--qrels", default=None, help="judgments (query_id, doc_id, score; > 0 = relevant)")
+    pairs.add_argument("--title-field", default="auto", help="corpus title column; auto: 'title' when there is one")
     plot_space.add_space_options(parser, threads=2)
 
 
 def run(args: argparse.Namespace) -> int:
     plot_space.set_threads(args.threads)
+    named = [name for name in ("corpus", "queries", "qrels") if getattr(args, name)]
+    if named and len(named) < 3:
+        raise DiagnoseError("query-passage pairs need --corpus, --queries and --qrels together")
+    retrieval = RetrievalFiles(args.corpus, args.queries, args.qrels, args.title_field) if named else None
     report = diagnose(args.artifact, args.data, args.output, args.dev_pairs, args.baseline, args.method,
-                      args.max_points, args.seed)
+                      args.max_points, args.seed, retrieval)
     print(summary(report))
     print(f"wrote {Path(args.output) / JSON_FILE} and {report['png']}")
     return 0

@@ -2,6 +2,8 @@
 
     embedline train --objective unsup|sup|triplet|contrastive|cosine|supcon --model DIR --train-file FILE
                     [--dev-file FILE] --output DIR [--resume] [--key=value ...]
+    embedline train --objective retrieval --corpus FILE --queries FILE --qrels FILE
+                    [--dev-queries FILE --dev-qrels FILE] --output DIR [--key=value ...]   (retrieval.py)
 
 Every field of `TrainConfig` is an option (`--batch_size=128` or `--batch-size=128`); an unknown key is
 an error listing the valid ones. Multi-GPU: `torchrun --nproc_per_node=N -m embedline.cli train ...`.
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"embedline train: {exc}", file=sys.stderr)
         return 130
     print(f"artifact: {result.artifact.path}", file=sys.stderr)
-    for key in ("dev_spearman_start", "dev_spearman", "best_step", "train_loss"):
+    for key in ("dev_spearman_start", "dev_spearman", "dev_ndcg@10_start", "dev_ndcg@10", "best_step", "train_loss",
+                "skipped_queries", "false_negatives_labelled", "false_negatives_margin"):
         if key in result.metrics:
             print(f"{key}: {result.metrics[key]}", file=sys.stderr)
     return 0

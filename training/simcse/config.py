@@ -9,6 +9,11 @@ resolved config is what checkpoints and the final artifact's `embedline.json` re
 must be in 1..the model's dimension and appear once; resolution sorts them largest first and adds the
 model's full dimension when it is missing.
 
+`--objective retrieval` trains a dual encoder on (query, relevant passage) pairs read from `--corpus`,
+`--queries` and `--qrels` (the DPR recipe; training/simcse/retrieval.py), selected by nDCG@10 on
+`--dev_queries` / `--dev_qrels`; its fields are rejected with the other objectives, and theirs
+(`--train_file`, `--dev_file`) with it.
+
 Defaults follow SimCSE (Gao, Yao & Chen, EMNLP 2021): temperature 0.05, max_seq_length 32, batch 64,
 lr 3e-5 unsupervised / 5e-5 supervised, one epoch, no warmup, [CLS] with an MLP during training for
 plain BERT models. The paper's supervised runs used batch 512: `--batch_size=512 --mini_batch_size=64`
@@ -26,15 +31,27 @@ from typing import Any, NoReturn
 
 from embedline import artifact as art
 from embedline.errors import EmbedlineError
+from embedline.retrieval import PASSAGE_PROMPTS, QUERY_PROMPT
+from embedline.training.retrieval_data import resolve_title_field
 
-OBJECTIVES = ("unsup", "sup", "triplet", "contrastive", "cosine", "supcon")
+OBJECTIVES = ("unsup", "sup", "triplet", "contrastive", "cosine", "supcon", "retrieval")
 # cls = [CLS] + SimCSE's MLP during training only; cls_no_mlp = [CLS] throughout; auto = the base model's.
 POOLINGS = ("auto", "cls", "cls_no_mlp", "mean")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Objectives whose negatives are the other examples of the batch (they need >= 2 distinct sentences).
-IN_BATCH_OBJECTIVES = ("unsup", "sup", "supcon")
+IN_BATCH_OBJECTIVES = ("unsup", "sup", "supcon", "retrieval")
+# retrieval: DPR's 2e-5 (Karpukhin et al. 2020), also sentence-transformers' default for fine-tuning.
 PAPER_LR = {"unsup": 3e-5, "sup": 5e-5, "triplet": 5e-5, "contrastive": 5e-5, "cosine": 5e-5,
-            "supcon": 5e-5}
+            "supcon": 5e-5, "retrieval": 2e-5}
+# Where retrieval's hard negatives come from (training/simcse/mining.py).
+NEGATIVE_SOURCES = ("none", "bm25", "self", "bm25+self")
+# The fields only the retrieval objective reads (the others reject them), and the sentence objectives' files.
+RETRIEVAL_FILES = ("corpus", "queries", "qrels", "dev_queries", "dev_qrels")
+SENTENCE_FILES = ("train_file", "dev_file")
+# Text fields taken as given: a prompt's trailing space ("query: ") is part of it.
+VERBATIM_FIELDS = ("query_prompt", "passage_prompt")
+# max_seq_length 0 (auto): SimCSE's 32 for sentences; for retrieval passages, the base model's, at most this.
+RETRIEVAL_MAX_SEQ_LENGTH = 256
 
 
 class ConfigError(EmbedlineError):
@@ -52,13 +69,34 @@ class TrainConfig:
     """Everything a training run depends on. Empty strings and None mean "auto" until resolved."""
 
     # Data, model and output.
-    objective: str = option("unsup", "unsup, sup, triplet, contrastive, cosine or supcon")
+    objective: str = option("unsup", "unsup, sup, triplet, contrastive, cosine, supcon or retrieval")
     model: str = option("", "artifact or sentence-transformers / HF directory; '' = bundled all-MiniLM-L6-v2")
     train_file: str = option("", "unsup: text, one sentence a line; others: CSV sent0,sent1[,hard_neg|label] "
                             "(supcon: label = class id)")
     dev_file: str = option("", "STS TSV (score + two sentences) evaluated every eval_steps; '' = none")
     output: str = option("", "the artifact directory to write; its run/ folder holds metrics, plot, checkpoints")
     name: str = option("", "artifact name; '' = the output directory's name")
+
+    # Retrieval (--objective retrieval): a dual encoder on (query, relevant passage) pairs.
+    corpus: str = option("", "retrieval: the passages, a corpus file as `embedline index` reads it (id, [title,] text)")
+    queries: str = option("", "retrieval: training queries (query_id, text); queries without qrels are skipped")
+    qrels: str = option("", "retrieval: training judgments (query_id, doc_id, score; > 0 = relevant)")
+    dev_queries: str = option("", "retrieval: dev queries, the best step by their nDCG@10; '' = none (last step)")
+    dev_qrels: str = option("", "retrieval: the dev queries' judgments")
+    title_field: str = option("auto", "retrieval: corpus column joined as title + ' ' + text (as `index "
+                              "--title-field`); auto = 'title' when the corpus has one; '' = none")
+    query_prompt: str = option("", "retrieval: text prepended to queries, recorded as the artifact's 'query' "
+                               "prompt; '' = the base model's, if it has one")
+    passage_prompt: str = option("", "retrieval: text prepended to passages, recorded as the 'passage' prompt; "
+                                 "'' = the base model's, if it has one")
+    negatives: str = option("bm25", "retrieval hard negatives: none, bm25, self (the model's own index, mined "
+                            "again every refresh_steps: ANCE) or bm25+self")
+    negatives_per_query: int = option(1, "retrieval: mined hard negatives per query in each batch")
+    mine_depth: int = option(30, "retrieval: hard negatives are drawn from each query's top this many passages")
+    refresh_steps: int = option(100, "retrieval, self negatives: re-embed the corpus and mine again every this "
+                                "many steps; 0 = mine once, with the starting model")
+    fn_margin: float | None = option(0.05, "retrieval false-negative guard: a mined negative whose cosine to the "
+                                     "query is above the positive's minus this is not used; none = off")
 
     # Model.
     pooling: str = option("auto", "cls ([CLS] + SimCSE's train-only MLP), cls_no_mlp, mean; auto = the base model's")
@@ -77,7 +115,7 @@ class TrainConfig:
             "prefix sizes) so embeddings can be truncated; the model's dim is added; '' = off")
 
     # Optimization.
-    lr: float | None = option(None, "peak learning rate; none = 3e-5 unsup, 5e-5 otherwise (the paper's)")
+    lr: float | None = option(None, "peak learning rate; none = 3e-5 unsup, 2e-5 retrieval, 5e-5 otherwise")
     batch_size: int = option(64, "examples per optimizer step, summed over all processes")
     mini_batch_size: int = option(0, "> 0: cached (GradCache) loss encoding this many texts at a time")
     epochs: int = option(1, "passes over the training file (the last partial batch is dropped)")
@@ -85,7 +123,8 @@ class TrainConfig:
     warmup_ratio: float = option(0.0, "share of the steps with linear warmup (then linear decay to 0)")
     weight_decay: float = option(0.0, "AdamW weight decay on weight matrices")
     max_grad_norm: float = option(1.0, "gradient clipping norm; <= 0 disables it")
-    max_seq_length: int = option(32, "training truncation; the artifact keeps the base model's inference length")
+    max_seq_length: int = option(0, "training truncation; 0 = 32 (retrieval: the base model's, at most 256); "
+                                 "the artifact keeps the base model's inference length")
     precision: str = option("auto", "fp32, bf16 or fp16 autocast; auto = bf16 (else fp16) on GPU, fp32 on CPU")
     seed: int = option(42, "seeds initialization, dropout and the batch order")
     device: str = option("auto", "cpu, cuda, cuda:N; auto = cuda when available")
@@ -202,6 +241,8 @@ def _parse_value(key: str, raw: Any) -> Any:
         if not raw_ok:
             raise ConfigError(f"--{key}: expected {kind.__name__}, got {raw!r}")
         return kind(raw)
+    if kind is str and key in VERBATIM_FIELDS:
+        return raw
     text = raw.strip()
     try:
         if kind is bool:
@@ -241,7 +282,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.max_steps >= 0, "--max_steps must be >= 0"),
         (0.0 <= config.warmup_ratio < 1.0, "--warmup_ratio must be in [0, 1)"),
         (config.weight_decay >= 0, "--weight_decay must be >= 0"),
-        (config.max_seq_length >= 2, "--max_seq_length must be >= 2 ([CLS] and [SEP])"),
+        (config.max_seq_length == 0 or config.max_seq_length >= 2,
+         "--max_seq_length must be >= 2 ([CLS] and [SEP]), or 0 (auto)"),
         (config.num_layers >= 0, "--num_layers must be >= 0"),
         (config.eval_steps >= 1 and config.log_steps >= 1, "--eval_steps and --log_steps must be >= 1"),
         (config.eval_batch_size >= 1, "--eval_batch_size must be >= 1"),
@@ -251,9 +293,40 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not ok:
             raise ConfigError(message)
     _check_matryoshka_dims(config.matryoshka_dims)
+    _check_objective_files(config)
+    if config.objective == "retrieval":
+        _check_retrieval(config)
     if config.objective in IN_BATCH_OBJECTIVES and config.batch_size < 2:
         raise ConfigError(f"--batch_size must be >= 2 for {config.objective}: the other examples are the negatives")
     return config
+
+
+def _check_objective_files(config: TrainConfig) -> None:
+    """Each objective's input files only: a retrieval file given to a sentence objective (or the reverse) would
+    be silently ignored, which is never what the user meant."""
+    own, others = (RETRIEVAL_FILES, SENTENCE_FILES) if config.objective == "retrieval" else (
+        SENTENCE_FILES, RETRIEVAL_FILES)
+    given = [f"--{key}" for key in others if getattr(config, key)]
+    if given:
+        reads = ", ".join(f"--{key}" for key in own)
+        raise ConfigError(f"{', '.join(given)}: not read by --objective {config.objective}, which reads {reads}")
+
+
+def _check_retrieval(config: TrainConfig) -> None:
+    checks = [
+        (config.negatives in NEGATIVE_SOURCES, f"--negatives must be one of {', '.join(NEGATIVE_SOURCES)}"),
+        (config.negatives_per_query >= 1, "--negatives_per_query must be >= 1 (--negatives=none for none)"),
+        (config.mine_depth >= config.negatives_per_query,
+         "--mine_depth must be >= --negatives_per_query (negatives are drawn from the top mine_depth)"),
+        (config.refresh_steps >= 0, "--refresh_steps must be >= 0"),
+        (config.fn_margin is None or 0.0 <= config.fn_margin <= 2.0,
+         "--fn_margin must be in [0, 2] (a cosine margin), or none to turn the guard's margin off"),
+        (bool(config.dev_queries) == bool(config.dev_qrels), "--dev_queries and --dev_qrels go together"),
+        (not config.matryoshka_dims, "--matryoshka_dims is not supported with --objective retrieval yet"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _check_matryoshka_dims(dims: tuple[int, ...] | list[int], model_dim: int | None = None) -> None:
@@ -284,8 +357,6 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     validate(config)
     if not config.output:
         raise ConfigError("--output is required (the artifact directory to write)")
-    if not config.train_file:
-        raise ConfigError("--train_file is required")
     model_path, _ = art.resolve_model_source(config.model or None)
     base = art.describe_source(model_path)
     base_pooling = base["pooling"]
@@ -299,11 +370,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         else:
             precision = "fp32"
     output = Path(config.output).expanduser().resolve()
+    files = _resolve_retrieval(config, model_path, base) if config.objective == "retrieval" else _resolve_sentences(
+        config)
     return dataclasses.replace(
         config,
+        **files,
         model=str(model_path),
-        train_file=str(Path(config.train_file).expanduser().resolve()),
-        dev_file=str(Path(config.dev_file).expanduser().resolve()) if config.dev_file else "",
         output=str(output),
         name=config.name or output.name,
         pooling=base_pooling if config.pooling == "auto" else config.pooling,
@@ -312,6 +384,36 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         precision=precision,
         matryoshka_dims=resolve_matryoshka_dims(config.matryoshka_dims, int(base["dim"])),
     )
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else ""
+
+
+def _resolve_sentences(config: TrainConfig) -> dict[str, Any]:
+    if not config.train_file:
+        raise ConfigError("--train_file is required")
+    return {"train_file": _absolute(config.train_file), "dev_file": _absolute(config.dev_file),
+            "max_seq_length": config.max_seq_length or 32}
+
+
+def _resolve_retrieval(config: TrainConfig, model_path: Path, base: dict[str, Any]) -> dict[str, Any]:
+    """The retrieval files as absolute paths, the corpus's title column, the prompts (the base model's when not
+    given: a model trained with "query: " prefixes keeps them) and the training length."""
+    missing = [f"--{key}" for key in ("corpus", "queries", "qrels") if not getattr(config, key)]
+    if missing:
+        raise ConfigError(f"--objective retrieval needs {', '.join(missing)}")
+    title_field = resolve_title_field(config.corpus, config.title_field)
+    prompts_file = model_path / art.PROMPTS_FILE
+    base_prompts = (art.read_json(prompts_file).get("prompts") or {}) if prompts_file.is_file() else {}
+    passage_name = next((name for name in PASSAGE_PROMPTS if name in base_prompts), None)
+    return {
+        **{key: _absolute(getattr(config, key)) for key in RETRIEVAL_FILES},
+        "title_field": title_field,
+        "query_prompt": config.query_prompt or base_prompts.get(QUERY_PROMPT, ""),
+        "passage_prompt": config.passage_prompt or (base_prompts[passage_name] if passage_name else ""),
+        "max_seq_length": config.max_seq_length or min(RETRIEVAL_MAX_SEQ_LENGTH, int(base["max_seq_length"])),
+    }
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Contrastive losses over sentence embeddings: InfoNCE (SimCSE), supervised contrastive, triplet,
-pairwise contrastive and cosine-similarity regression (SetFit's).
+"""Contrastive losses over sentence embeddings: InfoNCE (SimCSE), InfoNCE with a false-negative guard
+(retrieval), supervised contrastive, triplet, pairwise contrastive and cosine-similarity regression (SetFit's).
 
 Each loss is a plain function of embedding tensors (and labels), so any loop can use it: the SimCSE
 trainer here, or a few-shot classifier trainer that feeds SetFit-style labelled pairs. `make_loss`
@@ -74,6 +74,45 @@ def simcse_loss(
         gathered_negatives, _ = gather(hard_negatives)
         candidates = torch.cat([candidates, gathered_negatives])  # (2 * global_batch, dim)
     return info_nce_loss(anchors, candidates, temperature, positive_offset=offset)
+
+
+def guarded_info_nce_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float,
+    positive_offset: int,
+    excluded: torch.Tensor,
+    guarded: torch.Tensor | None = None,
+    margin: float | None = None,
+) -> tuple[torch.Tensor, int]:
+    """InfoNCE (as `info_nce_loss`) with a false-negative guard; -> (loss, negatives the margin dropped).
+
+    The retrieval objective's loss (DPR: in-batch negatives plus mined hard negatives). anchors (n, dim) are
+    queries, candidates (m, dim) the passages (every positive of the batch, then every mined negative), and
+    `candidates[positive_offset + i]` is anchor i's positive. Two kinds of candidate are not negatives:
+
+      * `excluded` (n, m) bool: a passage labelled relevant to the anchor (another query's positive, a
+        mined negative of another query, the same passage twice) is taken out of the softmax;
+      * `guarded` (n, m) bool marks each anchor's own mined negatives: with `margin`, one whose cosine to the
+        anchor is above the positive's minus `margin` is taken out too (an unlabelled relevant passage looks
+        exactly like that; NV-Retriever's "positive-aware" mining, Moreira et al. 2024, applied per step).
+
+    The decision uses the detached cosines; anchor i's positive is never taken out.
+    """
+    cosines = cosine_similarity_matrix(anchors, candidates)  # (n, m)
+    rows = torch.arange(anchors.shape[0], device=anchors.device)
+    targets = rows + positive_offset
+    masked = excluded.clone()
+    dropped = 0
+    if guarded is not None and margin is not None:
+        with torch.no_grad():
+            positive = cosines[rows, targets].detach()
+            too_close = guarded & (cosines.detach() > positive[:, None] - margin)
+        dropped = int(too_close.sum())
+        masked |= too_close
+    masked[rows, targets] = False
+    scores = (cosines / temperature).masked_fill(masked, float("-inf"))
+    return F.cross_entropy(scores, targets), dropped
 
 
 def triplet_loss(

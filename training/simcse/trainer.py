@@ -3,16 +3,19 @@
 `train` is the loop; `Run` (set up from the config) does each step of it, and `RunState` is where the run
 is, the part of a checkpoint that is not weights, passed to each step explicitly:
   1. `Run(config)`: resolve the config, join the process group (torchrun), open the run directory or the
-     checkpoint, read the data, build the model (base weights or random layers), AdamW + linear warmup/decay;
+     checkpoint, read the data (the objective's `task.Task`: sentence objectives, or retrieval), build the
+     model (base weights or random layers), AdamW + linear warmup/decay;
   2. `Run.start`: the checkpoint's state, or step 0 with the starting model evaluated;
-  3. loop over optimizer steps: a batch (a pure function of seed and step, so resume is exact),
-     `train_step` (plain or cached loss, gradient clipping, optimizer and schedule), logging, dev
-     evaluation with the best weights kept, periodic checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
-  4. `Run.write_artifact`: the artifact (best weights by dev Spearman, resolved config and metrics in embedline.json, and
-     `matryoshka_dims` when trained for truncation); with a dev file the starting model (step 0) is a
-     candidate too: when no step beats it strictly, the artifact holds the starting weights, the log says
-     so and the metrics record `best_step` 0, `kept_start` true, `dev_spearman_start` and `dev_spearman_last`;
-     a stop signal that arrives once every step is done waits for the artifact instead of losing it.
+  3. loop over optimizer steps: the task's preparation (retrieval mines its hard negatives again), a batch
+     (a pure function of seed and step, so resume is exact), `train_step` (plain or cached loss, gradient
+     clipping, optimizer and schedule), logging, dev evaluation with the best weights kept, periodic
+     checkpoints, SIGTERM/SIGINT -> checkpoint and stop;
+  4. `Run.write_artifact`: the artifact (best weights by the task's dev metric: STS Spearman, or nDCG@10 for
+     retrieval; resolved config and metrics in embedline.json, and `matryoshka_dims` when trained for
+     truncation); with a dev set the starting model (step 0) is a candidate too: when no step beats it
+     strictly, the artifact holds the starting weights, the log says so and the metrics record `best_step`
+     0, `kept_start` true, `dev_spearman_start` and `dev_spearman_last` (`dev_ndcg@10_start`, ... for
+     retrieval); a stop signal that arrives once every step is done waits for the artifact instead of losing it.
 
 `train_step` is public so other trainers (e.g. a SetFit-style classifier body on labelled pairs) can run
 any `losses.ObjectiveLoss` on any `data.Batch` with the same mechanics.
@@ -37,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embedline import artifact as art
-from embedline.encoder import save_artifact
+from embedline.encoder import SentenceEncoder, save_artifact
 from embedline.errors import EmbedlineError
 from embedline.tokenization import encode, load_tokenizer
 from embedline.training.simcse import checkpoint as ckpt
@@ -51,6 +54,8 @@ from embedline.training.data import (
 )
 from embedline.training.evaluate import sts_metrics
 from embedline.training.simcse.losses import ObjectiveLoss, make_loss
+from embedline.training.simcse.retrieval import RetrievalTask
+from embedline.training.simcse.task import Task
 from embedline.training.simcse.model import build_model, describe_base
 from embedline.training.plot import plot_metrics
 
@@ -241,6 +246,68 @@ class RunState:
                    pending_losses=list(saved.get("pending_losses", [])), train_seconds=saved.get("train_seconds", 0.0))
 
 
+class SentenceTask:
+    """The sentence objectives: a text or CSV training file, an STS dev file (Spearman x100)."""
+
+    selection = "spearman"
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.data = load_training_data(config.train_file, config.objective, config.hard_negatives)
+        self.dev = read_sts(config.dev_file) if config.dev_file else None
+        self.source, self.dev_source = config.train_file, config.dev_file
+        self.views = 2 if config.objective == "unsup" else 1
+        self.label = f"{config.objective} SimCSE" if self.views == 2 else config.objective
+        # With --matryoshka_dims the objective's loss is averaged over embedding prefixes
+        # (losses.matryoshka_loss); it acts on the embedding columns, so the plain and the cached step share it.
+        self.loss_fn = make_loss(config.objective, config.temperature, config.margin,
+                                 gather=distributed.gather_with_grad, matryoshka_dims=config.matryoshka_dims)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def has_dev(self) -> bool:
+        return self.dev is not None
+
+    def before_step(self, encoder: SentenceEncoder, tokenizer: Tokenizer, step: int) -> None:
+        pass
+
+    def batch(self, step: int, indices: list[int], rows: slice) -> tuple[Batch, ObjectiveLoss]:
+        batch = make_batch(self.data, indices[rows])
+        if self.config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
+            raise DataError(f"{self.source}: the batch of step {step} has fewer than 2 distinct sentences")
+        return batch, self.loss_fn
+
+    def evaluate(self, encoder: SentenceEncoder, tokenizer: Tokenizer) -> dict[str, float]:
+        result = sts_metrics(encoder, tokenizer, self.dev, self.config.eval_batch_size)
+        return {key: value for key, value in result.items() if key != "pairs"}
+
+    def describe(self, result: dict[str, float]) -> str:
+        return (f"dev Spearman {result['spearman']:.2f}, alignment {result['alignment']:.3f}, "
+                f"uniformity {result['uniformity']:.3f}")
+
+    def log_record(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def artifact_metrics(self) -> dict[str, Any]:
+        return {"train_examples": len(self.data), "skipped_empty_lines": self.data.skipped_empty}
+
+    def finish_artifact(self, output: Path) -> None:
+        pass
+
+
+def make_task(config: TrainConfig) -> Task:
+    """The task of the (resolved) config's objective; reads and checks its files."""
+    return RetrievalTask(config) if config.objective == "retrieval" else SentenceTask(config)
+
+
 class Run:
     """One training run set up from its config: processes, data, model, optimizer, and the run directory.
 
@@ -258,14 +325,13 @@ class Run:
         elif ckpt.has_checkpoint(self.paths) or art.is_artifact(self.paths.output):
             raise ConfigError(f"{self.paths.output}: already holds an artifact or a checkpoint; resume it with "
                               "--resume or choose another --output")
-        self.data = load_training_data(config.train_file, config.objective, config.hard_negatives)
-        self.dev = read_sts(config.dev_file) if config.dev_file else None
-        if config.batch_size > len(self.data):
-            raise DataError(f"{config.train_file}: --batch_size {config.batch_size} is larger than its "
-                            f"{len(self.data)} examples")
+        self.task = make_task(config)  # the objective's data, batches, loss and dev metric (task.py)
+        if config.batch_size > len(self.task):
+            raise DataError(f"{self.task.source}: --batch_size {config.batch_size} is larger than its "
+                            f"{len(self.task)} examples")
         if config.batch_size % env.world_size:
             raise ConfigError(f"--batch_size {config.batch_size} is not divisible by the {env.world_size} processes")
-        self.steps_per_epoch = steps_per_epoch(len(self.data), config.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.task), config.batch_size)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         self.local = config.batch_size // env.world_size  # this process's share of each global batch
         self._build_model()
@@ -286,12 +352,7 @@ class Run:
             self.trained = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                 broadcast_buffers=False)
-        # With --matryoshka_dims the objective's loss is averaged over embedding prefixes
-        # (losses.matryoshka_loss); it acts on the embedding columns, so the plain and the cached step share it.
-        self.loss_fn = make_loss(config.objective, config.temperature, config.margin,
-                                 gather=distributed.gather_with_grad, matryoshka_dims=config.matryoshka_dims)
         self.autocast = _autocast(config, env.device)
-        self.views = 2 if config.objective == "unsup" else 1
 
     def start(self) -> RunState:
         """The state to start from: the checkpoint's on resume, else step 0 with the starting model evaluated
@@ -302,7 +363,7 @@ class Run:
             state = RunState()
             torch.manual_seed(self.config.seed + self.env.rank)  # independent dropout streams per process
         self.metrics_log = MetricsLog(self.paths.metrics, self.env.is_main, keep_until_step=state.step)
-        if state.step == 0 and self.dev is not None:
+        if state.step == 0 and self.task.has_dev:
             state.start_metrics = self.evaluate(0)
             if self.env.is_main:
                 state.best = {"step": 0, **state.start_metrics}
@@ -315,6 +376,7 @@ class Run:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
+        self.task.load_state_dict(saved.get("task") or {})
         state = RunState.from_checkpoint(saved)
         if state.best is not None and not self.paths.best_model.is_file():
             raise ckpt.CheckpointError(f"{self.paths.best_model}: missing, but the checkpoint records a best step")
@@ -324,18 +386,19 @@ class Run:
 
     def progress_bar(self, step: int) -> tqdm:
         return tqdm(total=self.total_steps, initial=step, disable=not self.env.is_main, dynamic_ncols=True,
-                    desc=f"{self.config.objective} SimCSE" if self.views == 2 else self.config.objective)
+                    desc=self.task.label)
 
     def step(self, state: RunState) -> tuple[float, float]:
         """One optimizer step on this step's batch (a pure function of seed and step, so resume is exact);
         -> (loss, seconds)."""
-        config, started = self.config, time.perf_counter()
-        indices = batch_indices(len(self.data), config.batch_size, config.seed, state.step)
-        batch = make_batch(self.data, indices[self.env.rank * self.local:(self.env.rank + 1) * self.local])
-        if config.objective in IN_BATCH_OBJECTIVES and len(set(batch.columns[0])) < 2:
-            raise DataError(f"{config.train_file}: the batch of step {state.step} has fewer than 2 distinct sentences")
-        loss = train_step(self.trained, batch, self.tokenizer, self.loss_fn, self.optimizer, self.scheduler,
-                          views=self.views, mini_batch_size=config.mini_batch_size,
+        config = self.config
+        self.task.before_step(self.model.encoder, self.eval_tokenizer, state.step)  # e.g. mine negatives again
+        started = time.perf_counter()
+        indices = batch_indices(len(self.task), config.batch_size, config.seed, state.step)
+        rows = slice(self.env.rank * self.local, (self.env.rank + 1) * self.local)
+        batch, loss_fn = self.task.batch(state.step, indices, rows)
+        loss = train_step(self.trained, batch, self.tokenizer, loss_fn, self.optimizer, self.scheduler,
+                          views=self.task.views, mini_batch_size=config.mini_batch_size,
                           max_grad_norm=config.max_grad_norm, autocast=self.autocast, scaler=self.scaler)
         seconds = time.perf_counter() - started
         state.step += 1
@@ -349,7 +412,7 @@ class Run:
             return
         record = {"step": state.step, "epoch": state.step / self.steps_per_epoch,
                   "loss": sum(state.pending_losses) / len(state.pending_losses),
-                  "lr": self.scheduler.get_last_lr()[0], "sentences_per_s": window.take()}
+                  "lr": self.scheduler.get_last_lr()[0], "sentences_per_s": window.take(), **self.task.log_record()}
         self.metrics_log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         sent_s=f"{record['sentences_per_s'] or 0:.0f}")
@@ -358,20 +421,20 @@ class Run:
     def evaluate(self, at_step: int) -> dict[str, float] | None:
         """Dev metrics on process 0 (None elsewhere); the others wait."""
         result = None
-        if self.env.is_main and self.dev is not None:
-            result = sts_metrics(self.model.encoder, self.eval_tokenizer, self.dev, self.config.eval_batch_size)
-            self.metrics_log.write({"step": at_step, **{f"dev_{k}": v for k, v in result.items() if k != "pairs"}})
-            log.info("step %d: dev Spearman %.2f, alignment %.3f, uniformity %.3f",
-                     at_step, result["spearman"], result["alignment"], result["uniformity"])
+        if self.env.is_main and self.task.has_dev:
+            result = self.task.evaluate(self.model.encoder, self.eval_tokenizer)
+            self.metrics_log.write({"step": at_step, **{f"dev_{k}": v for k, v in result.items()}})
+            log.info("step %d: %s", at_step, self.task.describe(result))
         distributed.barrier()
         return result
 
     def maybe_evaluate(self, state: RunState) -> None:
         """Every eval_steps steps (and at the last): evaluate, and keep the weights of a new best."""
-        if self.dev is None or (state.step % self.config.eval_steps and state.step != self.total_steps):
+        if not self.task.has_dev or (state.step % self.config.eval_steps and state.step != self.total_steps):
             return
         result = state.last_eval = self.evaluate(state.step)
-        if self.env.is_main and (state.best is None or result["spearman"] > state.best["spearman"]):
+        key = self.task.selection
+        if self.env.is_main and (state.best is None or result[key] > state.best[key]):
             state.best = {"step": state.step, **result}
             ckpt.save_best(self.paths, self.model.state_dict())
 
@@ -388,15 +451,15 @@ class Run:
             ckpt.finish_save(self.paths, tmp, {
                 "config": to_dict(self.config), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, **state.to_checkpoint()})
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "task": self.task.state_dict(), **state.to_checkpoint()})
             log.info("checkpoint at step %d saved to %s", state.step, self.paths.checkpoint)
         distributed.barrier()
 
     def write_artifact(self, state: RunState) -> dict[str, Any]:
         """The artifact (process 0): the best dev weights, or the last ones without a dev file; -> metrics."""
         config, paths = self.config, self.paths
-        metrics: dict[str, Any] = {"steps": state.step, "train_examples": len(self.data),
-                                   "skipped_empty_lines": self.data.skipped_empty,
+        metrics: dict[str, Any] = {"steps": state.step, **self.task.artifact_metrics(),
                                    "train_seconds": round(state.train_seconds, 1)}
         if not self.env.is_main:
             return metrics
@@ -406,29 +469,30 @@ class Run:
         save_artifact(self.model.encoder.cpu(), config.output, tokenizer_dir=self.base.path, name=config.name,
                       base_model=config.model, max_seq_length=self.base.inference_max_seq_length,
                       training=to_dict(config), metrics=metrics, matryoshka_dims=config.matryoshka_dims)
+        self.task.finish_artifact(Path(config.output))  # e.g. the retrieval prompts
         plot_metrics(paths.metrics, paths.plot, title=f"{config.name} ({config.objective})")
         ckpt.clean_up(paths)
         log.info("artifact written to %s: %s", config.output, json.dumps(metrics))
         return metrics
 
     def _dev_metrics(self, state: RunState) -> dict[str, Any]:
-        """The dev results for the artifact's metrics; loads the best weights into the model."""
+        """The dev results for the artifact's metrics (`dev_<metric>` of the best step, the selection metric at
+        the start and the last step); loads the best weights into the model."""
         metrics: dict[str, Any] = {}
-        best, start, last = state.best, state.start_metrics, state.last_eval
+        best, start, last, key = state.best, state.start_metrics, state.last_eval, self.task.selection
         if best is not None:
             self.model.load_state_dict(ckpt.load_best(self.paths))
-            metrics.update({"dev_file": self.config.dev_file, "best_step": best["step"],
-                            "dev_spearman": best["spearman"], "dev_alignment": best["alignment"],
-                            "dev_uniformity": best["uniformity"]})
+            metrics.update({"dev_file": self.task.dev_source, "best_step": best["step"],
+                            **{f"dev_{name}": value for name, value in best.items() if name not in ("step", "pairs")}})
         if start is not None:
-            metrics["dev_spearman_start"] = start["spearman"]
+            metrics[f"dev_{key}_start"] = start[key]
             metrics["kept_start"] = best is not None and best["step"] == 0
             if metrics["kept_start"]:
-                log.warning("no step beat the starting model on the dev set (Spearman %.2f at the start, %s last): "
-                            "the artifact holds the starting weights", start["spearman"],
-                            f"{last['spearman']:.2f}" if last is not None else "none")
+                log.warning("no step beat the starting model on the dev set (%s %.4g at the start, %s last): "
+                            "the artifact holds the starting weights", key, start[key],
+                            f"{last[key]:.4g}" if last is not None else "none")
         if last is not None:
-            metrics["dev_spearman_last"] = last["spearman"]
+            metrics[f"dev_{key}_last"] = last[key]
         return metrics
 
 
