@@ -23,6 +23,7 @@ and the "search" section of benchmarks/README.md.
 from __future__ import annotations
 
 import gzip
+import json
 import resource
 import statistics
 import tempfile
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import data_dir, markdown_table, percentile, stsb_dev_sentences
+from benchmarks.common import RESULTS, command_line, data_dir, markdown_table, percentile, read_tsv, stsb_dev_sentences
 from benchmarks.experiment import Experiment
 
 
@@ -42,15 +43,19 @@ def options(parser) -> None:
     parser.add_argument("--ann-vectors", type=int, default=1_000_000, help="vectors of the ANN-alone stage (0: skip)")
     parser.add_argument("--queries", type=int, default=300, help="one-caller queries per measure")
     parser.add_argument("--store", default=None, help="also measure stage 2 against this Milvus URI")
+    parser.add_argument("--stages", default="indexing,serving,ann",
+                        help="which stages to measure (the others keep their last saved results)")
 
 
 def corpus_sentences(n: int) -> list[str]:
-    """n distinct real sentences: the unlabeled corpus, then Wikipedia sentences when more are asked for."""
+    """n distinct real sentences: the unlabeled corpus (98k), then the emotion and banking77 training texts."""
     data = data_dir()
     sentences: list[str] = []
-    for name in ("unsup_corpus.txt.gz", "wiki1m_head.txt.gz", "us_speeches_sentences.txt.gz"):
+    for name in ("unsup_corpus.txt.gz", "wiki1m_head.txt.gz"):
         with gzip.open(data / "corpus" / name, "rt", encoding="utf-8") as f:
             sentences += [line.strip() for line in f if line.strip()]
+    for name in ("emotion_train.tsv.gz", "banking77_train.tsv.gz"):
+        sentences += [row["text"].strip() for row in read_tsv(data / "classification" / name) if row["text"].strip()]
     sentences = list(dict.fromkeys(sentences))
     if len(sentences) < n:
         raise SystemExit(f"only {len(sentences)} distinct sentences in the shared corpus; asked for {n}")
@@ -165,7 +170,18 @@ def ann_alone(vectors: np.ndarray, n: int, queries: np.ndarray) -> dict:
     exact.add(data)
     _, truth = exact.search(queries, 10)
     faiss.omp_set_num_threads(1)
-    params = faiss.SearchParametersHNSW(efSearch=EF_SEARCH)
+    sweep = {ef: one_query_at_a_time(index, queries, truth, ef) for ef in sorted({64, 128, EF_SEARCH})}
+    return {"vectors": n, "dim": int(data.shape[1]), "build_s": round(build_s, 1), "index_mib": round(index_mib),
+            "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024),
+            **sweep[EF_SEARCH], "ef_search_sweep": sweep,
+            "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION, "efSearch": EF_SEARCH}}
+
+
+def one_query_at_a_time(index, queries: np.ndarray, truth: np.ndarray, ef: int) -> dict:
+    """p50/p90 of one-query searches and recall@10 against `truth`, at beam width `ef`."""
+    import faiss
+
+    params = faiss.SearchParametersHNSW(efSearch=ef)
     found, times = [], []
     for query in queries:
         started = time.perf_counter()
@@ -173,11 +189,8 @@ def ann_alone(vectors: np.ndarray, n: int, queries: np.ndarray) -> dict:
         times.append((time.perf_counter() - started) * 1000)
         found.append(ids[0])
     recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
-    return {"vectors": n, "dim": int(data.shape[1]), "build_s": round(build_s, 1), "index_mib": round(index_mib),
-            "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024),
-            "p50_ms": round(percentile(times, 50), 3), "p90_ms": round(percentile(times, 90), 3),
-            "recall_at_10": round(recall, 4), "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION,
-                                                       "efSearch": EF_SEARCH}}
+    return {"p50_ms": round(percentile(times, 50), 3), "p90_ms": round(percentile(times, 90), 3),
+            "recall_at_10": round(recall, 4)}
 
 
 def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Path, collection: str) -> dict:
@@ -204,6 +217,7 @@ def main() -> None:
     from benchmarks.suite import triton
 
     args = experiment.args
+    stages = set(args.stages.split(","))
     texts = corpus_sentences(max(args.documents, args.index_texts))
     queries = stsb_dev_sentences(data_dir())[: args.queries]
     results: dict = {}
@@ -212,24 +226,38 @@ def main() -> None:
         store = open_store(str(tmp / "store"))
         with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
                     index=store.uri) as server:
-            results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
-                                                  experiment.rounds)
-            results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries, tmp, "bench")
-        if args.store:
+            if "indexing" in stages:
+                results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
+                                                      experiment.rounds)
+            if stages & {"serving", "ann"}:
+                results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries, tmp,
+                                                    "bench")
+        if args.store and "serving" in stages:
             milvus = open_store(args.store)
             with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
                         index=args.store) as server:
                 results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp, "bench")
-        if args.ann_vectors:
+        if args.ann_vectors and "ann" in stages:
             collection = store.open("bench")
             vectors = np.frombuffer(b"".join(v for (v,) in collection._db.execute("SELECT vector FROM docs")),
                                     np.float32).reshape(-1, collection.model.dim)
             query_vectors = vectors[np.random.default_rng(1).integers(0, len(vectors), 200)]
             results["ann"] = ann_alone(vectors, args.ann_vectors, query_vectors)
             print("ann", results["ann"], flush=True)
-    record = experiment.record(**results)
+    for stage in results.values():
+        stage["command"] = command_line()  # a later run of some stages keeps the others' results
+    record = experiment.record(**{**previous_stages(), **results})
     experiment.save("search", record)
     experiment.report("search", readme_section(record))
+
+
+def previous_stages() -> dict:
+    """The stages of the last saved run (each with its own command), so one stage can be measured again."""
+    path = RESULTS / "search.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {key: saved[key] for key in ("indexing", "embedded", "milvus", "ann") if key in saved}
 
 
 def readme_section(record: dict) -> str:
@@ -252,9 +280,16 @@ def readme_section(record: dict) -> str:
                  "collection's real embeddings, each repeated with small noise): build "
                  f"{ann['build_s']} s on {record['threads']} cores, index {ann['index_mib']} MiB (peak RSS growth "
                  f"{ann['peak_rss_growth_mib']} MiB with the exact index beside it), one query p50 {ann['p50_ms']} ms / "
-                 f"p90 {ann['p90_ms']} ms on one thread, recall@10 against exact {ann['recall_at_10']}.\n\n")
-    text += (f"Command: `{record['command']}`; load average {record['load_before']} -> {record['load_after']}; "
-             f"CPU flags {', '.join(record['cpu_flags'])} (`results/search.json`).")
+                 f"p90 {ann['p90_ms']} ms on one thread, recall@10 against exact {ann['recall_at_10']}"
+                 + ("; other beam widths: " + ", ".join(
+                     f"efSearch {ef}: p50 {m['p50_ms']} ms, recall@10 {m['recall_at_10']}"
+                     for ef, m in ann["ef_search_sweep"].items() if str(ef) != str(ann["hnsw"]["efSearch"]))
+                    if "ef_search_sweep" in ann else "") + ".\n\n")
+    commands = sorted({stage["command"] for key, stage in record.items()
+                       if key in ("indexing", "embedded", "milvus", "ann") and "command" in stage})
+    text += (f"Commands: {'; '.join(f'`{c}`' for c in commands)}; load average of the last run "
+             f"{record['load_before']} -> {record['load_after']}; CPU flags {', '.join(record['cpu_flags'])} "
+             "(`results/search.json`).")
     return text
 
 

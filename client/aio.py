@@ -145,6 +145,7 @@ class AsyncEmbeddingClient(base.ClientBase):
         """
         queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
         deadline = self._deadline(timeout)
+        queries = model_config.with_query_prompt(await self._embed_spec(deadline), queries)
         try:
             spec = await self._spec(wire.SEARCH_MODEL, deadline)
         except ModelNotFoundError as exc:

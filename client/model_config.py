@@ -79,6 +79,13 @@ def with_prompt(spec: _ModelSpec, texts: list[str], prompt_name: str | None) -> 
     return [prompts[name] + text for text in texts]
 
 
+def with_query_prompt(spec: _ModelSpec, queries: list[str]) -> list[str]:
+    """Search queries as the `search` model expects them: with the model's query prompt (wire.QUERY_PROMPT)
+    when it has one, else its default prompt, as the collection's documents were paired with at indexing."""
+    prompts = wire.read(spec.parameters, "prompts", {})
+    return with_prompt(spec, queries, wire.QUERY_PROMPT if wire.QUERY_PROMPT in prompts else None)
+
+
 def search_missing(exc: ModelNotFoundError, url: str) -> ModelNotFoundError:
     """The error for a server without a `search` model: how to get one."""
     return ModelNotFoundError(f"server at {exc.url or url} serves no search index: start it with "

@@ -183,6 +183,7 @@ class EmbeddingClient(base.ClientBase):
         """
         queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
         deadline = self._deadline(timeout)
+        queries = model_config.with_query_prompt(self._embed_spec(deadline), queries)
         spec = self._search_spec(deadline)
         outputs = encoding.requested_outputs(grpcclient, (wire.HITS_OUTPUT,))
         hits: list[list[Hit]] = []

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from embedline import wire
 from embedline.documents import CorpusError, file_columns, read_rows
 
 QUERY_ID_FIELDS = ("query_id", "query-id", "qid", "_id", "id")
@@ -38,7 +39,7 @@ QRELS_SCORE_FIELDS = ("score", "relevance")
 # The prompt names of the two sides, as sentence-transformers models name them: queries get "query"; passages
 # the first of these the model has ("passage" as E5, "document" or "doc"). `train --objective retrieval`
 # records its prompts under "query" and "passage"; `index` and search look them up by these names.
-QUERY_PROMPT = "query"
+QUERY_PROMPT = wire.QUERY_PROMPT  # the wire contract's: the SDK prepends it to search queries
 PASSAGE_PROMPTS = ("passage", "document", "doc", "corpus")
 
 

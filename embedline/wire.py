@@ -26,12 +26,17 @@ LABEL_OUTPUT = "label"                   # classify: [n, 1] BYTES
 PROBABILITIES_OUTPUT = "probabilities"   # classify: [n, num_labels] FP32, in the order of `labels`
 NEIGHBOURS_OUTPUT = "neighbour_labels"   # classify: [n, k] BYTES, only when `neighbours` k > 0
 
-# `search` (served with `serve --index`): query texts -> per query a JSON list of hits.
+# `search` (served with `serve --index`): query texts -> per query a JSON list of hits. An ensemble of the
+# embed model and `search_rank` (internal: the store).
 SEARCH_MODEL = "search"
+SEARCH_RANK_MODEL = "search_rank"
 HITS_OUTPUT = "hits"                     # [n, 1] BYTES: JSON [{"id", "score", "text", "metadata"}, ...]
 # Its request parameters (Triton's per-request `parameters`): k (int), filter (str, "" for none),
 # collection (str, "" for the default) and hybrid (bool).
 SEARCH_REQUEST_PARAMETERS = ("k", "filter", "collection", "hybrid")
+# The prompt queries get, when the model has one by this name (sentence-transformers' convention); else the
+# model's default prompt. The caller prepends it (the SDK does), as for `embed(..., prompt_name=...)`.
+QUERY_PROMPT = "query"
 
 API_KEY_ENV = "EMBEDLINE_API_KEY"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 8080}
@@ -82,10 +87,10 @@ HEAD_PARAMETERS = _parameters(
     ("neighbours", "int", "k nearest training examples' labels returned; 0: none"),
 )
 
-# The `search` model's config parameters.
+# The `search_rank` model's config parameters.
 SEARCH_PARAMETERS = _parameters(
     ("store_uri", "str", "the store whose collections it searches"),
-    ("embed_model", "str", "the Triton model queries are embedded with (its config holds the model's record)"),
+    ("embed_model", "str", "the model the queries were embedded with (its config holds the model's record)"),
 )
 
 

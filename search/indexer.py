@@ -7,8 +7,8 @@ the named fields exist) and writes nothing when one fails, naming it as file:lin
 it reads a block of documents, skips those the collection already holds with the same text and metadata
 (so a run restarted after a crash embeds only what is missing), embeds the rest through the server (the
 SDK's corpus path, with the model's passage prompt when it has one) and upserts the block by id in one
-transaction, while the next block is being embedded. Memory holds about two blocks whatever the corpus's
-size. `--delete FILE` removes the ids a file lists.
+transaction on a writer thread. Two blocks are embedded at a time and one is written meanwhile, so memory
+holds a few blocks whatever the corpus's size. `--delete FILE` removes the ids a file lists.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from embedline.client.cli import Progress, positive_float, positive_int
+from embedline.client.cli import Progress, iter_blocks, positive_float, positive_int
 from embedline.client.connection import DEFAULT_TIMEOUT_S, DEFAULT_URL
 from embedline.client.sync import EmbeddingClient
 from embedline.documents import CorpusFormat, Document, check_corpus, read_documents, read_ids
@@ -30,6 +31,7 @@ from embedline.search.store import DEFAULT_COLLECTION, Collection, ModelRecord, 
 
 # Documents per block: enough for the client to keep every server instance busy between blocks.
 BLOCK_SIZE = 2048
+EMBED_CALLS_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,6 @@ def document_fingerprint(document: Document) -> str:
 def served_model_record(client: EmbeddingClient) -> ModelRecord:
     info = client.info()
     return ModelRecord.for_model(info.model_name, info.dim, info.fingerprint, info.prompts)
-
-
-def _blocks(documents: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    block: list[Document] = []
-    for document in documents:
-        block.append(document)
-        if len(block) == size:
-            yield block
-            block = []
-    if block:
-        yield block
 
 
 class _Writer:
@@ -104,19 +95,36 @@ def index_corpus(client: EmbeddingClient, store: Store, name: str, path: str, fm
     collection = store.create_or_open(name, served_model_record(client))
     progress = progress or Progress(checked.documents)
     writer = _Writer(collection)
+    # Two blocks are embedded at once: while one block's last requests drain, the next one's keep the
+    # server busy (one call at a time left the server idle at each block's end: 0.81x client.embed).
+    embedding = ThreadPoolExecutor(EMBED_CALLS_IN_FLIGHT, thread_name_prefix="embedline-index")
+    pending: deque = deque()
     embedded = unchanged = 0
+
+    def finish_oldest() -> None:
+        todo, vectors = pending.popleft()
+        writer.put([d for d, _ in todo], vectors.result(), [f for _, f in todo])
+        progress.update(len(todo))
+
     try:
-        for block in _blocks(read_documents(path, fmt), block_size):
+        for block in iter_blocks(read_documents(path, fmt), block_size):
             stored = collection.fingerprints([d.id for d in block])
             fingerprints = [document_fingerprint(d) for d in block]
             todo = [(d, f) for d, f in zip(block, fingerprints) if stored.get(d.id) != f]
             unchanged += len(block) - len(todo)
+            progress.update(len(block) - len(todo))
             if todo:
-                vectors = client.embed([d.text for d, _ in todo], prompt_name=collection.model.passage_prompt)
-                writer.put([d for d, _ in todo], vectors, [f for _, f in todo])
+                pending.append((todo, embedding.submit(client.embed, [d.text for d, _ in todo],
+                                                       prompt_name=collection.model.passage_prompt)))
                 embedded += len(todo)
-            progress.update(len(block))
+            if len(pending) == EMBED_CALLS_IN_FLIGHT:
+                finish_oldest()
+        while pending:
+            finish_oldest()
     finally:
+        for _, vectors in pending:
+            vectors.cancel()
+        embedding.shutdown(wait=True)
         writer.close()
         progress.close()
     collection.save_index()

@@ -34,7 +34,8 @@ LAYOUTS = ("python", "onnxruntime")
 # A served model's name is a directory name in the repository and a path segment in Triton's HTTP API.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The default artifact's model names: no other artifact may take them.
-RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder", wire.SEARCH_MODEL)
+RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder", wire.SEARCH_MODEL,
+                  wire.SEARCH_RANK_MODEL)
 # The parameters of the classify ensemble and of its classifier_head step (embedline/wire.py).
 CLASSIFY_CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
 HEAD_CONTRACT = {"dim": wire.EMBED_PARAMETERS["dim"], **wire.HEAD_PARAMETERS}
@@ -151,7 +152,7 @@ def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | o
     for artifact, model_names, variant in zip(artifacts, names, variants):
         _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog)
     if index:
-        _add_search(names[0], dest, settings, index)
+        _add_search(artifacts[0], names[0], dest, settings, index)
     log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
     return dest
 
@@ -325,24 +326,28 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
     (dest / names.classify / "1").mkdir(parents=True)  # an ensemble still needs its version directory
 
 
-def _add_search(names: ModelNames, dest: Path, settings: RepositorySettings, index: str) -> None:
-    """The `search` model over the store `index`, embedding queries with the default artifact's `embed`."""
+def _add_search(artifact: art.Artifact, names: ModelNames, dest: Path, settings: RepositorySettings,
+                index: str) -> None:
+    """The `search` ensemble over the store `index`: the default artifact's `embed`, then `search_rank`."""
     from embedline.search.store import open_store  # the search extra: only when an index is served
 
     try:
-        import faiss  # noqa: F401  (the search model's ANN index, in the server's environment)
+        import faiss  # noqa: F401  (the embedded store's ANN index, in the server's environment)
     except ImportError:
         raise art.ArtifactError("serving an index needs the search extra: pip install 'embedline[search]'") from None
     store = open_store(index)  # a bad URI fails here, before the server starts
     uri = str(Path(store.uri).resolve()) if "://" not in index else index  # the server runs from elsewhere
-    templates = _templates()
-    _render(templates / "python" / "search" / "config.pbtxt", dest / wire.SEARCH_MODEL / "config.pbtxt",
-            {"search_model": wire.SEARCH_MODEL, "max_batch_size": settings.max_batch_size,
-             "parameters": _parameters_block(wire.SEARCH_PARAMETERS, {"store_uri": uri, "embed_model": names.embed})})
-    version = dest / wire.SEARCH_MODEL / "1"
+    templates = _templates() / "python"
+    values = {"search_model": wire.SEARCH_MODEL, "rank_model": wire.SEARCH_RANK_MODEL, "embed_model": names.embed,
+              "max_batch_size": settings.max_batch_size, "dim": artifact.dim,
+              "parameters": _parameters_block(wire.SEARCH_PARAMETERS, {"store_uri": uri, "embed_model": names.embed})}
+    _render(templates / "search" / "config.pbtxt", dest / wire.SEARCH_MODEL / "config.pbtxt", values)
+    (dest / wire.SEARCH_MODEL / "1").mkdir(parents=True)  # an ensemble still needs its version directory
+    _render(templates / "search_rank" / "config.pbtxt", dest / wire.SEARCH_RANK_MODEL / "config.pbtxt", values)
+    version = dest / wire.SEARCH_RANK_MODEL / "1"
     version.mkdir(parents=True)
-    shutil.copy2(templates / "python" / "search" / "1" / "model.py", version / "model.py")
-    shutil.copy2(templates / "common" / PARENT_WATCH, version / PARENT_WATCH)
+    shutil.copy2(templates / "search_rank" / "1" / "model.py", version / "model.py")
+    shutil.copy2(_templates() / "common" / PARENT_WATCH, version / PARENT_WATCH)
 
 
 # ---- `embedline build-repo` -------------------------------------------------------------------------

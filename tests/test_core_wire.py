@@ -65,7 +65,8 @@ def test_the_model_repository_readme_documents_every_parameter_and_tensor():
     documented = set(re.findall(r"`([a-z_]+)`", readme))
     assert set(CONTRACT) <= documented, sorted(set(CONTRACT) - documented)
     assert set(TENSORS) <= documented, sorted(set(TENSORS) - documented)
-    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL, wire.SEARCH_MODEL, *wire.SEARCH_REQUEST_PARAMETERS} <= documented
+    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL, wire.SEARCH_MODEL, wire.SEARCH_RANK_MODEL,
+            *wire.SEARCH_REQUEST_PARAMETERS} <= documented
 
 
 def config_parameters(path: Path) -> dict[str, str]:
@@ -94,12 +95,13 @@ def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_c
 def test_build_repo_with_an_index_writes_the_search_contract(tiny_fp32, tmp_path):
     repo = build_repository(tiny_fp32, tmp_path / "models", RepositorySettings(variant="fp32"),
                             index=str(tmp_path / "store"))
-    search = config_parameters(repo / wire.SEARCH_MODEL / "config.pbtxt")
-    assert set(search) == set(wire.SEARCH_PARAMETERS)
-    assert search == {"store_uri": str(tmp_path / "store"), "embed_model": wire.EMBED_MODEL}
-    config = text_format.Parse((repo / wire.SEARCH_MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert [o.name for o in config.output] == [wire.HITS_OUTPUT] and config.input[0].name == wire.TEXT_INPUT
-    # the search model reads the served model's record from the embed config: it must carry it
+    rank = config_parameters(repo / wire.SEARCH_RANK_MODEL / "config.pbtxt")
+    assert rank == {"store_uri": str(tmp_path / "store"), "embed_model": wire.EMBED_MODEL}
+    search = text_format.Parse((repo / wire.SEARCH_MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert search.platform == "ensemble" and [o.name for o in search.output] == [wire.HITS_OUTPUT]
+    assert search.input[0].name == wire.TEXT_INPUT
+    assert [step.model_name for step in search.ensemble_scheduling.step] == [wire.EMBED_MODEL, wire.SEARCH_RANK_MODEL]
+    # search_rank reads the served model's record from the embed config: it must carry it
     assert {"model_name", "dim", "fingerprint", "prompts", "default_prompt_name"} <= set(
         config_parameters(repo / "embed" / "config.pbtxt"))
 

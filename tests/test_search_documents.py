@@ -21,7 +21,8 @@ from embedline.documents import (
     read_ids,
 )
 
-CRANFIELD = Path("/work/shared/data/retrieval/cranfield")
+# The shared data beside the checkout (read there, never copied into the repository).
+CRANFIELD = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "cranfield"
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -35,17 +36,10 @@ def write(path: Path, content: str | bytes) -> Path:
     return path
 
 
-def pyarrow_or_skip():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as exc:  # also a pyarrow built for another numpy
-        pytest.skip(f"pyarrow is not usable here: {exc}")
-    return pyarrow, pyarrow.parquet
-
-
 def write_parquet(path: Path, columns: dict) -> Path:
-    pa, pq = pyarrow_or_skip()
+    import pyarrow as pa  # the search extra
+    import pyarrow.parquet as pq
+
     pq.write_table(pa.table(columns), path, row_group_size=700)
     return path
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 
@@ -21,20 +20,15 @@ from embedline.retrieval import (
     recall_at_k,
 )
 
-CRANFIELD = Path("/work/shared/data/retrieval/cranfield")
+from test_search_documents import write
+
+# The shared data beside the checkout (read there, never copied into the repository).
+CRANFIELD = Path(__file__).resolve().parents[2] / "shared" / "data" / "retrieval" / "cranfield"
 
 # One query's judgments: graded, with a judged non-relevant (0) and a -1 (trec_eval: not relevant).
 RELEVANT = {"a": 1, "b": 0, "c": 3, "d": 2, "e": -1}
 
 
-def write(path: Path, text: str) -> Path:
-    data = text.encode("utf-8")
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- metrics

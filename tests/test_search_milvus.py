@@ -200,3 +200,22 @@ def test_serve_index_and_search_through_a_milvus_store(launch_serve_for_module, 
     expected = {f"d{i}" for i in range(120) if i % 6 == 1 and 1950 + i % 20 >= 1960}
     assert {h.id for h in filtered} == expected
     assert fused[0].metadata["topic"] == "rocket nozzle"  # BM25 finds the exact words even with a random model
+
+
+def test_a_search_while_the_store_is_unreachable_is_unavailable_and_embedding_goes_on(launch_serve, tiny_fp32):
+    from embedline.client import EmbeddingClient, ServerUnavailableError
+
+    try:
+        import httpx2 as httpx  # the HTTP client current `openai` versions depend on
+    except ImportError:  # older `openai`
+        import httpx
+
+    uri = f"milvus://127.0.0.1:{free_port()}"  # nothing listens there: the server still starts
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32", "--index", uri)
+    with EmbeddingClient(served.grpc_url, timeout=15) as client:
+        with pytest.raises(ServerUnavailableError, match="store"):
+            client.search("wing stall", collection="papers")
+        assert client.embed(["still embeds"]).shape == (1, 32)
+    response = httpx.post(f"http://127.0.0.1:{served.openai_port}/v1/search",
+                          json={"query": "wing stall", "collection": "papers"}, timeout=60)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "server_unavailable"

@@ -1,10 +1,12 @@
-"""Triton python-backend model `search`: query texts -> per query a JSON list of the k best documents.
+"""Triton python-backend model `search_rank`: query vectors and texts -> per query a JSON list of the k best documents.
 
-The search itself is embedline.search.service (the server's environment has embedline installed: this
-model is only ever built by `serve --index` / `build-repo --index`). This file is the Triton seam: it
-embeds queries by calling the `embed` model (BLS), reads the served model's record from the embed model's
-config (re-read when `publish` rewrites it, so a new model never searches vectors of the old one), and
-turns errors into statuses: a bad request is INVALID_ARG, an unknown collection NOT_FOUND.
+The second step of the `search` ensemble (the first is `embed`). The ranking itself is embedline.search.service
+(the server's environment has embedline installed: this model is only ever built by `serve --index` /
+`build-repo --index`). This file is the Triton seam: it reads the served model's record from the embed
+model's config (re-read when `publish` rewrites it, so a new model never searches vectors of the old one),
+ranks each request of a dynamic batch with its own options (Triton's request parameters, forwarded by the
+ensemble), and turns errors into statuses: a bad request is INVALID_ARG, an unknown collection NOT_FOUND, a
+store that cannot be reached UNAVAILABLE. One request's error is that request's alone.
 """
 
 import json
@@ -58,39 +60,30 @@ class TritonPythonModel:
             faiss.omp_set_num_threads(1)
         except ImportError:  # a store without faiss (Milvus)
             pass
-        config = json.loads(args["model_config"])
-        params = _parameters(config)
-        self.embed_model = params["embed_model"]
+        params = _parameters(json.loads(args["model_config"]))
         repository = os.path.dirname(args["model_repository"])
-        self.served = ServedModel(os.path.join(repository, self.embed_model, "config.pbtxt"))
-        self.service = SearchService(params["store_uri"], self.embed, int(config["max_batch_size"]))
-
-    def embed(self, texts):
-        tensor = pb_utils.Tensor("text", np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1))
-        response = pb_utils.InferenceRequest(model_name=self.embed_model, inputs=[tensor],
-                                             requested_output_names=["sentence_embedding"]).exec()
-        if response.has_error():
-            raise RuntimeError(f"embedding the queries failed: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, "sentence_embedding").as_numpy()
+        self.served = ServedModel(os.path.join(repository, params["embed_model"], "config.pbtxt"))
+        self.service = SearchService(params["store_uri"])
 
     @staticmethod
     def request_of(request):
-        """A Triton request -> SearchRequest (its queries, and its options from the request parameters)."""
+        """A Triton request -> SearchRequest (its queries and vectors, its options from the request parameters)."""
         queries = [q.decode("utf-8", errors="replace")
                    for q in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
+        vectors = pb_utils.get_input_tensor_by_name(request, "sentence_embedding").as_numpy()
         options = json.loads(request.parameters() or "{}")
         k = options.get("k", 10)
         if isinstance(k, str):  # HTTP clients may send every parameter as a string
             k = int(k) if k.strip().lstrip("-").isdigit() else k
         hybrid = options.get("hybrid", False) in (True, "true", "True", "1")
-        return SearchRequest(queries, k, options.get("filter") or None, options.get("collection") or None, hybrid)
+        return SearchRequest(queries, vectors, k, options.get("filter") or None, options.get("collection") or None,
+                             hybrid)
 
     def execute(self, requests):
-        """A dynamic batch: every request's queries embedded in one call, then each ranked with its own options."""
         try:
             record, default_prompt = self.served.current()
             results = self.service.search_many([self.request_of(r) for r in requests], record, default_prompt)
-        except Exception as exc:  # the batch could not start (e.g. the embed model failed): every request fails
+        except Exception as exc:  # the batch could not start: every request fails, the server goes on
             results = [exc] * len(requests)
         return [self._response(result) for result in results]
 
