@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 
 DATABASE_FILE = "collection.sqlite"
 INDEX_FILE = "vectors.npz"
-# HNSW: 32 links per node, an 80-wide beam while building and 256 while searching: recall@10 against exact
+# HNSW: 32 links per node, an 80-wide beam while building and 128 while searching: recall@10 against exact
 # search is measured in benchmarks/search.py (and tests/test_search_store.py).
 HNSW_LINKS = 32
 EF_CONSTRUCTION = 80
-EF_SEARCH = 256
+EF_SEARCH = 128
 # Below this many allowed rows an exact scan is cheaper than a walk of the graph (and exact).
 EXACT_SCAN_BELOW = 1024
 _SQL_VARIABLES = 500  # ids per `IN (...)`: under SQLite's variable limit on every build
