@@ -42,6 +42,13 @@ log = logging.getLogger("retrieval_finetune")
 NAME = "retrieval_finetune"
 VARIANTS = ("none", "bm25", "self")
 DEPTH, POOL = 100, 200  # passages ranked per query (recall@100); each list's cut before fusion (the server's)
+# Config fields a run sets itself (per seed and variant): runs compare on the rest.
+RUN_FIELDS = ("output", "name", "seed", "negatives", "queries", "qrels", "dev_queries", "dev_qrels")
+
+
+def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The training config without what each run sets itself: equal for runs of one experiment."""
+    return {k: v for k, v in settings.items() if k not in RUN_FIELDS}
 
 
 def cranfield() -> Path:
@@ -171,7 +178,7 @@ def load_record(name: str) -> dict[str, Any]:
 def run(args: argparse.Namespace, config) -> dict[str, Any]:
     record = load_record(args.name)
     ranker = Ranker()
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("output", "name", "seed", "negatives")}
+    settings = comparable(dataclasses.asdict(config))
     for seed in args.seeds:
         split = make_split(seed, args.runs_dir)
         if str(seed) not in record["baselines"]:
@@ -183,7 +190,7 @@ def run(args: argparse.Namespace, config) -> dict[str, Any]:
             entry = {"seed": seed, "variant": variant, "settings": settings, "command": command_line(),
                      "cpu_flags": cpu_flags(), "load_average_end": load_average(), **outcome}
             record["runs"] = [r for r in record["runs"] if not (r["seed"] == seed and r["variant"] == variant
-                                                                  and r["settings"] == settings)] + [entry]
+                                                                  and comparable(r["settings"]) == settings)] + [entry]
             log.info("seed %d, %s: %s", seed, variant, json.dumps({k: v for k, v in entry.items() if k != "curve"}))
             save_results(args.name, record)
     return record
@@ -245,22 +252,44 @@ def runs_table(record: dict[str, Any], seeds: list[str]) -> str:
                            "training s", "mining s", "wall s (with evaluations)"], rows)
 
 
-def readme_section(record: dict[str, Any], name: str = NAME) -> str:
-    """The tables over the seeds that have a bundled baseline, with the settings and commands."""
+def tried_table(record: dict[str, Any], settings: dict[str, Any], resolved: dict[str, Any]) -> str:
+    """Runs with other settings (e.g. the learning rates tried on seed 0): what differs, dev and test nDCG@10."""
+    rows = []
+    for r in sorted(record["runs"], key=lambda r: (r["seed"], r["variant"])):
+        other = comparable(r["settings"])
+        if other == settings:
+            continue
+        differs = ", ".join(f"{k} {r['train_config'].get(k)} (above: {resolved.get(k)})"
+                            for k in sorted(set(other) | set(settings)) if other.get(k) != settings.get(k))
+        rows.append([r["variant"], r["seed"], differs, f"{r['dev_ndcg@10']:.4f}", r["best_step"],
+                     f"{r['test']['dense']['ndcg@10']:.4f}"])
+    if not rows:
+        return ""
+    return ("\n\nOther settings tried (the ones above were chosen by the dev queries' nDCG@10 alone):\n\n"
+            + markdown_table(["negatives", "seed", "differs in", "dev nDCG@10 (best step)", "best step",
+                              "test nDCG@10 (dense)"], rows))
+
+
+def readme_section(record: dict[str, Any], settings: dict[str, Any], name: str = NAME) -> str:
+    """The tables over the seeds that have a bundled baseline and the runs with `settings`, the settings tried
+    besides, and the commands."""
     seeds = sorted(record["baselines"], key=int)
+    full = record
+    record = {**record, "runs": [r for r in record["runs"] if comparable(r["settings"]) == settings]}
     runs = [r for r in record["runs"] if str(r["seed"]) in seeds]
-    settings = runs[0]["train_config"] if runs else {}
-    shown = ", ".join(f"{k} {settings[k]}" for k in ("batch_size", "max_steps", "max_seq_length", "lr",
+    resolved = runs[0]["train_config"] if runs else {}
+    shown = ", ".join(f"{k} {resolved[k]}" for k in ("batch_size", "max_steps", "max_seq_length", "lr",
                                                      "warmup_ratio", "eval_steps", "refresh_steps", "mine_depth",
                                                      "negatives_per_query", "fn_margin", "temperature")
-                      if k in settings)
+                      if k in resolved)
     commands = sorted({r["command"] for r in runs})
+    tried = tried_table(full, settings, resolved)
     flags = sorted({flag for r in runs for flag in r["cpu_flags"]})
     return (f"## Retrieval fine-tuning (Cranfield, {len(seeds)} query splits)\n\n"
             + quality_table(record, seeds) + "\n\n" + runs_table(record, seeds)
             + f"\n\nSettings of every run: {shown}. Commands (each wrapped in `flock /tmp/embedline-heavy.lock`): "
             + "; ".join(f"`{c}`" for c in commands)
-            + f". CPU flags: {', '.join(flags)}; 2 shared cores (`results/{name}.json`).")
+            + f". CPU flags: {', '.join(flags)}; 2 shared cores (`results/{name}.json`)." + tried)
 
 
 def main() -> int:
@@ -278,10 +307,10 @@ def main() -> int:
     pin_threads(args.threads)
     record = load_record(args.name) if args.report else run(args, config)
     if not args.no_readme:
-        update_readme_section(NAME, readme_section(record, args.name))
+        update_readme_section(NAME, readme_section(record, comparable(dataclasses.asdict(config)), args.name))
         print(f"wrote the {NAME} section of benchmarks/README.md")
     else:
-        print(readme_section(record, args.name))
+        print(readme_section(record, comparable(dataclasses.asdict(config)), args.name))
     return 0
 
 
