@@ -74,8 +74,8 @@ example-search: install
 	bash examples/search/run.sh
 
 # The fine-tuning loop (examples/search_finetune/): split Cranfield's queries, train a retrieval model on 125 of
-# them, export it, serve it with an index, index the corpus, eval-retrieval on the 75 test queries (~45 min on
-# 2 cores, most of it training; STEPS=30 for a quick look).
+# them, export it, serve it with an index, index the corpus, eval-retrieval on the 75 test queries (~25 min on
+# 2 cores, most of it training; STEPS=15 for a quick look).
 example-search-finetune: install
 	bash examples/search_finetune/run.sh
 

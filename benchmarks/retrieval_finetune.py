@@ -58,7 +58,7 @@ def cranfield() -> Path:
 def experiment_settings() -> dict[str, Any]:
     """The training config of every run, where it differs from TrainConfig's defaults."""
     return {"objective": "retrieval", "corpus": str(cranfield() / "corpus.tsv.gz"), "batch_size": 32,
-            "max_seq_length": 128, "max_steps": 120, "eval_steps": 30, "refresh_steps": 30, "warmup_ratio": 0.1,
+            "max_seq_length": 128, "max_steps": 60, "eval_steps": 15, "refresh_steps": 15, "warmup_ratio": 0.1,
             "checkpoint_steps": 0, "device": "cpu"}
 
 
