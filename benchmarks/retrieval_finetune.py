@@ -48,7 +48,8 @@ RUN_FIELDS = ("output", "name", "seed", "negatives", "queries", "qrels", "dev_qu
 
 def comparable(settings: dict[str, Any]) -> dict[str, Any]:
     """The training config without what each run sets itself: equal for runs of one experiment."""
-    return {k: v for k, v in settings.items() if k not in RUN_FIELDS}
+    kept = {k: v for k, v in settings.items() if k not in RUN_FIELDS}
+    return json.loads(json.dumps(kept))  # as the results file holds them (a tuple reads back as a list)
 
 
 def cranfield() -> Path:
@@ -265,7 +266,8 @@ def tried_table(record: dict[str, Any], settings: dict[str, Any], resolved: dict
                      f"{r['test']['dense']['ndcg@10']:.4f}"])
     if not rows:
         return ""
-    return ("\n\nOther settings tried (the ones above were chosen by the dev queries' nDCG@10 alone):\n\n"
+    return ("\n\nOther settings tried (the dev column is the best step's nDCG@10 on the 25 dev queries; the test "
+            "column is shown for completeness and chose nothing):\n\n"
             + markdown_table(["negatives", "seed", "differs in", "dev nDCG@10 (best step)", "best step",
                               "test nDCG@10 (dense)"], rows))
 
