@@ -16,7 +16,9 @@ One server of the variant `embedline serve` picks, serving an embedded store (`-
    the served collection's real embeddings plus small noise (no million-sentence corpus is on this machine):
    build time, memory, one-query p50 on one thread, and recall@10 against exact search on 200 queries.
 
-`--store milvus://HOST:PORT` also runs stage 2 against that Milvus server. Writes benchmarks/results/search.json
+`--stages` picks stages; the others keep their last saved results. Stage 2 saves the served collection's and the
+queries' embeddings under runs/benchmarks/search/, so `--stages ann` alone builds its graphs from them without
+a server. `--store milvus://HOST:PORT` also runs stage 2 against that Milvus server. Writes benchmarks/results/search.json
 and the "search" section of benchmarks/README.md.
 """
 
@@ -32,8 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, command_line, data_dir, markdown_table, percentile, read_tsv, stsb_dev_sentences
+from benchmarks.common import REPO, RESULTS, command_line, data_dir, markdown_table, percentile, read_tsv, stsb_dev_sentences
 from benchmarks.experiment import Experiment
+
+
+# The served collection's embeddings, kept between runs (runs/ is not tracked), named by model and size.
+EMBEDDINGS_CACHE = REPO / "runs" / "benchmarks" / "search" / "embeddings.npz"
 
 
 def options(parser) -> None:
@@ -162,7 +168,7 @@ def ann_alone(data: np.ndarray, queries: np.ndarray) -> dict:
     thread and recall@10 against exact search for held-out `queries`, at several beam widths."""
     import faiss
 
-    from embedline.search.embedded import EF_CONSTRUCTION, EF_SEARCH, HNSW_LINKS
+    from embedline.search.embedded import EF_CONSTRUCTION, HNSW_LINKS, beam_width
 
     index = faiss.IndexHNSWFlat(data.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EF_CONSTRUCTION
@@ -175,10 +181,11 @@ def ann_alone(data: np.ndarray, queries: np.ndarray) -> dict:
     _, truth = exact.search(queries, 10)
     del exact
     faiss.omp_set_num_threads(1)
-    sweep = {ef: one_query_at_a_time(index, queries, truth, ef) for ef in sorted({64, 128, 256, EF_SEARCH})}
+    served = beam_width(len(data))  # the beam the store searches a collection of this size with
+    sweep = {ef: one_query_at_a_time(index, queries, truth, ef) for ef in sorted({64, 128, 256, 512, served})}
     return {"vectors": len(data), "dim": int(data.shape[1]), "build_s": round(build_s, 1),
-            "index_mib": round(index_mib), **sweep[EF_SEARCH], "ef_search_sweep": sweep,
-            "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION, "efSearch": EF_SEARCH}}
+            "index_mib": round(index_mib), **sweep[served], "ef_search_sweep": sweep,
+            "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION, "efSearch": served}}
 
 
 def one_query_at_a_time(index, queries: np.ndarray, truth: np.ndarray, ef: int) -> dict:
@@ -224,41 +231,54 @@ def main() -> None:
     stages = set(args.stages.split(","))
     texts = corpus_sentences(max(args.documents, args.index_texts))
     queries = stsb_dev_sentences(data_dir())[: args.queries]
+    cache = EMBEDDINGS_CACHE.with_name(f"embeddings-{experiment.artifact.fingerprint.split(':')[-1][:16]}-"
+                                       f"{args.documents}.npz")
+    serve = bool(stages & {"indexing", "serving"}) or ("ann" in stages and not cache.is_file())
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="embedline-search-bench-") as tmp_name:
         tmp = Path(tmp_name)
         store = open_store(str(tmp / "store"))
-        with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
-                    index=store.uri) as server:
-            if "indexing" in stages:
-                results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
-                                                      experiment.rounds)
-            if stages & {"serving", "ann"}:
-                results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries, tmp,
-                                                    "bench")
-                from embedline.client import EmbeddingClient
-
-                with EmbeddingClient(server.grpc_url, timeout=600) as client:
-                    np.save(tmp / "query_vectors.npy", client.embed(queries))
+        if serve:
+            with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
+                        index=store.uri) as server:
+                if "indexing" in stages:
+                    results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
+                                                          experiment.rounds)
+                if stages & {"serving", "ann"}:
+                    results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries,
+                                                        tmp, "bench")
+                    save_embeddings(cache, server.grpc_url, store.open("bench"), queries)
         if args.store and "serving" in stages:
             milvus = open_store(args.store)
             with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
                         index=args.store) as server:
                 results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp, "bench")
-        if args.ann_vectors and "ann" in stages:
-            collection = store.open("bench")
-            vectors = np.frombuffer(b"".join(v for (v,) in collection._db.execute("SELECT vector FROM docs")),
-                                    np.float32).reshape(-1, collection.model.dim)
-            held_out = np.load(tmp / "query_vectors.npy")  # STS-B sentences: none of them is in the collection
-            results["ann_real"] = ann_alone(vectors, held_out)
-            print("ann over the real embeddings", results["ann_real"], flush=True)
-            results["ann"] = ann_alone(grown(vectors, args.ann_vectors), held_out)
-            print("ann", results["ann"], flush=True)
+    if args.ann_vectors and "ann" in stages:
+        with np.load(cache) as saved:
+            # the served collection's vectors; STS-B sentences as queries: none of them is in the collection
+            vectors, held_out = saved["documents"], saved["queries"]
+        results["ann_real"] = ann_alone(vectors, held_out)
+        print("ann over the real embeddings", results["ann_real"], flush=True)
+        results["ann"] = ann_alone(grown(vectors, args.ann_vectors), held_out)
+        print("ann", results["ann"], flush=True)
     for stage in results.values():
         stage["command"] = command_line()  # a later run of some stages keeps the others' results
     record = experiment.record(**{**previous_stages(), **results})
     experiment.save("search", record)
     experiment.report("search", readme_section(record))
+
+
+def save_embeddings(path: Path, url: str, collection, queries: list[str]) -> None:
+    """The served collection's vectors and the queries' (embedded by the server), for the ANN stage: a later
+    `--stages ann` reads them instead of indexing the documents again."""
+    from embedline.client import EmbeddingClient
+
+    documents = np.frombuffer(b"".join(v for (v,) in collection._db.execute("SELECT vector FROM docs ORDER BY row")),
+                              np.float32).reshape(-1, collection.model.dim)
+    with EmbeddingClient(url, timeout=600) as client:
+        query_vectors = client.embed(queries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, documents=documents, queries=query_vectors)
 
 
 def previous_stages() -> dict:

@@ -145,11 +145,8 @@ class AsyncEmbeddingClient(base.ClientBase):
         """
         queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
         deadline = self._deadline(timeout)
-        queries = model_config.with_query_prompt(await self._embed_spec(deadline), queries)
-        try:
-            spec = await self._spec(wire.SEARCH_MODEL, deadline)
-        except ModelNotFoundError as exc:
-            raise model_config.search_missing(exc, self.url) from exc
+        spec = model_config.search_spec(await self._embed_spec(deadline), self.url)
+        queries = model_config.with_query_prompt(spec, queries)
         outputs = encoding.requested_outputs(grpcaio, (wire.HITS_OUTPUT,))
         hits: list[list[Hit]] = []
         for part in planning.blocks(queries, spec.max_batch_size):
@@ -157,12 +154,12 @@ class AsyncEmbeddingClient(base.ClientBase):
 
             async def send(triton: grpcaio.InferenceServerClient, attempt: retry.Attempt,
                            inputs=inputs, n=len(part)) -> list[list[Hit]]:
-                result = await triton.infer(wire.SEARCH_MODEL, inputs, outputs=outputs, parameters=parameters,
+                result = await triton.infer(spec.name, inputs, outputs=outputs, parameters=parameters,
                                             headers=self._headers, timeout=attempt.server_timeout_us,
                                             client_timeout=attempt.timeout)
-                return encoding.parse_hits(result, n, attempt.url)
+                return encoding.parse_hits(result, n, attempt.url, spec.name)
 
-            hits += await self._call(send, deadline, wire.SEARCH_MODEL)
+            hits += await self._call(send, deadline, spec.name)
         return hits
 
     async def info(self, *, timeout: float | None = None) -> ModelInfo:

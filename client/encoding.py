@@ -12,7 +12,7 @@ import numpy as np
 from embedline import wire
 from embedline.client.errors import InvalidInputError, ServerError
 from embedline.client.results import EmbedResult, Hit, Prediction, _ModelSpec
-from embedline.wire import HITS_OUTPUT, SEARCH_MODEL, CLASSIFY_MODEL, EMBED_MODEL, EMBEDDING_OUTPUT, LABEL_OUTPUT, NEIGHBOURS_OUTPUT, PROBABILITIES_OUTPUT, TEXT_INPUT, TRUNCATED_OUTPUT
+from embedline.wire import HITS_OUTPUT, CLASSIFY_MODEL, EMBED_MODEL, EMBEDDING_OUTPUT, LABEL_OUTPUT, NEIGHBOURS_OUTPUT, PROBABILITIES_OUTPUT, TEXT_INPUT, TRUNCATED_OUTPUT
 
 
 def text_input(grpcclient: Any, texts: list[str]) -> Any:
@@ -52,14 +52,14 @@ def search_parameters(queries: Any, k: Any, filter: str | None, collection: str 
     return queries, {"k": k, "filter": filter or "", "collection": collection or "", "hybrid": bool(hybrid)}
 
 
-def parse_hits(result: Any, n: int, url: str) -> list[list[Hit]]:
-    """The `hits` output: per query a JSON list of {"id", "score", "text", "metadata"}."""
-    rows = _output(result, HITS_OUTPUT, n, SEARCH_MODEL, url).reshape(-1)
+def parse_hits(result: Any, n: int, url: str, model: str) -> list[list[Hit]]:
+    """The `hits` output of `model`: per query a JSON list of {"id", "score", "text", "metadata"}."""
+    rows = _output(result, HITS_OUTPUT, n, model, url).reshape(-1)
     try:
         return [[Hit(str(h["id"]), float(h["score"]), h["text"], h["metadata"]) for h in json.loads(row)]
                 for row in rows]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ServerError(f"model '{SEARCH_MODEL}' at {url} returned hits that do not parse: {exc}") from None
+        raise ServerError(f"model '{model}' at {url} returned hits that do not parse: {exc}") from None
 
 
 def requested_outputs(grpcclient: Any, names: tuple[str, ...]) -> list[Any]:

@@ -86,11 +86,15 @@ def with_query_prompt(spec: _ModelSpec, queries: list[str]) -> list[str]:
     return with_prompt(spec, queries, wire.QUERY_PROMPT if wire.QUERY_PROMPT in prompts else None)
 
 
-def search_missing(exc: ModelNotFoundError, url: str) -> ModelNotFoundError:
-    """The error for a server without a `search` model: how to get one."""
-    return ModelNotFoundError(f"server at {exc.url or url} serves no search index: start it with "
-                              "`embedline serve --index STORE` (STORE filled by `embedline index`)",
-                              status=exc.status, url=exc.url)
+def search_spec(spec: _ModelSpec, url: str) -> _ModelSpec:
+    """`spec` (an embed model's) when that model ranks against a store (served with `--index`): searches go to
+    it directly, asking for its `hits` output, which spares them the `search` ensemble's extra scheduling (the
+    ensemble is for callers that address `search` by name). ModelNotFoundError, saying how, when it does not."""
+    if not wire.read(spec.parameters, "store_uri"):
+        raise ModelNotFoundError(f"server at {spec.url or url} serves no search index for model "
+                                 f"'{wire.read(spec.parameters, 'model_name', spec.name)}': start it with "
+                                 "`embedline serve --index STORE` (STORE filled by `embedline index`)", url=spec.url)
+    return spec
 
 
 def served_catalog(spec: _ModelSpec) -> dict[str, dict[str, str]]:

@@ -183,18 +183,18 @@ class EmbeddingClient(base.ClientBase):
         """
         queries, parameters = encoding.search_parameters(queries, k, filter, collection, hybrid)
         deadline = self._deadline(timeout)
-        queries = model_config.with_query_prompt(self._embed_spec(deadline), queries)
-        spec = self._search_spec(deadline)
+        spec = model_config.search_spec(self._embed_spec(deadline), self.url)
+        queries = model_config.with_query_prompt(spec, queries)
         outputs = encoding.requested_outputs(grpcclient, (wire.HITS_OUTPUT,))
         hits: list[list[Hit]] = []
         for part in planning.blocks(queries, spec.max_batch_size):
             inputs = [encoding.text_input(grpcclient, part)]
             hits += self._call(
                 lambda triton, attempt: encoding.parse_hits(
-                    triton.infer(wire.SEARCH_MODEL, inputs, outputs=outputs, parameters=parameters,
+                    triton.infer(spec.name, inputs, outputs=outputs, parameters=parameters,
                                  headers=self._headers, timeout=attempt.server_timeout_us,
-                                 client_timeout=attempt.timeout), len(part), attempt.url),
-                deadline, wire.SEARCH_MODEL)
+                                 client_timeout=attempt.timeout), len(part), attempt.url, spec.name),
+                deadline, spec.name)
         return hits
 
     def info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -296,12 +296,6 @@ class EmbeddingClient(base.ClientBase):
     def _embed_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)
         return self._spec(self.embed_model, deadline)
-
-    def _search_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
-        try:
-            return self._spec(wire.SEARCH_MODEL, deadline)
-        except ModelNotFoundError as exc:
-            raise model_config.search_missing(exc, self.url) from exc
 
     def _classify_spec(self, deadline: retry.Deadline) -> results._ModelSpec:
         self._resolve_model(deadline)

@@ -26,10 +26,9 @@ LABEL_OUTPUT = "label"                   # classify: [n, 1] BYTES
 PROBABILITIES_OUTPUT = "probabilities"   # classify: [n, num_labels] FP32, in the order of `labels`
 NEIGHBOURS_OUTPUT = "neighbour_labels"   # classify: [n, k] BYTES, only when `neighbours` k > 0
 
-# `search` (served with `serve --index`): query texts -> per query a JSON list of hits. An ensemble of the
-# embed model and `search_rank` (internal: the store).
+# `search` (served with `serve --index`): query texts -> per query a JSON list of hits. An ensemble of one
+# step: the embed model, asked for its `hits` output (it embeds and ranks against the store in one process).
 SEARCH_MODEL = "search"
-SEARCH_RANK_MODEL = "search_rank"
 HITS_OUTPUT = "hits"                     # [n, 1] BYTES: JSON [{"id", "score", "text", "metadata"}, ...]
 # Its request parameters (Triton's per-request `parameters`): k (int), filter (str, "" for none),
 # collection (str, "" for the default) and hybrid (bool).
@@ -79,6 +78,7 @@ EMBED_PARAMETERS = _parameters(
     ("default_prompt_name", "str", "the prompt a call that names none gets; empty: none"),
     ("fingerprint", "str", "a hash of the model's weights: a search collection records it, so vectors of two "
                            "models are never compared"),
+    ("store_uri", "str", "the store whose collections the `hits` output ranks (serve --index); empty: none"),
 )
 
 # The `classify` ensemble carries the embed parameters plus these; `classifier_head` has dim and these.
@@ -86,13 +86,6 @@ HEAD_PARAMETERS = _parameters(
     ("labels", "json", "the label order of `probabilities`"),
     ("neighbours", "int", "k nearest training examples' labels returned; 0: none"),
 )
-
-# The `search_rank` model's config parameters.
-SEARCH_PARAMETERS = _parameters(
-    ("store_uri", "str", "the store whose collections it searches"),
-    ("embed_model", "str", "the model the queries were embedded with (its config holds the model's record)"),
-)
-
 
 def encode(parameters: dict[str, Parameter], values: dict[str, Any]) -> dict[str, str]:
     """Typed values -> the strings a config carries; every parameter of `parameters`, and only those."""

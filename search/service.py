@@ -1,10 +1,10 @@
 """Search as the server runs it: query embeddings (and texts) -> per query the k best documents of a collection.
 
-The public `search` model is an ensemble: the served `embed` model turns the query texts into vectors
-(queries carry the model's query prompt, prepended by the SDK as for `embed(..., prompt_name=...)`), then
-the `search_rank` python model (model_repository/python/search_rank) ranks them with one SearchService and
-turns its errors into Triton statuses. Kept here, free of Triton, so that it is tested and read as plain
-Python.
+The public `search` model is an ensemble of one step: the served `embed` model turns the query texts into
+vectors (queries carry the model's query prompt, prepended by the SDK as for `embed(..., prompt_name=...)`)
+and, in the same process, ranks them with one SearchService (model_repository/python/embed/1/search_step.py,
+which turns its errors into Triton statuses). Kept here, free of Triton, so that it is tested and read as
+plain Python.
 """
 
 from __future__ import annotations

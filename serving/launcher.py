@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedline import artifact as art
-from embedline.serving.memory import SEARCH_PROCESS_MIB, MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
+from embedline.serving.memory import SEARCH_STEP_MIB, MemoryPlan, cgroup_root, fit_to_memory, memory_limit_mib
 from embedline.serving.repository import build_repository, served_names
 from embedline.serving.settings import RepositorySettings, add_server_options, artifact_variants, settings_from_args
 from embedline.serving.triton import (
@@ -461,12 +461,12 @@ class ServePlan:
 
 
 def search_memory_mib(index: str | None) -> int:
-    """What the `search` process needs for the store `index` as it is now (0 without an index)."""
+    """What ranking adds to one embed process for the store `index` as it is now (0 without an index)."""
     if not index:
         return 0
     from embedline.search.store import open_store  # the search extra: only when an index is served
 
-    return SEARCH_PROCESS_MIB + open_store(index).resident_mib()
+    return SEARCH_STEP_MIB + open_store(index).resident_mib()
 
 
 def plan_serve(args: argparse.Namespace) -> ServePlan:

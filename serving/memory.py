@@ -39,7 +39,7 @@ class MemoryPlan:
     """The memory one `serve` needs: its model processes (per engine) and the server around them."""
 
     processes: tuple[tuple[str, int], ...]  # (engine, number of processes)
-    search_mib: int = 0  # the `search` process with the index it holds now (0: no index served)
+    search_mib: int = 0  # what ranking adds to the embed processes, each holding the index (0: no index served)
 
     @property
     def need_mib(self) -> int:
@@ -50,13 +50,14 @@ class MemoryPlan:
         parts = [f"{count} {engine} process{'es' if count > 1 else ''} x {MODEL_PROCESS_MIB[engine]} MiB"
                  for engine, count in self.processes]
         if self.search_mib:
-            parts.append(f"search {self.search_mib} MiB (grows with the index)")
+            parts.append(f"search {self.search_mib} MiB (the index in each embed process; grows with it)")
         return f"{' + '.join(parts)} + {SERVER_BASE_MIB} MiB for tritonserver and the route"
 
 
-# The `search` process without its index: Python, faiss and SQLite (42 MiB PSS measured serving Cranfield's
-# 1,398 documents), with headroom; the store says what its collections add (Store.resident_mib).
-SEARCH_PROCESS_MIB = 120
+# What the rank step adds to an embed process besides its index: faiss, SQLite and embedline.search (a process
+# holding only these measured 42 MiB PSS serving Cranfield's 1,398 documents), with headroom; the store says
+# what its collections add (Store.resident_mib). Every embed instance of the default model holds its own copy.
+SEARCH_STEP_MIB = 120
 
 
 def memory_plan(variants: list[str], instances: int, heads: int = 0) -> MemoryPlan:
@@ -129,9 +130,10 @@ def fit_to_memory(settings: RepositorySettings, variants: list[str], heads: int,
 
     When `serve` chose the layout itself (two instances on a CPU), one instance on all the threads is tried
     next: it serves fewer sentences/s but takes one engine's memory. An operator's own --instances is kept.
-    `search_mib`: the search process's share (SEARCH_PROCESS_MIB + its index), when an index is served.
+    `search_mib`: what one embed process adds to rank (SEARCH_STEP_MIB + the index), when an index is served;
+    each instance holds it.
     """
-    plan = replace(memory_plan(variants, settings.instances, heads), search_mib=search_mib)
+    plan = replace(memory_plan(variants, settings.instances, heads), search_mib=search_mib * settings.instances)
     if check_fits(plan, limit_mib) is None:
         return settings, plan
     if layout_chosen_by_serve and settings.instances > 1:

@@ -78,11 +78,13 @@ def publish(artifact: art.Artifact, repository: str | Path, model: str | None = 
     shutil.rmtree(staging, ignore_errors=True)
     write_embed_version(artifact, staging, variant_files(artifact, variant))
     # The config describes the new version as `build-repo` would write it (Triton rereads it on load): the
-    # settings the server was started with and its catalog stay, what follows the artifact and variant changes.
+    # settings the server was started with, its catalog and its search store stay, what follows the artifact
+    # and variant changes.
     settings = replace(settings_from_config(config), variant=variant)
     catalog = wire.decode(wire.EMBED_PARAMETERS["served_models"], config.parameters["served_models"].string_value)
     tmp_config = config_path.with_name(".config.pbtxt.tmp")
-    params = embed_parameters(artifact, settings, catalog)
+    store_uri = config.parameters["store_uri"].string_value if "store_uri" in config.parameters else ""
+    params = embed_parameters(artifact, settings, catalog, store_uri)
     tmp_config.write_text(embed_config(artifact, model_dir.name, settings, params), encoding="utf-8")
     tmp_config.replace(config_path)
     staging.rename(model_dir / str(version))  # the watcher sees the version whole or not at all

@@ -34,8 +34,7 @@ LAYOUTS = ("python", "onnxruntime")
 # A served model's name is a directory name in the repository and a path segment in Triton's HTTP API.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The default artifact's model names: no other artifact may take them.
-RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder", wire.SEARCH_MODEL,
-                  wire.SEARCH_RANK_MODEL)
+RESERVED_NAMES = ("embed", "classify", "classifier_head", "tokenize", "encoder", wire.SEARCH_MODEL)
 # The parameters of the classify ensemble and of its classifier_head step (embedline/wire.py).
 CLASSIFY_CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
 HEAD_CONTRACT = {"dim": wire.EMBED_PARAMETERS["dim"], **wire.HEAD_PARAMETERS}
@@ -149,22 +148,25 @@ def build_repository(artifacts: art.Artifact | list[art.Artifact], dest: str | o
     dest.mkdir(parents=True)
     catalog = {n.name: {"embed": n.embed, "classify": n.classify if a.has_head() else ""}
                for n, a in zip(names, artifacts)}
-    for artifact, model_names, variant in zip(artifacts, names, variants):
-        _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog)
-    if index:
-        _add_search(artifacts[0], names[0], dest, settings, index)
+    store_uri = search_store_uri(index, settings.layout) if index else ""
+    for position, (artifact, model_names, variant) in enumerate(zip(artifacts, names, variants)):
+        _add_artifact(artifact, model_names, replace(settings, variant=variant), dest, catalog,
+                      store_uri if position == 0 else "")
+    if store_uri:
+        _add_search(names[0], dest, settings)
     log.info("built %s model repository in %s (%s)", settings.layout, dest, asdict(settings))
     return dest
 
 
 def _add_artifact(artifact: art.Artifact, names: ModelNames, settings: RepositorySettings, dest: Path,
-                  catalog: dict) -> None:
-    """The `embed` model (and `classify`, with a head) of one artifact, at version 1."""
+                  catalog: dict, store_uri: str = "") -> None:
+    """The `embed` model (and `classify`, with a head) of one artifact, at version 1; with `store_uri`, its
+    embed model also ranks against that store (the `hits` output)."""
     model_files = variant_files(artifact, settings.variant)
     if settings.variant == OPENVINO_VARIANT and settings.layout != "python":
         raise art.ArtifactError("the openvino variant runs in the python layout only (the embedded server)")
     templates = _templates()
-    params = embed_parameters(artifact, settings, catalog)
+    params = embed_parameters(artifact, settings, catalog, store_uri)
     values = _config_values(artifact, names.template_values(), settings, params)
     layout = templates / settings.layout
     text_batch = templates / "common" / "text_batch.py"
@@ -206,6 +208,9 @@ def embed_config(artifact: art.Artifact, embed_model: str, settings: RepositoryS
     """The python-layout `embed` model's config.pbtxt: what `build-repo` writes, and `publish` for a new version.
     `params`: `embed_parameters(artifact, settings, catalog)`."""
     values = _config_values(artifact, {"embed_model": embed_model}, settings, params)
+    # Served with an index, the embed model also answers the `search` ensemble's `hits` (search_step.py).
+    values["search_output"] = (f',\n  {{ name: "{wire.HITS_OUTPUT}", data_type: TYPE_STRING, dims: [ 1 ] }}'
+                               if params.get("store_uri") else "")
     template = _templates() / "python" / "embed" / "config.pbtxt"
     return Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
 
@@ -229,9 +234,11 @@ def settings_from_config(config) -> RepositorySettings:
                    **queue)
 
 
-def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: dict) -> dict[str, object]:
+def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catalog: dict,
+                     store_uri: str = "") -> dict[str, object]:
     """The embed model's config parameters: the client contract (model_name, dim, ...) and the engine's.
-    `build-repo` and `publish` both write these, so a published version is configured as a built one."""
+    `build-repo` and `publish` both write these, so a published version is configured as a built one.
+    `store_uri`: the store it ranks against (the default model of a server with an index)."""
     return {
         "model_name": artifact.name,
         "dim": artifact.dim,
@@ -257,6 +264,7 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
         # Set when this CPU's int8 instructions differ from the exporting host's, whose speed check chose
         # the CPU variant: `info().host_warning` and the serve banner say so.
         "host_warning": (host_mismatch(artifact) or "") if settings.device == "cpu" else "",
+        "store_uri": store_uri,
     }
 
 
@@ -326,28 +334,27 @@ def _add_classify(artifact: art.Artifact, names: ModelNames, dest: Path, templat
     (dest / names.classify / "1").mkdir(parents=True)  # an ensemble still needs its version directory
 
 
-def _add_search(artifact: art.Artifact, names: ModelNames, dest: Path, settings: RepositorySettings,
-                index: str) -> None:
-    """The `search` ensemble over the store `index`: the default artifact's `embed`, then `search_rank`."""
+def search_store_uri(index: str, layout: str) -> str:
+    """The store URI the embed model ranks against, checked before anything is written: the search extra
+    present, the URI valid, a directory made absolute (the server runs from elsewhere)."""
     from embedline.search.store import open_store  # the search extra: only when an index is served
 
+    if layout != "python":
+        raise art.ArtifactError("search is served by the python layout (its embed model ranks against the "
+                                "store); the onnxruntime layout has no index")
     try:
         import faiss  # noqa: F401  (the embedded store's ANN index, in the server's environment)
     except ImportError:
         raise art.ArtifactError("serving an index needs the search extra: pip install 'embedline[search]'") from None
     store = open_store(index)  # a bad URI fails here, before the server starts
-    uri = str(Path(store.uri).resolve()) if "://" not in index else index  # the server runs from elsewhere
-    templates = _templates() / "python"
-    values = {"search_model": wire.SEARCH_MODEL, "rank_model": wire.SEARCH_RANK_MODEL, "embed_model": names.embed,
-              "max_batch_size": settings.max_batch_size, "dim": artifact.dim,
-              "parameters": _parameters_block(wire.SEARCH_PARAMETERS, {"store_uri": uri, "embed_model": names.embed})}
-    _render(templates / "search" / "config.pbtxt", dest / wire.SEARCH_MODEL / "config.pbtxt", values)
+    return str(Path(store.uri).resolve()) if "://" not in index else index
+
+
+def _add_search(names: ModelNames, dest: Path, settings: RepositorySettings) -> None:
+    """The public `search` ensemble: one step, the default artifact's embed model asked for its `hits`."""
+    values = {"search_model": wire.SEARCH_MODEL, "embed_model": names.embed, "max_batch_size": settings.max_batch_size}
+    _render(_templates() / "python" / "search" / "config.pbtxt", dest / wire.SEARCH_MODEL / "config.pbtxt", values)
     (dest / wire.SEARCH_MODEL / "1").mkdir(parents=True)  # an ensemble still needs its version directory
-    _render(templates / "search_rank" / "config.pbtxt", dest / wire.SEARCH_RANK_MODEL / "config.pbtxt", values)
-    version = dest / wire.SEARCH_RANK_MODEL / "1"
-    version.mkdir(parents=True)
-    shutil.copy2(templates / "search_rank" / "1" / "model.py", version / "model.py")
-    shutil.copy2(_templates() / "common" / PARENT_WATCH, version / PARENT_WATCH)
 
 
 # ---- `embedline build-repo` -------------------------------------------------------------------------

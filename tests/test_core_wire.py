@@ -17,7 +17,7 @@ from embedline.serving.repository import RepositorySettings, build_repository
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "model_repository"
-CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS, **wire.SEARCH_PARAMETERS}
+CONTRACT = {**wire.EMBED_PARAMETERS, **wire.HEAD_PARAMETERS}
 TENSORS = (wire.TEXT_INPUT, wire.EMBEDDING_OUTPUT, wire.TRUNCATED_OUTPUT, wire.LABEL_OUTPUT,
            wire.PROBABILITIES_OUTPUT, wire.NEIGHBOURS_OUTPUT, wire.HITS_OUTPUT)
 
@@ -65,7 +65,7 @@ def test_the_model_repository_readme_documents_every_parameter_and_tensor():
     documented = set(re.findall(r"`([a-z_]+)`", readme))
     assert set(CONTRACT) <= documented, sorted(set(CONTRACT) - documented)
     assert set(TENSORS) <= documented, sorted(set(TENSORS) - documented)
-    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL, wire.SEARCH_MODEL, wire.SEARCH_RANK_MODEL,
+    assert {wire.EMBED_MODEL, wire.CLASSIFY_MODEL, wire.SEARCH_MODEL,
             *wire.SEARCH_REQUEST_PARAMETERS} <= documented
 
 
@@ -95,15 +95,22 @@ def test_build_repo_writes_exactly_the_contract_and_the_sdk_reads_it_back(tiny_c
 def test_build_repo_with_an_index_writes_the_search_contract(tiny_fp32, tmp_path):
     repo = build_repository(tiny_fp32, tmp_path / "models", RepositorySettings(variant="fp32"),
                             index=str(tmp_path / "store"))
-    rank = config_parameters(repo / wire.SEARCH_RANK_MODEL / "config.pbtxt")
-    assert rank == {"store_uri": str(tmp_path / "store"), "embed_model": wire.EMBED_MODEL}
     search = text_format.Parse((repo / wire.SEARCH_MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
     assert search.platform == "ensemble" and [o.name for o in search.output] == [wire.HITS_OUTPUT]
     assert search.input[0].name == wire.TEXT_INPUT
-    assert [step.model_name for step in search.ensemble_scheduling.step] == [wire.EMBED_MODEL, wire.SEARCH_RANK_MODEL]
-    # search_rank reads the served model's record from the embed config: it must carry it
-    assert {"model_name", "dim", "fingerprint", "prompts", "default_prompt_name"} <= set(
-        config_parameters(repo / "embed" / "config.pbtxt"))
+    [step] = search.ensemble_scheduling.step
+    assert step.model_name == wire.EMBED_MODEL and dict(step.output_map) == {wire.HITS_OUTPUT: wire.HITS_OUTPUT}
+    # the embed model ranks: it names the store and declares `hits` (its record is its own parameters)
+    embed = text_format.Parse((repo / "embed" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert wire.HITS_OUTPUT in [o.name for o in embed.output]
+    assert config_parameters(repo / "embed" / "config.pbtxt")["store_uri"] == str(tmp_path / "store")
+    assert (repo / "embed" / "1" / "search_step.py").is_file()
+    # without an index: no `hits`, no store
+    plain = build_repository(tiny_fp32, tmp_path / "plain", RepositorySettings(variant="fp32"))
+    assert config_parameters(plain / "embed" / "config.pbtxt")["store_uri"] == ""
+    plain_embed = text_format.Parse((plain / "embed" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert wire.HITS_OUTPUT not in [o.name for o in plain_embed.output]
+    assert not (plain / wire.SEARCH_MODEL).exists()
 
 
 def test_encode_refuses_parameters_outside_the_contract():

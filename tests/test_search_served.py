@@ -24,6 +24,7 @@ from embedline.client import (AsyncEmbeddingClient, CollectionNotFoundError, Emb
                               ModelNotFoundError)
 from embedline.documents import CorpusFormat
 from embedline.search.indexer import index_corpus
+from embedline.search.store import CollectionNotFoundError as StoreCollectionNotFound
 from embedline.search.store import ModelRecord, open_store
 
 pytestmark = pytest.mark.processes
@@ -80,6 +81,40 @@ def test_search_through_the_sdk_equals_exact_search_of_the_store(served, corpus)
     assert [h.id for h in hits] == [h.id for h in exact]
     assert [h.score for h in hits] == pytest.approx([h.score for h in exact], abs=1e-5)
     assert hits[0].text.startswith("study ") and set(hits[0].metadata) == {"year", "topic"}
+
+
+def test_embedding_is_unchanged_on_a_server_that_ranks_and_both_share_a_batch(served, corpus):
+    """The embed model ranks only requests that ask for `hits` alone: an embed call naming no outputs (as
+    perf_analyzer and plain HTTP clients send) gets embeddings, and embed and search calls batched together
+    each get their own answer."""
+    import tritonclient.http as httpclient
+
+    texts = [f"measurements of wing stall number {i}" for i in range(24)]
+    with EmbeddingClient(served.grpc_url) as client:
+        expected = client.embed(texts)
+        http = httpclient.InferenceServerClient(served.http_url)
+        request = httpclient.InferInput("text", [1, 1], "BYTES")
+        request.set_data_from_numpy(np.array([[texts[0].encode()]], dtype=np.object_))
+        result = http.infer("embed", [request])  # no outputs named: every output is requested
+        np.testing.assert_allclose(result.as_numpy("sentence_embedding")[0], expected[0], atol=1e-5)
+        failures: list[BaseException] = []
+
+        def call(i: int) -> None:
+            try:
+                if i % 2:
+                    [hits] = client.search(texts[i], k=3, collection="papers")
+                    assert len(hits) == 3
+                else:
+                    np.testing.assert_allclose(client.embed([texts[i]])[0], expected[i], atol=1e-5)
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                failures.append(exc)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures
 
 
 def test_several_queries_filters_and_hybrid(served, corpus):
@@ -170,25 +205,30 @@ def test_bad_corpus_files_fail_on_one_line_and_write_nothing(served, tmp_path, c
 
 
 def test_an_indexer_killed_mid_run_is_completed_by_running_it_again(served, tmp_path):
-    path = write_corpus(tmp_path / "corpus.tsv", 400)
+    total = 1200  # 75 blocks: the kill lands mid-run even when the check below is slow to look
+    path = write_corpus(tmp_path / "corpus.tsv", total)
     args = [*EMBEDLINE_CLI, "index", "--url", served.grpc_url, "--store", served.store, "--input", path,
             "--collection", "killed", "--block-size", "16"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = open_store(served.store)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill it once some blocks are in, before it is done
-        if "killed" in store.collections() and 0 < store.open("killed").count() < 400:
-            break
-        time.sleep(0.05)
+        try:
+            if 0 < store.open("killed").count() < total // 2:
+                break
+        except StoreCollectionNotFound:  # not created yet, or being created
+            pass
+        time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     partial = store.open("killed").count()
-    assert partial < 400
+    assert partial < total
     result = index_command(served, "--input", path, "--collection", "killed", "--block-size", "16")
-    assert "400 documents" in result.stdout and f"kept {partial} unchanged" in result.stdout
+    assert f"{total} documents" in result.stdout and f"kept {partial} unchanged" in result.stdout
+    assert store.open("killed").count() == total
     with EmbeddingClient(served.grpc_url) as client:
         [hits] = client.search("wind tunnel", k=1000, collection="killed")
-    assert len(hits) == 400 == len({h.id for h in hits})
+    assert len(hits) == 1000 == len({h.id for h in hits})
 
 
 def test_documents_indexed_while_serving_are_found_within_10_s_and_no_search_fails(served, corpus, tmp_path):

@@ -223,3 +223,24 @@ def test_resident_memory_grows_with_the_vectors_a_searching_process_holds(store)
     fill(collection, clustered(20000))
     expected = 20000 * (DIM * 4 + 2 * 32 * 4 + 9) / 2**20
     assert expected <= store.resident_mib() <= expected * 1.1 + 1
+
+
+def test_the_beam_widens_with_the_collection():
+    from embedline.search.embedded import EF_SEARCH, MAX_EF_SEARCH, beam_width
+
+    sizes = [10, 100_000, 200_000, 1_000_000, 10**7, 10**9]
+    widths = [beam_width(n) for n in sizes]
+    assert widths[:2] == [EF_SEARCH, EF_SEARCH] and widths == sorted(widths)
+    assert beam_width(1_000_000) == 4 * EF_SEARCH and widths[-1] == MAX_EF_SEARCH
+
+
+def test_a_k_wider_than_the_beam_still_returns_k_hits(store):
+    from embedline.search.embedded import EXACT_SCAN_BELOW, beam_width
+
+    collection = store.create_or_open("docs", MODEL)
+    n = 3 * EXACT_SCAN_BELOW  # searched through the graph
+    fill(collection, clustered(n))
+    k = 1000
+    assert k > beam_width(n)
+    [hits] = collection.search(clustered(1, seed=5), k)
+    assert len(hits) == k == len({h.id for h in hits})

@@ -68,9 +68,10 @@ def test_a_served_index_is_counted_in_the_plan():
     two = RepositorySettings(variant="openvino", instances=2, intra_op_threads=1)
     without = memory_plan(["openvino"], 2).need_mib
     settings, plan = fit_to_memory(two, ["openvino"], 0, None, True, search_mib=300)
-    assert plan.need_mib == without + 300 and "search 300 MiB" in plan.describe()
+    # each embed instance holds the index it ranks with
+    assert plan.need_mib == without + 600 and "search 600 MiB" in plan.describe()
     # the index's memory can push the plan to one instance, as the model processes can
-    single, plan = fit_to_memory(two, ["openvino"], 0, without + 299, True, search_mib=300)
+    single, plan = fit_to_memory(two, ["openvino"], 0, without + 599, True, search_mib=300)
     assert single.instances == 1 and plan.search_mib == 300
 
 

@@ -144,3 +144,35 @@ def test_the_launcher_serves_every_model_on_the_openai_route(launch_serve, tiny_
     assert response.usage.prompt_tokens > len(TEXTS)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0).embeddings.create(model="tiny", input="x")
+
+
+def test_a_published_model_keeps_the_index_and_refuses_the_old_models_collection(launch_serve, tiny_fp32, second_tiny,
+                                                                                   tmp_path):
+    """`publish` keeps the server's store: the new version ranks too, with its own model record, so the
+    collection indexed with the old weights is refused instead of compared with vectors of the new ones."""
+    import subprocess
+    import sys
+
+    from embedline.client import InvalidInputError
+    from embedline.client.cli import Progress
+    from embedline.search.indexer import index_corpus
+    from embedline.search.store import open_store
+
+    repository, store = tmp_path / "models", open_store(str(tmp_path / "store"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    served = launch_serve("--artifact", str(tiny_fp32.path), "--variant", "fp32", "--index", store.uri,
+                          "--repository", str(repository), "--watch")
+    with EmbeddingClient(served.grpc_url) as client:
+        index_corpus(client, store, "old", str(corpus), progress=Progress(len(TEXTS), enabled=False))
+        assert client.search(TEXTS[0], k=1, collection="old")[0][0].text == TEXTS[0]
+    published = subprocess.run([sys.executable, "-m", "embedline.cli", "publish", "--artifact", str(second_tiny.path),
+                                "--repository", str(repository), "--variant", "fp32"],
+                               capture_output=True, text=True, timeout=120)
+    assert published.returncode == 0, published.stderr
+    served.read_until("now serves version 2", timeout=60)
+    with EmbeddingClient(served.grpc_url) as client:
+        with pytest.raises(InvalidInputError, match="indexed with model"):
+            client.search(TEXTS[0], k=1, collection="old")
+        index_corpus(client, store, "new", str(corpus), progress=Progress(len(TEXTS), enabled=False))
+        assert client.search(TEXTS[0], k=1, collection="new")[0][0].text == TEXTS[0]

@@ -246,7 +246,7 @@ def test_every_python_model_watches_its_parent():
     """Each python model's initialize() starts the watch, and the repository builder copies its file."""
     models = list((MODEL_REPOSITORY / "python").glob("*/1/model.py")) + \
         list((MODEL_REPOSITORY / "onnxruntime").glob("*/1/model.py"))
-    assert len(models) == 4, models  # embed, classifier_head, search_rank; tokenize
+    assert len(models) == 3, models  # embed, classifier_head; tokenize
     for model in models:
         text = model.read_text()
         initialize = text.split("def initialize(self, args):", 1)[1]

@@ -5,7 +5,8 @@ normalization, so its output is the final `sentence_embedding`. Every request of
 tokenized together; with length grouping on (the default) the texts are sorted by length and cut into
 the engine runs that waste the least padding (text_batch.plan_groups), each padded to its own longest;
 off, the whole batch is padded to its longest in arrival order. The engine (ONNX Runtime on CPU/CUDA, or
-OpenVINO on CPU) is chosen by the config's `engine` parameter (engines.py).
+OpenVINO on CPU) is chosen by the config's `engine` parameter (engines.py). With an index served
+(`store_uri` set), the requests that ask for `hits` are also ranked against the store (search_step.py).
 """
 
 import os
@@ -35,6 +36,11 @@ class TritonPythonModel:
         self.tokenizer = TextTokenizer(os.path.join(directory, "tokenizer.json"), int(params["max_seq_length"]))
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = load_engine(directory, params, int(args["model_instance_device_id"]) if gpu else None)
+        self.search = None
+        if params["store_uri"]:
+            from search_step import SearchStep  # imports embedline.search: only where an index is served
+
+            self.search = SearchStep(params, pb_utils)
 
     def groups(self, ids):
         if self.length_grouping:
@@ -57,4 +63,5 @@ class TritonPythonModel:
             embeddings, truncated = self.embed(texts)
             return {"sentence_embedding": embeddings, "truncated": truncated.reshape(-1, 1)}
 
-        return respond(requests, pb_utils, compute)
+        responses = respond(requests, pb_utils, compute)
+        return responses if self.search is None else self.search.answer(requests, responses)
