@@ -168,10 +168,9 @@ def ann_alone(data: np.ndarray, queries: np.ndarray) -> dict:
     thread and recall@10 against exact search for held-out `queries`, at several beam widths."""
     import faiss
 
-    from embedline.search.embedded import EF_CONSTRUCTION, HNSW_LINKS, beam_width
+    from embedline.search.embedded import EF_CONSTRUCTION, HNSW_LINKS, beam_width, new_graph
 
-    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_LINKS, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = EF_CONSTRUCTION
+    index = new_graph(data.shape[1])
     started = time.perf_counter()
     index.add(data)
     build_s = time.perf_counter() - started
@@ -185,7 +184,7 @@ def ann_alone(data: np.ndarray, queries: np.ndarray) -> dict:
     sweep = {ef: one_query_at_a_time(index, queries, truth, ef) for ef in sorted({64, 128, 256, 512, served})}
     return {"vectors": len(data), "dim": int(data.shape[1]), "build_s": round(build_s, 1),
             "index_mib": round(index_mib), **sweep[served], "ef_search_sweep": sweep,
-            "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION, "efSearch": served}}
+            "hnsw": {"M": HNSW_LINKS, "efConstruction": EF_CONSTRUCTION, "efSearch": served, "vectors": "float16"}}
 
 
 def one_query_at_a_time(index, queries: np.ndarray, truth: np.ndarray, ef: int) -> dict:
@@ -312,7 +311,8 @@ def readme_section(record: dict) -> str:
             for name, ann in sets if ann and "ef_search_sweep" in ann for ef, m in ann["ef_search_sweep"].items()]
     if rows:
         hnsw = next(ann for _, ann in sets if ann)["hnsw"]
-        text += (f"The ANN step alone (HNSW M={hnsw['M']}, efConstruction={hnsw['efConstruction']}; in bold the "
+        text += (f"The ANN step alone (HNSW M={hnsw['M']}, efConstruction={hnsw['efConstruction']}, "
+                 f"{hnsw.get('vectors', 'float32')} vectors; in bold the "
                  "beam the store searches a graph of that size with, `embedded.beam_width`), queried with 300 "
                  "held-out STS-B sentences (in no collection), one query at a time on one thread; built on "
                  f"{record['threads']} cores:\n\n"

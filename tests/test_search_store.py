@@ -60,6 +60,19 @@ def test_hnsw_recall_at_10_against_exact_search_is_at_least_095(store):
     assert all(row[i].score >= row[i + 1].score for row in exact for i in range(9))
 
 
+def test_hit_scores_are_the_exact_cosine_similarities_best_first(store):
+    """The graph ranks with float16 vectors; the scores a caller sees come from the stored float32 ones."""
+    collection = store.create_or_open("docs", MODEL)
+    vectors = clustered(3000)
+    fill(collection, vectors)
+    query = clustered(1, seed=7)
+    for exact in (False, True):
+        [hits] = collection.search(query, 20, exact=exact)
+        expected = vectors[[int(h.id) for h in hits]] @ query[0]
+        assert [h.score for h in hits] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert all(hits[i].score >= hits[i + 1].score for i in range(19))
+
+
 def test_upsert_replaces_by_id_and_delete_removes(store):
     collection = store.create_or_open("docs", MODEL)
     vectors = clustered(100)
@@ -150,6 +163,25 @@ def test_the_saved_index_is_loaded_and_a_corrupt_one_rebuilt(store, tmp_path):
     assert all("3" not in {h.id for h in row} for row in rebuilt.search(vectors[:5], 10))
 
 
+def test_a_saved_graph_of_another_layout_is_rebuilt_in_this_one(store, tmp_path):
+    import faiss
+
+    collection = store.create_or_open("docs", MODEL)
+    vectors = clustered(500)
+    fill(collection, vectors)
+    collection.save_index()
+    collection.close()
+    path = tmp_path / "store" / "docs" / INDEX_FILE
+    with np.load(path) as saved:
+        fields = dict(saved)
+    float32_graph = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+    float32_graph.add(vectors)
+    np.savez(path, **{**fields, "index": faiss.serialize_index(float32_graph)})
+    reopened = store.open("docs")
+    assert type(reopened._index) is faiss.IndexHNSWSQ
+    assert [h.id for h in reopened.search(vectors[42:43], 1)[0]] == ["42"]
+
+
 def test_a_reader_sees_a_writers_commits_at_its_next_search(store):
     writer = store.create_or_open("docs", MODEL)
     vectors = clustered(200)
@@ -221,7 +253,7 @@ def test_resident_memory_grows_with_the_vectors_a_searching_process_holds(store)
     assert store.resident_mib() == 1
     collection = store.create_or_open("docs", MODEL)
     fill(collection, clustered(20000))
-    expected = 20000 * (DIM * 4 + 2 * 32 * 4 + 9) / 2**20
+    expected = 20000 * (DIM * 2 + 2 * 32 * 4 + 9) / 2**20  # float16 vectors, 2 x 32 links
     assert expected <= store.resident_mib() <= expected * 1.1 + 1
 
 
