@@ -149,6 +149,14 @@ def compute_targets(results: dict) -> list[dict]:
         f"corpus call, {corpus.get('variant', variant)}: AsyncEmbeddingClient.embed(N) / closed-loop best",
         median.get("client_async"), median.get("closed_loop_32x16"), 0.9,
         corpus.get("error") or "the same rounds, asyncio SDK"))
+    # ... and against sentence-transformers in-process on each length of text.
+    for workload, entry in [("short", {"texts": corpus.get("texts"), "median": median}),
+                            *(corpus.get("lengths") or {}).items()]:
+        tokens = (results.get("workloads") or {}).get(workload, {}).get("mean_tokens") or entry.get("mean_tokens")
+        targets.append(_ratio_target(
+            f"corpus call on {workload} texts ({tokens} tokens): client.embed(N) / SentenceTransformer.encode(N)",
+            (entry.get("median") or {}).get("client"), (entry.get("median") or {}).get("sentence_transformers"), 5.0,
+            corpus.get("error") or f"N={entry.get('texts')}, the same threads, medians of alternating rounds"))
 
     # 7. The OpenAI-compatible route beside gRPC on the same server, same rounds.
     targets.append(openai_route_target(results.get("openai_route") or {}))
@@ -214,7 +222,21 @@ def corpus_markdown(corpus: dict) -> list[str]:
             f"client.embed(N) / closed-loop best: {_fmt(corpus.get('ratio_client_to_closed_loop'))}, asyncio "
             f"{_fmt(corpus.get('ratio_async_to_closed_loop'))} (the other plan: "
             f"{_fmt(corpus.get('ratio_other_plan_to_closed_loop'))}). CPU int8 flags: {flags}; "
-            f"load average {corpus.get('load')}.", ""]
+            f"load average {corpus.get('load')}.", ""] + corpus_lengths_markdown(corpus)
+
+
+def corpus_lengths_markdown(corpus: dict) -> list[str]:
+    """The corpus call on the longer workloads: sentences/s of each side and the ratio."""
+    lengths = corpus.get("lengths") or {}
+    if not lengths:
+        return []
+    rows = [[f"{name} ({entry['texts']} texts, mean {entry['mean_tokens']} tokens)",
+             _fmt(entry["median"]["sentence_transformers"]), _fmt(entry["median"]["client"]),
+             _fmt(entry["ratio_client_to_st"])] for name, entry in lengths.items()]
+    return ["Longer texts, the same server and sentence-transformers process (medians of "
+            f"{len(next(iter(lengths.values()))['rounds']['client'])} alternating rounds):", "",
+            markdown_table(["workload", "SentenceTransformer.encode(N) sent/s", "client.embed(N) sent/s",
+                            "/ sentence-transformers"], rows), ""]
 
 
 def _cpu_model() -> str:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import (
     README, REPO, RESULTS, command_line, data_dir, load_average, machine_info, pin_threads, update_readme_section,
 )
-from benchmarks.workloads import MEDIUM, MIXED, SHORT, build_workloads
+from benchmarks.workloads import CORPUS_WORKLOADS, MEDIUM, MIXED, SHORT, build_workloads
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,8 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     call with its automatic request plan, the same call through the asyncio SDK, the sync call with the
     other plan (what the SDK plans for this server with the other length-group size), and the server's
     closed-loop best (16 concurrent 32-text requests from the asyncio SDK), which the corpus call should
-    approach.
+    approach. Then the longer workloads (`lengths`: sentences, passages), each in its own alternating rounds
+    of sentence-transformers and the SDK's corpus call.
     """
     import math
     import statistics
@@ -464,6 +465,8 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
                     max_concurrency=other.in_flight)["sentences_per_s"])
                 rounds["closed_loop_32x16"].append(closed_loop(
                     server.grpc_url, texts, w.tokens, 32, 16, mode.point_seconds, mode.warmup_seconds)["sentences_per_s"])
+            lengths = {name: _corpus_beside_st(st, server.grpc_url, workloads[name], mode.corpus_rounds)
+                       for name in CORPUS_WORKLOADS if name != SHORT and name in workloads}
     except Exception as exc:  # noqa: BLE001 - recorded in the results, the rest of the suite goes on
         log.exception("corpus stage failed")
         return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
@@ -480,7 +483,26 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
             "ratio_client_to_closed_loop": ratio("client", "closed_loop_32x16"),
             "ratio_async_to_closed_loop": ratio("client_async", "closed_loop_32x16"),
             "ratio_other_plan_to_closed_loop": ratio("client_other_plan", "closed_loop_32x16"),
-            "cpu_flags": cpu_flags(), "load": load_average()}
+            "lengths": lengths, "cpu_flags": cpu_flags(), "load": load_average()}
+
+
+def _corpus_beside_st(st, url: str, workload, rounds: int) -> dict:
+    """SentenceTransformer.encode(N) (batch 32, length-sorted) and client.embed(N) on one workload, in
+    alternating rounds after one untimed pass each: sentences/s medians and their ratio."""
+    import math
+    import statistics
+
+    texts = list(workload.texts)
+    one_pass = {"min_batches": math.ceil(len(texts) / 32), "sort_by_length": True}
+    st.batches(workload.name, 32, 0.0, **one_pass)
+    _corpus_call(url, texts)
+    measured: dict[str, list[float]] = {"sentence_transformers": [], "client": []}
+    for _ in range(rounds):
+        measured["sentence_transformers"].append(st.batches(workload.name, 32, 0.0, **one_pass)["sentences_per_s"])
+        measured["client"].append(_corpus_call(url, texts)["sentences_per_s"])
+    median = {name: round(statistics.median(values), 1) for name, values in measured.items()}
+    return {"texts": len(texts), "mean_tokens": round(float(workload.tokens.mean()), 1), "rounds": measured,
+            "median": median, "ratio_client_to_st": round(median["client"] / median["sentence_transformers"], 3)}
 
 
 def sts_record(artifact) -> dict | None:
@@ -656,6 +678,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: results["corpus"].get(k) for k in ("median", "plan", "ratio_client_to_st",
                                                                     "ratio_client_to_closed_loop",
                                                                     "ratio_other_plan_to_closed_loop", "error")}))
+            print(json.dumps({name: {k: entry[k] for k in ("mean_tokens", "median", "ratio_client_to_st")}
+                              for name, entry in results["corpus"].get("lengths", {}).items()}))
             print(f"\nsaved {path}")
             return 0
         results = run_suite(args, mode)

@@ -19,10 +19,12 @@ def workloads(tiny_fp32):
     return build_workloads(tiny_fp32.tokenizer_path, tiny_fp32.max_seq_length, n=60)
 
 
-def test_workloads_have_the_three_length_mixes(workloads, tiny_fp32):
+def test_workloads_have_the_length_mixes(workloads, tiny_fp32):
     from benchmarks.workloads import LONG_FRACTION
 
-    assert set(workloads) == {"short", "medium", "mixed"}
+    assert set(workloads) == {"short", "medium", "mixed", "sentences", "passages"}
+    assert len(workloads["sentences"].texts) == 60 and len(workloads["passages"].texts) == 15
+    assert workloads["passages"].tokens.mean() >= workloads["medium"].tokens.mean() > workloads["short"].tokens.mean()
     short, medium, mixed = workloads["short"], workloads["medium"], workloads["mixed"]
     assert len(short.texts) == len(mixed.texts) == 60 and len(short.tokens) == 60
     assert all(isinstance(t, str) and t for t in short.texts)
@@ -372,17 +374,29 @@ def test_corpus_stage_against_the_real_server(served, workloads, tiny_fp32, tmp_
     corpus = suite.measure_corpus(tiny_fp32, "fp32", workloads, mode, 1, tmp_path, tmp_path / "unused.json")
     assert "error" not in corpus, corpus
     n = len(workloads["short"].texts)
-    assert corpus["texts"] == n and calls == [("short", 32, math.ceil(n / 32), True)] * 3  # 1 untimed + 2 rounds
+    # 1 untimed pass + 2 rounds on each workload, the short texts first
+    assert corpus["texts"] == n and calls == [
+        (name, 32, math.ceil(len(workloads[name].texts) / 32), True) for name in ("short", "sentences", "passages")
+        for _ in range(3)]
     assert set(corpus["rounds"]) == {"sentence_transformers", "client", "client_async", "client_other_plan",
                                      "closed_loop_32x16"}
     assert all(len(values) == 2 and all(v > 0 for v in values) for values in corpus["rounds"].values())
     assert corpus["plan"]["in_flight"] >= 1 and corpus["plan"]["batch_size"] >= 1
     assert corpus["ratio_client_to_st"] == pytest.approx(corpus["median"]["client"] / 100.0, rel=1e-2)
     assert corpus["cpu_flags"] is not None and len(corpus["load"]) == 3
+    assert set(corpus["lengths"]) == {"sentences", "passages"}
+    for entry in corpus["lengths"].values():
+        assert len(entry["rounds"]["client"]) == 2 and entry["median"]["client"] > 0
+        assert entry["ratio_client_to_st"] == pytest.approx(entry["median"]["client"] / 100.0, rel=1e-2)
 
     results = _synthetic_results()
     results["corpus"] = corpus
-    sync_target, async_target = [t for t in compute_targets(results) if t["target"].startswith("corpus call")]
+    sync_target, async_target, *against_st = [t for t in compute_targets(results)
+                                              if t["target"].startswith("corpus call")]
+    assert [t["target"].split(" texts")[0] for t in against_st] == [
+        "corpus call on short", "corpus call on sentences", "corpus call on passages"]
+    assert all(t["goal"] == ">= 5.0x" and t["measured"] > 0 for t in against_st)
+    assert "Longer texts" in "\n".join(corpus_markdown(corpus))
     assert sync_target["measured"] == pytest.approx(corpus["ratio_client_to_closed_loop"], abs=1e-2)
     assert async_target["measured"] == pytest.approx(corpus["ratio_async_to_closed_loop"], abs=1e-2)
     assert "AsyncEmbeddingClient" in async_target["target"]
