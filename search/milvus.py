@@ -46,12 +46,13 @@ import logging
 import os
 import re
 import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
 
 from embedline.lexical import STOP_WORDS
-from embedline.search.embedded import EF_CONSTRUCTION, EF_SEARCH, HNSW_LINKS, _chunks
+from embedline.search.embedded import EF_CONSTRUCTION, HNSW_LINKS, _chunks, beam_width
 from embedline.search.filters import And, Compare, Filter, Not, Or, Truthy, _kind, parse_filter, to_milvus
 from embedline.search.store import (CollectionNotFoundError, Hit, ModelRecord, StoreError, check_collection_name,
                                     check_k)
@@ -63,6 +64,9 @@ TEXT_BYTES = 65535  # Milvus's longest VARCHAR
 ID_BYTES = 1024
 UPSERT_ROWS = 512  # rows per request: 512 of the longest texts stay under gRPC's 64 MiB message limit
 READ_BATCH = 1000  # ids per `get`, rows per query-iterator batch
+# The HNSW beam follows the collection's size (embedded.beam_width), counted again at most this often: a
+# count is one more request, and a beam a little narrow for a few seconds costs little recall.
+SIZE_REFRESH_S = 30.0
 # What importing pymilvus (with pandas and grpc) adds to a process: 111 MiB RSS measured here.
 CLIENT_MIB = 110
 # Filters run on the metadata's values of one type class (filters._kind: bool, number, string) each.
@@ -264,6 +268,14 @@ class MilvusCollection:
         self.store = store
         self.name = name
         self.model = model
+        self._size, self._sized_at = 0, None
+
+    def _beam(self, k: int) -> int:
+        """The HNSW beam (Milvus's `ef`) for a k-search: the embedded store's rule for this collection's size."""
+        now = time.monotonic()
+        if self._sized_at is None or now - self._sized_at > SIZE_REFRESH_S:
+            self._size, self._sized_at = self.count(), now
+        return max(beam_width(self._size), k)
 
     @property
     def _client(self):
@@ -353,7 +365,7 @@ class MilvusCollection:
             results = self._client.search(
                 self.name, data=vectors.tolist(), anns_field="vector", limit=k, filter=expression,
                 output_fields=["text", "metadata"], consistency_level=CONSISTENCY,
-                search_params={"metric_type": "IP", "params": {"ef": max(EF_SEARCH, k)}})
+                search_params={"metric_type": "IP", "params": {"ef": self._beam(k)}})
         return [[_hit(hit, float(hit["distance"])) for hit in row] for row in results]
 
     def _scan(self, expression: str) -> tuple[list[str], np.ndarray]:

@@ -83,6 +83,20 @@ def test_hnsw_recall_at_10_against_exact_search_is_at_least_095(store):
     assert all(row[i].score >= row[i + 1].score for row in exact for i in range(9))
 
 
+def test_the_beam_follows_the_collections_size_counted_at_most_every_30_s(store, monkeypatch):
+    from embedline.search import milvus as milvus_module
+
+    collection = store.create_or_open("beam", MODEL)
+    fill(collection, clustered(50))
+    counts = []
+    monkeypatch.setattr(collection, "count", lambda: counts.append(1) or 1_000_000)
+    assert collection._beam(10) == 512 and collection._beam(1000) == 1000  # a million: 512, never below k
+    assert len(counts) == 1  # counted once, not per search
+    collection._sized_at -= milvus_module.SIZE_REFRESH_S + 1  # the count is older than that
+    collection._beam(10)
+    assert len(counts) == 2
+
+
 RULES = ['parity == "even"', "n < 100", 'n >= 10 and parity != "odd"', 'tag in ["a", "c"]', 'tag not in ["a"]',
          "not (n < 150)", "not (x > 1)", 'x == 1 or x == "1"', "flag", "not flag", "n in [3, 7.0, 11]"]
 
