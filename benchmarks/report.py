@@ -52,6 +52,10 @@ def _reference(results: dict, variant: str, key: str) -> dict | None:
     return _inproc(results, engine, "short", batch)
 
 
+# One text (or one search query) through the server: at most this much above the engine in-process.
+ONE_TEXT_EXTRA_MS = 1.0
+
+
 def _target(name: str, measured: float | None, goal: str, passed: bool | None, detail: str) -> dict[str, Any]:
     return {"target": name, "measured": None if measured is None else round(measured, 3), "goal": goal,
             "pass": passed, "detail": detail}
@@ -103,10 +107,18 @@ def compute_targets(results: dict) -> list[dict]:
         loop = _point(results, variant, 1, 1)
         detail = f"{c1['p50_ms']:.2f} ms vs {in1['p50_ms']:.2f} ms ({c1.get('client', 'asyncio')} client"
         detail += f"; asyncio closed loop c1 p50 {loop['p50_ms']:.2f} ms)" if loop and loop is not c1 else ")"
-        targets.append(_target(f"1 short text c1, {variant}: server p50 - raw batch-1 p50 (ms)", extra, "<= 1.5 ms",
-                               extra <= 1.5, detail))
+        targets.append(_target(f"1 short text c1, {variant}: server p50 - raw batch-1 p50 (ms)", extra,
+                               f"<= {ONE_TEXT_EXTRA_MS} ms", extra <= ONE_TEXT_EXTRA_MS, detail))
     else:
-        targets.append(_target("1 short text c1: server p50 - raw p50", None, "<= 1.5 ms", None, "not measured"))
+        targets.append(_target("1 short text c1: server p50 - raw p50", None, f"<= {ONE_TEXT_EXTRA_MS} ms", None,
+                               "not measured"))
+    # The same for one search query; and repeated queries through Triton's response cache. Not measured by
+    # the suite yet: the rows keep the goals in sight (benchmarks/search.py measures search - embed).
+    targets.append(_target("1 search query c1 over 100k documents: server p50 - (raw batch-1 p50 + ANN p50) (ms)",
+                           None, f"<= {ONE_TEXT_EXTRA_MS} ms", None,
+                           "not measured by the suite (benchmarks/search.py: search p50 - one-text embed p50)"))
+    targets.append(_target("repeated queries: Triton's response cache on / off", None, "measured; on only if it pays",
+                           None, "not measured yet"))
 
     # 4. Mixed lengths: length-aware batching vs pad-to-longest, same server otherwise.
     for size, conc in results.get("mixed_points", []):
