@@ -199,12 +199,9 @@ class EmbeddedCollection:
 
     # -- the vector index -------------------------------------------------------------------------
 
-    def _new_index(self):
-        return new_graph(self.model.dim)
-
     def _load_index(self) -> None:
         """The saved graph when it reads, else an empty one; then whatever SQLite has beyond it."""
-        self._index, self._rows, self._live = self._new_index(), np.empty(0, np.int64), np.empty(0, bool)
+        self._index, self._rows, self._live = new_graph(self.model.dim), np.empty(0, np.int64), np.empty(0, bool)
         self._last_row = self._last_deletion = 0
         path = self.directory / INDEX_FILE
         if path.is_file():
@@ -378,10 +375,12 @@ class EmbeddedCollection:
             if not rows:
                 results.append([])
                 continue
-            scores = np.stack([documents[row][3] for row in rows]) @ query
-            order = np.argsort(-scores, kind="stable")
-            results.append([Hit(documents[rows[i]][0], float(scores[i]), documents[rows[i]][1], documents[rows[i]][2])
-                            for i in order])
+            scores = (np.stack([documents[row][3] for row in rows]) @ query).tolist()
+            hits = []
+            for score, row in sorted(zip(scores, rows), key=lambda pair: -pair[0]):  # stable: ties keep graph order
+                doc_id, text, metadata, _ = documents[row]
+                hits.append(Hit(doc_id, score, text, metadata))
+            results.append(hits)
         return results
 
     def _documents(self, rows) -> dict[int, tuple[str, str, dict, np.ndarray]]:
