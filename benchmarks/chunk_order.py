@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, markdown_table
+from benchmarks.common import RESULTS, markdown_table, measured_settings
 from benchmarks.experiment import Experiment
 
 ORDERS = ("longest first", "shortest first")
@@ -48,8 +48,6 @@ def measure(url: str, texts: list[str], order: str) -> dict[str, float]:
 
 def main() -> None:
     experiment = Experiment.from_command_line(__doc__, rounds=12)
-    from embedline.serving.settings import served_settings
-
     from benchmarks.suite import triton
     from benchmarks.workloads import build_workloads
 
@@ -57,7 +55,7 @@ def main() -> None:
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short", "mixed"))
     rounds = {w: {o: {c: [] for c in CALLS} for o in ORDERS} for w in workloads}
     with tempfile.TemporaryDirectory(prefix="embedline-chunk-order-") as tmp, \
-            triton(artifact, Path(tmp), served_settings(experiment.variant, experiment.threads)) as server:
+            triton(artifact, Path(tmp), measured_settings(experiment.variant, experiment.threads)) as server:
         for workload in workloads.values():
             texts = list(workload.texts)
             for order in ORDERS:  # untimed: the engine's first runs of each input shape

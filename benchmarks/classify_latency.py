@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import data_dir, markdown_table, percentile, read_tsv
+from benchmarks.common import data_dir, markdown_table, measured_settings, percentile, read_tsv
 
 SIZES = (1, 32)
 
@@ -66,12 +66,11 @@ def measure_classify_latency(artifact, variant: str, threads: int, requests: int
     Returns ({"embed x1": summary, "classify x1": ..., ...}, number of labels)."""
     from embedline.client import EmbeddingClient
     from embedline.serving.repository import build_repository
-    from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
     results: dict[str, dict] = {}
     repository = build_repository(artifact, tmp / "classify-models",
-                                  served_settings(variant, threads))
+                                  measured_settings(variant, threads))
     with TritonServer(repository, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server, \
             EmbeddingClient(server.grpc_url, timeout=60) as client:
         labels = len(client.info().labels)

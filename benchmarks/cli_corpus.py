@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, measured_settings
 from benchmarks.experiment import Experiment
 
 MEASURES = ("cli", "client", "closed_loop_32x16")
@@ -31,8 +31,6 @@ def main() -> None:
     experiment = Experiment.from_command_line(__doc__, rounds=4, options=lambda parser: parser.add_argument(
         "--lines", type=int, default=20_000, help="lines in the file the CLI embeds"))
     import numpy as np
-
-    from embedline.serving.settings import served_settings
 
     from benchmarks.load import closed_loop
     from benchmarks.suite import _corpus_call, triton
@@ -47,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="embedline-cli-corpus-") as tmp:
         lines, output = Path(tmp) / "texts.txt", Path(tmp) / "vectors.npy"
         lines.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        with triton(artifact, Path(tmp), served_settings(experiment.variant, experiment.threads)) as server:
+        with triton(artifact, Path(tmp), measured_settings(experiment.variant, experiment.threads)) as server:
             url = server.grpc_url
             _corpus_call(url, texts[:2000])  # untimed: the engine's first runs of each input shape
             for k in range(experiment.rounds):

@@ -176,3 +176,13 @@ def parse_with_train_config(parser, settings: dict[str, Any], argv: list[str] | 
         return args, apply_overrides(TrainConfig(**settings), parse_overrides(rest))
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def measured_settings(variant: str, threads: int | None = None, **overrides):
+    """The settings `embedline serve` runs `variant` with (`served_settings`), without the embedding cache:
+    the benchmarks send the same texts again and again, and a cache would turn their numbers into the
+    cache's. benchmarks/response_cache.py measures the cache itself, on a realistic repeat rate."""
+    from embedline.serving.settings import served_settings
+
+    overrides.setdefault("embedding_cache_entries", 0)
+    return served_settings(variant, threads, **overrides)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from benchmarks.common import sts_sentences
+from benchmarks.common import measured_settings, sts_sentences
 from benchmarks.experiment import Experiment
 from benchmarks.side_by_side import compare, readme_table
 
@@ -24,12 +24,10 @@ def main() -> None:
         "--texts", type=int, default=2000, help="texts in one corpus call (STS-B sentences)"))
     import numpy as np
 
-    from embedline.serving.settings import served_settings
-
     texts = sts_sentences(experiment.args.texts)
     tokens = np.array([len(t.split()) for t in texts])
     threads = experiment.threads
-    served = served_settings(experiment.variant, threads)  # what `embedline serve` runs on these cores
+    served = measured_settings(experiment.variant, threads)  # what `embedline serve` runs on these cores
     one = f"1 instance x {threads} threads"
     shared = f"{served.instances} instances x {served.intra_op_threads} thread{'s' if served.intra_op_threads > 1 else ''}"
     layouts = {one: replace(served, instances=1, intra_op_threads=threads), shared: served}

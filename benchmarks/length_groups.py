@@ -24,13 +24,12 @@ SIZES = (32, 64)
 
 def main() -> None:
     experiment = Experiment.from_command_line(__doc__, rounds=12)
-    from embedline.serving.settings import served_settings
-
+    from benchmarks.common import measured_settings
     from benchmarks.workloads import build_workloads
 
     artifact = experiment.artifact
     short = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, names=("short",))["short"]
-    served = served_settings(experiment.variant, experiment.threads)  # what `embedline serve` runs here
+    served = measured_settings(experiment.variant, experiment.threads)  # what `embedline serve` runs here
     sizes = {f"groups of {size}": replace(served, length_group_size=size) for size in SIZES}
     compare("length_groups", experiment, sizes, f"groups of {served.group_size}", list(short.texts), short.tokens)
     experiment.report("length_groups", readme_section())

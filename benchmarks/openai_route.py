@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cpu_flags, data_dir, load_average, markdown_table, percentile
+from benchmarks.common import cpu_flags, data_dir, load_average, markdown_table, measured_settings, percentile
 from benchmarks.experiment import Experiment
 
 CONCURRENCY = 16
@@ -224,11 +224,10 @@ def measure(artifact, variant: str, requests: int, seconds: float, rounds: int, 
     """The route beside gRPC on one server: latency of single texts, throughput at c16 (the suite's stage too)."""
     from embedline.serving.openai_api import ServedModel, openai_command
     from embedline.serving.repository import build_repository
-    from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
     texts, source = sentences()
-    settings = served_settings(variant, threads)
+    settings = measured_settings(variant, threads)
     with tempfile.TemporaryDirectory() as tmp:
         repository = build_repository(artifact, Path(tmp) / "models", settings)
         with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),

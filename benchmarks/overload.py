@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import markdown_table, percentile, sts_sentences
+from benchmarks.common import markdown_table, measured_settings, percentile, sts_sentences
 from benchmarks.experiment import Experiment
 
 DEADLINE_S = 2.0
@@ -118,14 +118,13 @@ def main() -> None:
     experiment = Experiment.from_command_line(__doc__, options=options)
     args, artifact, variant = experiment.args, experiment.artifact, experiment.variant
     from embedline.serving.repository import build_repository
-    from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, free_port
 
     sentences = sts_sentences(REQUEST_TEXTS * 200)
     requests = [sentences[i:i + REQUEST_TEXTS] for i in range(0, len(sentences), REQUEST_TEXTS)]
     rows, results = [], {}
     for size in [int(s) for s in args.sizes.split(",")]:
-        settings = served_settings(variant, experiment.threads, max_queue_size=size)  # serve's layout
+        settings = measured_settings(variant, experiment.threads, max_queue_size=size)  # serve's layout
         with tempfile.TemporaryDirectory() as tmp:
             repository = build_repository(artifact, Path(tmp) / "models", settings)
             with TritonServer(repository, grpc_port=free_port(), http_port=free_port(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import data_dir, markdown_table
+from benchmarks.common import data_dir, markdown_table, measured_settings
 from benchmarks.experiment import Experiment
 
 
@@ -57,14 +57,13 @@ def served_scores(experiment: Experiment, variant: str, tmp: Path) -> dict:
     from embedline.search.indexer import index_corpus
     from embedline.retrieval import evaluate, read_qrels, read_queries
     from embedline.search.store import open_store
-    from embedline.serving.settings import served_settings
 
     from benchmarks.suite import triton
 
     store = open_store(str(tmp / f"store-{variant}"))
     qrels = read_qrels(cranfield() / "qrels.tsv.gz")
     queries = labelled_queries(read_queries(cranfield() / "queries.tsv.gz"), qrels)
-    with triton(experiment.artifact, tmp, served_settings(variant, experiment.threads), index=store.uri) as server:
+    with triton(experiment.artifact, tmp, measured_settings(variant, experiment.threads), index=store.uri) as server:
         with EmbeddingClient(server.grpc_url, timeout=600) as client:
             index_corpus(client, store, "cranfield", str(cranfield() / "corpus.tsv.gz"),
                          CorpusFormat(title_field="title", skip_empty=True), progress=Progress(1400, enabled=False))

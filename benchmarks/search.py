@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, RESULTS, command_line, data_dir, markdown_table, percentile, read_tsv, stsb_dev_sentences
+from benchmarks.common import (REPO, RESULTS, command_line, data_dir, markdown_table, measured_settings, percentile,
+                               read_tsv, stsb_dev_sentences)
 from benchmarks.experiment import Experiment
 
 
@@ -222,7 +223,6 @@ def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Pa
 def main() -> None:
     experiment = Experiment.from_command_line(__doc__, rounds=3, options=options)
     from embedline.search.store import open_store
-    from embedline.serving.settings import served_settings
 
     from benchmarks.suite import triton
 
@@ -238,7 +238,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         store = open_store(str(tmp / "store"))
         if serve:
-            with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
+            with triton(experiment.artifact, tmp, measured_settings(experiment.variant, experiment.threads),
                         index=store.uri) as server:
                 if "indexing" in stages:
                     results["indexing"] = indexing_rounds(server.grpc_url, store, texts[: args.index_texts], tmp,
@@ -249,7 +249,7 @@ def main() -> None:
                     save_embeddings(cache, server.grpc_url, store.open("bench"), queries)
         if args.store and "serving" in stages:
             milvus = open_store(args.store)
-            with triton(experiment.artifact, tmp, served_settings(experiment.variant, experiment.threads),
+            with triton(experiment.artifact, tmp, measured_settings(experiment.variant, experiment.threads),
                         index=args.store) as server:
                 results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp, "bench")
     if args.ann_vectors and "ann" in stages:

@@ -34,7 +34,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmarks.common import (
-    README, REPO, RESULTS, command_line, data_dir, load_average, machine_info, pin_threads, update_readme_section,
+    README, REPO, RESULTS, command_line, data_dir, load_average, machine_info, measured_settings, pin_threads,
+    update_readme_section,
 )
 from benchmarks.workloads import CORPUS_WORKLOADS, MEDIUM, MIXED, SHORT, build_workloads
 
@@ -281,9 +282,7 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
     it (pad-to-longest, no dynamic batching), then the other variants; in-process references bracket each."""
     from dataclasses import asdict
 
-    from embedline.serving.settings import served_settings
-
-    base = served_settings(default_variant, threads)
+    base = measured_settings(default_variant, threads)
     sweep = [(SHORT, size, c) for size in mode.request_sizes for c in mode.concurrency]
     extra = [(MEDIUM, 32, 2), (MEDIUM, 1, 16)] + [(MIXED, s, c) for s, c in MIXED_POINTS]
     if 16 not in mode.concurrency:
@@ -294,7 +293,7 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
                 [(MIXED, s, c) for s, c in MIXED_POINTS], False),
                (f"{default_variant} dynamic batching off", replace(base, dynamic_batching=False), [],
                 [(SHORT, 1, 1), (SHORT, 1, 16), (SHORT, 32, 2)], False)]
-    configs += [(v, served_settings(v, threads), sweep, [], True) for v in variants if v != default_variant]
+    configs += [(v, measured_settings(v, threads), sweep, [], True) for v in variants if v != default_variant]
 
     from benchmarks.engine_process import EngineProcess
     from benchmarks.report import inprocess_name
@@ -328,14 +327,12 @@ def measure_servers(artifact, variants, default_variant, workloads, mode: Mode, 
 
 
 def measure_perf_analyzer(artifact, variant, workloads, mode: Mode, threads: int, tmp: Path) -> dict:
-    from embedline.serving.settings import served_settings
-
     from benchmarks import perf_analyzer
 
     try:
         perf_analyzer.binary()
         # No queue policy (max_queue_size 0): perf_analyzer records no request from a model that has one.
-        settings = served_settings(variant, threads, max_queue_size=0)
+        settings = measured_settings(variant, threads, max_queue_size=0)
         with triton(artifact, tmp, settings) as server:
             points = [perf_analyzer.run(server.grpc_url, workloads[SHORT].texts, c, tmp / "perf_analyzer",
                                         measurement_ms=int(1000 * max(1.0, mode.point_seconds)))
@@ -429,7 +426,6 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
     import statistics
 
     from embedline.client.planning import plan_requests
-    from embedline.serving.settings import served_settings
 
     from benchmarks.common import cpu_flags, other_group_size
     from benchmarks.engine_process import EngineProcess
@@ -441,7 +437,7 @@ def measure_corpus(artifact, variant: str, workloads, mode: Mode, threads: int, 
                                       "client_other_plan": [], "closed_loop_32x16": []}
     plan: dict[str, int] = {}
     try:
-        settings = served_settings(variant, threads)  # within the thread budget of the in-process side
+        settings = measured_settings(variant, threads)  # within the thread budget of the in-process side
         other = plan_requests(len(texts), settings.max_batch_size, instances=settings.instances,
                               group_size=other_group_size(settings.group_size),
                               max_queue_size=settings.max_queue_size)

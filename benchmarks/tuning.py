@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from benchmarks.common import (
-    RESULTS, load_average, machine_info, markdown_table, other_group_size, update_readme_section,
+    RESULTS, load_average, machine_info, markdown_table, measured_settings, other_group_size, update_readme_section,
 )
 from benchmarks.workloads import MIXED, SHORT, build_workloads
 
@@ -75,13 +75,12 @@ def median_points(rounds: list[list[dict]]) -> list[dict]:
 
 
 def run_tuning(args: argparse.Namespace, artifact, mode) -> Path:
-    from embedline.serving.settings import served_settings
     from embedline.variants import choose_variant
 
     from benchmarks.suite import sequential_point, sweep_points, triton
 
     variant = args.variants.split(",")[0] if args.variants else choose_variant(artifact, "cpu")
-    base = served_settings(variant, args.threads)
+    base = measured_settings(variant, args.threads)
     workloads = build_workloads(artifact.tokenizer_path, artifact.max_seq_length, n=mode.texts,
                                 names=(SHORT, MIXED))
     load_before = load_average()

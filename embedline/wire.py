@@ -71,6 +71,7 @@ EMBED_PARAMETERS = _parameters(
     ("streams", "int", "OpenVINO CPU streams per instance"),
     ("gpu_provider", "str", "cuda | tensorrt"),
     ("spin_wait", "bool", "ONNX Runtime threads spin between parallel sections"),
+    ("embedding_cache_entries", "int", "texts whose embeddings each instance keeps; 0: none"),
     ("served_models", "json", "every served artifact's name -> {embed, classify} Triton model names"),
     ("matryoshka_dims", "json", "the dims a Matryoshka loss trained the model for"),
     ("host_warning", "str", "set when this CPU's int8 instructions differ from the exporting host's"),

@@ -255,6 +255,7 @@ def embed_parameters(artifact: art.Artifact, settings: RepositorySettings, catal
         "streams": settings.streams,
         "gpu_provider": settings.gpu_provider,
         "spin_wait": settings.spin_wait,
+        "embedding_cache_entries": settings.embedding_cache_entries,
         # Every served artifact's name -> its Triton models, so a client can address one by name.
         "served_models": catalog,
         "matryoshka_dims": list(artifact.matryoshka_dims),
@@ -275,7 +276,7 @@ def settings_from_parameters(parameters: dict[str, str], device: str) -> Reposit
         return wire.decode(wire.EMBED_PARAMETERS[key], parameters[key])
 
     engine_keys = ("intra_op_threads", "length_grouping", "group_overhead_tokens", "max_group_tokens",
-                   "engine_cache_shapes", "streams", "gpu_provider", "spin_wait")
+                   "engine_cache_shapes", "streams", "gpu_provider", "spin_wait", "embedding_cache_entries")
     return RepositorySettings(variant=value("variant"), device=device, **{key: value(key) for key in engine_keys})
 
 

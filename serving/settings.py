@@ -68,6 +68,9 @@ class RepositorySettings:
     # (benchmarks/README.md, "Server tuning"). Off leaves the cores alone between runs: for a machine shared
     # with busier processes (`--no-spin-wait`).
     spin_wait: bool = True
+    # Texts whose embeddings each python-layout embed instance keeps (the most recently used; about 2 KB
+    # each at 384 dims): a repeated query skips the engine (benchmarks/README.md, "Response cache"). 0: none.
+    embedding_cache_entries: int = 4096
 
     @property
     def group_size(self) -> int:
@@ -168,6 +171,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                              "each for the two CPU instances, the CPU quota counted)")
     parser.add_argument("--streams", type=int, default=defaults.streams,
                         help="OpenVINO CPU streams per instance (openvino variant)")
+    parser.add_argument("--embedding-cache", type=_non_negative_int, default=defaults.embedding_cache_entries,
+                        help="texts whose embeddings each model instance keeps, so a repeated query skips "
+                             "the engine (0: none)")
     parser.add_argument("--no-length-grouping", action="store_true",
                         help="pad each dynamic batch to its longest text in arrival order (benchmark baseline)")
     parser.add_argument("--no-dynamic-batching", action="store_true", help="run every request on its own")
@@ -189,6 +195,7 @@ def settings_from_args(args: argparse.Namespace, artifact: art.Artifact, device:
         length_grouping=not args.no_length_grouping,
         dynamic_batching=not args.no_dynamic_batching,
         spin_wait=not args.no_spin_wait,
+        embedding_cache_entries=args.embedding_cache,
     )
 
 

@@ -178,6 +178,39 @@ def test_latency_target_reads_the_blocking_client_point():
     assert "sync client" in latency["detail"] and "asyncio closed loop c1 p50 2.00" in latency["detail"]
 
 
+def _cache_record(embedding_cache_rps: float, embedding_cache_right: bool = True) -> dict:
+    right = {"sdk_gets_its_outputs": embedding_cache_right, "answer_after_publish_is_version_2": True}
+    return {"speed": {"repeat_rate": {"c1": 0.31, "c16": 0.32},
+                      "median": {"no cache": {"c16_requests_per_s": 200.0},
+                                 "embedding cache": {"c16_requests_per_s": embedding_cache_rps},
+                                 "Triton response cache": {"c16_requests_per_s": 300.0}}},
+            "checks": {"embedding cache": right,
+                       "Triton response cache": {"sdk_gets_its_outputs": False,
+                                                 "answer_after_publish_is_version_2": True}}}
+
+
+def test_the_repeated_queries_target_needs_a_gain_and_right_answers():
+    from benchmarks.report import repeated_queries_target
+
+    paying = repeated_queries_target(_cache_record(240.0))
+    assert paying["measured"] == pytest.approx(1.2) and paying["pass"] is True
+    assert "Triton's response cache 1.50x, wrong outputs" in paying["detail"]
+    assert repeated_queries_target(_cache_record(190.0))["pass"] is False
+    assert repeated_queries_target(_cache_record(240.0, embedding_cache_right=False))["pass"] is False
+    assert repeated_queries_target(None)["pass"] is None
+
+
+def test_the_repeat_stream_repeats_popular_texts_at_the_rate_it_reports():
+    from benchmarks.response_cache import repeat_rate, repeat_stream
+
+    pool = [f"sentence {i}" for i in range(1000)]
+    stream = repeat_stream(pool, 1000, 0.4, seed=1)
+    assert stream == repeat_stream(pool, 1000, 0.4, seed=1) and set(stream) <= set(pool)
+    assert 0.3 < repeat_rate(stream) < 0.5
+    assert repeat_rate(["a", "b", "a", "a"]) == 0.5
+    assert stream.count(pool[0]) > stream.count(pool[-1])
+
+
 def test_markdown_summary_renders(tmp_path):
     from benchmarks.report import compute_targets, markdown
 

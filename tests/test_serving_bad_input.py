@@ -61,7 +61,8 @@ def test_invalid_utf8_fails_only_its_own_request_in_a_dynamic_batch(triton, clie
     before = executions(triton)
     # A slow request first: while it runs, all the others arrive and wait in the dynamic batcher's
     # queue, so they are executed together as one batch (checked with the statistics below).
-    triton.async_infer("embed", [raw_text_input([SLOW_TEXT.encode()] * 8)],
+    # Different texts: the embed model computes each distinct text of a batch once.
+    triton.async_infer("embed", [raw_text_input([f"{i} {SLOW_TEXT}".encode() for i in range(8)])],
                        callback=lambda result, error: outcomes.put(("slow", result, error)), request_id="slow")
     time.sleep(0.05)  # > the 1 ms batching delay: the slow request's batch is closed
     for request_id, items in requests:

@@ -180,7 +180,8 @@ def test_a_full_queue_refuses_at_once_with_overloaded(start_server, tiny_fp32):
     import tritonclient.grpc as grpcclient
 
     served = start_server(tiny_fp32, max_queue_size=1, max_batch_size=64, intra_op_threads=1)
-    data = np.array([[(" ".join(["word"] * 60)).encode()]] * 64, dtype=np.object_)
+    # Different texts: the embed model computes each distinct text of a batch once.
+    data = np.array([[(" ".join([f"word{row}"] * 60)).encode()] for row in range(64)], dtype=np.object_)
     outcomes = []
     barrier = threading.Barrier(64)
 
@@ -228,7 +229,9 @@ def test_a_queued_request_whose_deadline_passed_is_dropped_by_the_server(served_
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(served_minilm.grpc_url)
-    long_texts = np.array([[" ".join(f"token{i}" for i in range(300)).encode()]] * 64, dtype=np.object_)
+    # 64 different texts: the embed model computes each distinct text of a batch once.
+    long_texts = np.array([[" ".join(f"token{i}x{row}" for i in range(300)).encode()] for row in range(64)],
+                          dtype=np.object_)
 
     def text_input(data):
         text = grpcclient.InferInput("text", list(data.shape), "BYTES")

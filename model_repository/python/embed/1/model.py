@@ -5,7 +5,8 @@ normalization, so its output is the final `sentence_embedding`. Every request of
 tokenized together; with length grouping on (the default) the texts are sorted by length and cut into
 the engine runs that waste the least padding (text_batch.plan_groups), each padded to its own longest;
 off, the whole batch is padded to its longest in arrival order. The engine (ONNX Runtime on CPU/CUDA, or
-OpenVINO on CPU) is chosen by the config's `engine` parameter (engines.py). With an index served
+OpenVINO on CPU) is chosen by the config's `engine` parameter (engines.py). Texts seen lately are answered
+from the instance's cache of their embeddings (embedding_cache.py). With an index served
 (`store_uri` set), the requests that ask for `hits` are also ranked against the store (search_step.py).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(__file__))
+from embedding_cache import EmbeddingCache  # noqa: E402
 from engines import load_engine  # noqa: E402
 from parent_watch import exit_with_parent  # noqa: E402
 from text_batch import (  # noqa: E402
@@ -36,6 +38,8 @@ class TritonPythonModel:
         self.tokenizer = TextTokenizer(os.path.join(directory, "tokenizer.json"), int(params["max_seq_length"]))
         gpu = args.get("model_instance_kind") == "GPU"
         self.engine = load_engine(directory, params, int(args["model_instance_device_id"]) if gpu else None)
+        entries = int(params["embedding_cache_entries"])
+        self.cache = EmbeddingCache(entries) if entries > 0 else None
         self.search = None
         if params["store_uri"]:
             from search_step import SearchStep  # imports embedline.search: only where an index is served
@@ -49,7 +53,12 @@ class TritonPythonModel:
         return arrival_groups(len(ids), max(1, len(ids)))
 
     def embed(self, texts):
-        """texts -> (embeddings float32 (n, dim), truncated bool (n,))."""
+        """texts -> (embeddings float32 (n, dim), truncated bool (n,)); repeated texts from the cache."""
+        if self.cache is None:
+            return self.run_engine(texts)
+        return self.cache.embed(texts, self.run_engine)
+
+    def run_engine(self, texts):
         ids, truncated = self.tokenizer.tokenize(texts)
         groups = self.groups(ids)
         outputs = self.engine.run_many([self.tokenizer.pad([ids[i] for i in group]) for group in groups])
