@@ -30,12 +30,11 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import data_dir, markdown_table, percentile, stsb_dev_sentences
+from benchmarks.common import data_dir, markdown_table, measured_settings, percentile, stsb_dev_sentences
 from benchmarks.experiment import Experiment
 
 TRITON_CACHE_BYTES = 64 * 2**20
@@ -67,6 +66,8 @@ def repeat_rate(stream: list[str]) -> float:
 # What a server answers repeated texts with: nothing, the embed model's own cache of embeddings (serve's
 # default), or Triton's response cache on the embed model (as a user would turn it on by hand).
 MODES = ("no cache", "embedding cache", "Triton response cache")
+# The answers each cache is checked for (`checks`): every one must hold for a cache to be right.
+CHECKS = ("sdk_gets_its_outputs", "answer_after_publish_is_version_2")
 
 
 def start_server(mode: str, artifact, variant: str, threads: int, tmp: Path, explicit_model_control: bool = False):
@@ -75,9 +76,7 @@ def start_server(mode: str, artifact, variant: str, threads: int, tmp: Path, exp
     from embedline.serving.settings import served_settings
     from embedline.serving.triton import TritonServer, _pytriton_dir, free_port
 
-    settings = served_settings(variant, threads)
-    if mode != "embedding cache":
-        settings = replace(settings, embedding_cache_entries=0)
+    settings = (served_settings if mode == "embedding cache" else measured_settings)(variant, threads)
     repository = build_repository(artifact, Path(tempfile.mkdtemp(dir=tmp)) / "models", settings)
     extra = []
     if mode == "Triton response cache":
@@ -207,14 +206,13 @@ def checks(mode: str, experiment: Experiment, tmp: Path) -> dict:
 
 def readme_section(record: dict) -> str:
     speed_, median = record["speed"], record["speed"]["median"]
+    throughput = f"c{CALLERS}_requests_per_s"
     rows = []
     for mode in MODES:
-        row = median[mode]
-        base = median["no cache"]
-        rows.append([mode, row["c1_p50_ms"], row["c1_mean_ms"], row[f"c{CALLERS}_requests_per_s"],
-                     f"{row[f'c{CALLERS}_requests_per_s'] / base[f'c{CALLERS}_requests_per_s']:.2f}x",
-                     *(("yes" if record["checks"][mode][key] else "**no**") if mode in record["checks"] else "-"
-                       for key in ("sdk_gets_its_outputs", "answer_after_publish_is_version_2"))])
+        row, checked = median[mode], record["checks"].get(mode)
+        answers = [("yes" if checked[key] else "**no**") if checked else "-" for key in CHECKS]
+        rows.append([mode, row["c1_p50_ms"], row["c1_mean_ms"], row[throughput],
+                     f"{row[throughput] / median['no cache'][throughput]:.2f}x", *answers])
     return (f"## Response cache ({record['variant']}, {record['threads']} cores)\n\n"
             f"One-text SDK requests drawn from STS-B dev sentences with Zipf popularity (exponent {speed_['zipf']}: "
             f"{speed_['repeat_rate']['c1']:.0%} of one caller's and {speed_['repeat_rate'][f'c{CALLERS}']:.0%} of "
