@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -129,11 +130,22 @@ def check_ports_free(host: str, ports: dict[str, int], wait_s: float = PORT_WAIT
             time.sleep(0.1)
 
 
+_handed_out_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """An unused TCP port on 127.0.0.1 (for tests and benchmarks), never one this process was given before:
+    nothing binds a port until its server starts, so the kernel may offer the same free port to two calls in
+    a row (a server's HTTP and metrics ports, say), and that server would refuse to start."""
+    with _ports_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _handed_out_ports:
+                _handed_out_ports.add(port)
+                return port
 
 
 # Every Triton protocol but health: an API key guards all of them, so orchestrators can still probe health.

@@ -182,6 +182,33 @@ def test_a_port_that_stays_taken_is_named_after_the_wait():
         assert time.monotonic() - began < 2
 
 
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may offer the same unbound port to two calls in a row: the second call asks again."""
+    from embedline.serving import triton
+
+    offered = iter([50001, 50001, 50002])
+
+    class Socket:
+        def __init__(self, *args):
+            self.port = next(offered)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(triton, "_handed_out_ports", set())
+    monkeypatch.setattr(triton.socket, "socket", Socket)
+    assert [triton.free_port(), triton.free_port()] == [50001, 50002]
+
 # A model process as a stub is when tritonserver dies under it with a request in flight: its main thread
 # holds the GIL in a blocking C call (PyDLL calls do not release it), so no Python thread of its own runs.
 ORPHAN = """
