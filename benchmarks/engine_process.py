@@ -107,14 +107,7 @@ def _load_engine(args: dict):
     from benchmarks import inprocess
 
     artifact = art.load_artifact(args["artifact"])
-    name, threads = args["engine"], int(args["threads"])
-    if name == "sentence-transformers":
-        return artifact, inprocess.sentence_transformers_engine(artifact, threads)
-    if name in ("openvino", "openvino fp32"):
-        return artifact, inprocess.openvino_engine(artifact, threads, fp32=name == "openvino fp32")
-    if name.startswith("onnxruntime "):
-        return artifact, inprocess.onnxruntime_engine(artifact, name.split(" ", 1)[1], threads)
-    raise ValueError(f"unknown engine {name!r}")
+    return artifact, inprocess.named_engine(artifact, args["engine"], int(args["threads"]))
 
 
 def _serve(args: dict, send) -> None:

@@ -96,6 +96,18 @@ def openvino_engine(artifact, threads: int, fp32: bool = False) -> InProcessEngi
     return InProcessEngine(name, lambda texts: run_tokens(encode(tokenizer, texts)), run_tokens)
 
 
+def named_engine(artifact, name: str, threads: int) -> InProcessEngine:
+    """The engine called `name`: "sentence-transformers", "openvino", "openvino fp32" or "onnxruntime VARIANT"
+    (report.inprocess_name gives the one a server variant runs)."""
+    if name == "sentence-transformers":
+        return sentence_transformers_engine(artifact, threads)
+    if name in ("openvino", "openvino fp32"):
+        return openvino_engine(artifact, threads, fp32=name == "openvino fp32")
+    if name.startswith("onnxruntime "):
+        return onnxruntime_engine(artifact, name.split(" ", 1)[1], threads)
+    raise ValueError(f"unknown engine {name!r}")
+
+
 def _summarise(latencies: list[float], items: int, elapsed: float, tokens: int) -> dict:
     return {
         "sentences_per_s": round(items / elapsed, 1),

@@ -9,9 +9,12 @@ One server of the variant `embedline serve` picks, serving an embedded store (`-
 1. Indexing: alternating rounds of `client.embed(texts)` and `embedline index`'s `index_corpus` into a new
    collection, on the same INDEX_TEXTS real sentences (shared data's unlabeled corpus): documents/s each,
    and their ratio (the goal: indexing >= 0.8x embedding, so the store is never the bottleneck).
-2. Serving: DOCUMENTS real sentences indexed, then STS-B dev sentences as queries: alternating one-text
-   `client.embed` and `client.search(k=10)` calls from one caller (p50, p90), and searches from 16 concurrent
-   callers for a few seconds (queries/s). Goal: search p50 <= embed p50 + 2 ms.
+2. Serving: DOCUMENTS real sentences indexed, then STS-B dev sentences as queries. One caller, per query in
+   turn: the served variant in this process embeds it and the collection, opened in this process, searches
+   that vector (the in-process reference), then a one-text `client.embed` and a `client.search(k=10)` through
+   the server; p50 and p90 per round, medians of ROUNDS rounds. Then searches from 16 concurrent callers for a
+   few seconds (queries/s). Goals: search p50 <= embed p50 + 2 ms, and <= the in-process engine + search
+   p50s + 1 ms (the suite's targets table reads both).
 3. The ANN step alone (faiss, the embedded store's HNSW parameters) over ANN_VECTORS 384-d vectors, made from
    the served collection's real embeddings plus small noise (no million-sentence corpus is on this machine):
    build time, memory, one-query p50 on one thread, and recall@10 against exact search on 200 queries.
@@ -97,24 +100,41 @@ def indexing_rounds(url: str, store, texts: list[str], tmp: Path, rounds: int) -
     return {"rounds": measured, "median": median, "ratio": round(median["index"] / median["embed"], 3)}
 
 
-def one_caller(url: str, queries: list[str], collection: str) -> dict:
-    """Alternating one-text embed and k=10 search calls from one caller: milliseconds."""
+def one_caller(url: str, queries: list[str], collection: str, engine, local, rounds: int) -> dict:
+    """One caller, per query in turn: `engine` (the served variant in this process) embeds it, `local` (the
+    served collection opened in this process) searches that vector, then a one-text embed and a k=10 search
+    through the server. p50 and p90 per round (ms); each number is the median over the rounds, and so is each
+    gap, taken within its round (the machine is shared: a gap between rounds would measure the load)."""
     from embedline.client import EmbeddingClient
 
-    times: dict[str, list[float]] = {"embed": [], "search": []}
+    prompt = local.model.prompts.get(local.model.query_prompt or "", "")  # what the SDK prepends to a query
+    per_round: list[dict] = []
     with EmbeddingClient(url) as client:
         for query in queries[:20]:  # warm: channels, configs, the search model's first searches
             client.embed([query])
             client.search(query, k=10, collection=collection)
-        for query in queries:
-            started = time.perf_counter()
-            client.embed([query])
-            times["embed"].append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            client.search(query, k=10, collection=collection)
-            times["search"].append((time.perf_counter() - started) * 1000)
-    result = {f"{name}_{q}_ms": round(percentile(values, q), 2) for name, values in times.items() for q in (50, 90)}
-    result["search_minus_embed_p50_ms"] = round(result["search_50_ms"] - result["embed_50_ms"], 2)
+        for _ in range(rounds):
+            times: dict[str, list[float]] = {"inprocess_engine": [], "inprocess_search": [], "embed": [], "search": []}
+            for query in queries:
+                marks = [time.perf_counter()]
+                vector = engine.encode([prompt + query])
+                marks.append(time.perf_counter())
+                local.search(vector, 10)
+                marks.append(time.perf_counter())
+                client.embed([query])
+                marks.append(time.perf_counter())
+                client.search(query, k=10, collection=collection)
+                marks.append(time.perf_counter())
+                for values, start, end in zip(times.values(), marks, marks[1:]):
+                    values.append((end - start) * 1000)
+            measured = {f"{name}_{q}_ms": percentile(values, q) for name, values in times.items() for q in (50, 90)}
+            measured["search_minus_embed_p50_ms"] = measured["search_50_ms"] - measured["embed_50_ms"]
+            measured["search_minus_inprocess_p50_ms"] = measured["search_50_ms"] - (
+                measured["inprocess_engine_50_ms"] + measured["inprocess_search_50_ms"])
+            per_round.append(measured)
+            print("one caller:", {k: round(v, 2) for k, v in measured.items()}, flush=True)
+    result = {key: round(statistics.median(r[key] for r in per_round), 2) for key in per_round[0]}
+    result["rounds"] = [{key: round(value, 2) for key, value in r.items()} for r in per_round]
     return result
 
 
@@ -204,7 +224,8 @@ def one_query_at_a_time(index, queries: np.ndarray, truth: np.ndarray, ef: int) 
             "recall_at_10": round(recall, 4)}
 
 
-def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Path, collection: str) -> dict:
+def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Path, collection: str, engine,
+                  rounds: int) -> dict:
     from embedline.client import EmbeddingClient
     from embedline.client.cli import Progress
     from embedline.search.indexer import index_corpus
@@ -214,7 +235,11 @@ def serving_stage(url: str, store, texts: list[str], queries: list[str], tmp: Pa
         report = index_corpus(client, store, collection, lines, progress=Progress(len(texts), enabled=False))
     print(f"{collection}: {report.collection_size} documents indexed in {report.seconds:.0f} s", flush=True)
     result = {"documents": report.collection_size, "index_s": round(report.seconds, 1)}
-    result.update(one_caller(url, queries, collection))
+    local = store.open(collection)
+    try:
+        result.update(one_caller(url, queries, collection, engine, local, rounds))
+    finally:
+        local.close()
     result["c16"] = concurrent_searches(url, queries, collection)
     print(collection, result, flush=True)
     return result
@@ -224,6 +249,8 @@ def main() -> None:
     experiment = Experiment.from_command_line(__doc__, rounds=3, options=options)
     from embedline.search.store import open_store
 
+    from benchmarks.inprocess import named_engine
+    from benchmarks.report import inprocess_name
     from benchmarks.suite import triton
 
     args = experiment.args
@@ -237,6 +264,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="embedline-search-bench-") as tmp_name:
         tmp = Path(tmp_name)
         store = open_store(str(tmp / "store"))
+        # The served variant in this process: the reference a search through the server is compared with.
+        engine = named_engine(experiment.artifact, inprocess_name(experiment.variant), experiment.threads) \
+            if stages & {"serving", "ann"} else None
         if serve:
             with triton(experiment.artifact, tmp, measured_settings(experiment.variant, experiment.threads),
                         index=store.uri) as server:
@@ -245,13 +275,14 @@ def main() -> None:
                                                           experiment.rounds)
                 if stages & {"serving", "ann"}:
                     results["embedded"] = serving_stage(server.grpc_url, store, texts[: args.documents], queries,
-                                                        tmp, "bench")
+                                                        tmp, "bench", engine, experiment.rounds)
                     save_embeddings(cache, server.grpc_url, store.open("bench"), queries)
         if args.store and "serving" in stages:
             milvus = open_store(args.store)
             with triton(experiment.artifact, tmp, measured_settings(experiment.variant, experiment.threads),
                         index=args.store) as server:
-                results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp, "bench")
+                results["milvus"] = serving_stage(server.grpc_url, milvus, texts[: args.documents], queries, tmp,
+                                                  "bench", engine, experiment.rounds)
     if args.ann_vectors and "ann" in stages:
         with np.load(cache) as saved:
             # the served collection's vectors; STS-B sentences as queries: none of them is in the collection
@@ -300,10 +331,16 @@ def readme_section(record: dict) -> str:
         [("Milvus Lite 3.2 server (pure Python: the tests' stand-in for a cluster)", record["milvus"])]
         if "milvus" in record else [])
     rows = [[name, f"{s['documents']:,}", s["embed_50_ms"], s["search_50_ms"], s["search_minus_embed_p50_ms"],
-             s["search_90_ms"], s["c16"]["queries_per_s"], s["c16"]["p50_ms"]] for name, s in stores]
-    text += ("Serving (one caller alternating one-text embed and k=10 search; then 16 concurrent callers):\n\n"
+             s.get("inprocess_engine_50_ms", "-"), s.get("inprocess_search_50_ms", "-"),
+             s.get("search_minus_inprocess_p50_ms", "-"), s["search_90_ms"], s["c16"]["queries_per_s"],
+             s["c16"]["p50_ms"]] for name, s in stores]
+    text += ("Serving (one caller, per query: the engine and the store in this process, then a one-text embed and a "
+             f"k=10 search through the server; medians of {len(served.get('rounds', [])) or 1} rounds; then 16 "
+             "concurrent callers):\n\n"
              + markdown_table(["store", "documents", "embed p50 ms", "search p50 ms", "search - embed p50 ms",
-                               "search p90 ms", "c16 queries/s", "c16 p50 ms"], rows) + "\n\n")
+                               "in-process engine p50 ms", "in-process store search p50 ms",
+                               "search - in-process p50 ms", "search p90 ms", "c16 queries/s", "c16 p50 ms"], rows)
+             + "\n\n")
     sets = [("the served collection's real embeddings", record.get("ann_real")),
             ("grown from them (each a mix of two real ones plus noise)", record.get("ann"))]
     rows = [[f"{ann['vectors']:,} {ann['dim']}-d, {name}", ann["build_s"], ann["index_mib"],

@@ -200,6 +200,23 @@ def test_the_repeated_queries_target_needs_a_gain_and_right_answers():
     assert repeated_queries_target(None)["pass"] is None
 
 
+def test_the_search_query_targets_read_the_search_benchmarks_rounds():
+    from benchmarks.report import search_query_targets
+
+    served = {"rounds": [{}, {}, {}], "embed_50_ms": 7.0, "search_50_ms": 8.8, "inprocess_engine_50_ms": 4.0,
+              "inprocess_search_50_ms": 1.0, "search_minus_embed_p50_ms": 1.8, "search_minus_inprocess_p50_ms": 3.8}
+    in_process, over_embed = search_query_targets({"variant": "openvino", "embedded": served})
+    assert in_process["measured"] == pytest.approx(3.8) and in_process["pass"] is False
+    assert "engine 4.00 + store search 1.00 ms in-process" in in_process["detail"]
+    assert over_embed["measured"] == pytest.approx(1.8) and over_embed["pass"] is True
+    assert "medians of 3 rounds" in over_embed["detail"]
+    served["search_minus_embed_p50_ms"] = 2.3
+    assert search_query_targets({"variant": "openvino", "embedded": served})[1]["pass"] is False
+    # a record from before the in-process reference, or none: visible, not measured
+    assert [t["pass"] for t in search_query_targets({"embedded": {"search_minus_embed_p50_ms": 1.0}})] == [None, None]
+    assert [t["pass"] for t in search_query_targets(None)] == [None, None]
+
+
 def test_the_repeat_stream_repeats_popular_texts_at_the_rate_it_reports():
     from benchmarks.response_cache import repeat_rate, repeat_stream
 

@@ -289,3 +289,24 @@ def test_the_collection_records_the_served_model(served, corpus, tiny_fp32):
     record = open_store(served.store).open("papers").model
     assert (record.name, record.dim, record.fingerprint) == ("tiny", 32, tiny_fp32.fingerprint)
     assert np.isfinite(len(record.fingerprint))
+
+
+def test_the_search_benchmarks_one_caller_measures_the_server_against_the_same_work_in_process(served, corpus,
+                                                                                                tiny_fp32):
+    from benchmarks.inprocess import named_engine
+    from benchmarks.search import one_caller
+
+    engine = named_engine(tiny_fp32, "onnxruntime fp32", 1)
+    local = open_store(served.store).open("papers")
+    try:
+        result = one_caller(served.grpc_url, ["wing stall", "heat transfer in a tunnel", "rocket nozzle"], "papers",
+                            engine, local, rounds=2)
+    finally:
+        local.close()
+    assert len(result["rounds"]) == 2
+    for key in ("embed", "search", "inprocess_engine", "inprocess_search"):
+        assert 0 < result[f"{key}_50_ms"] <= max(r[f"{key}_90_ms"] for r in result["rounds"])
+    for measured in result["rounds"]:
+        in_process = measured["inprocess_engine_50_ms"] + measured["inprocess_search_50_ms"]
+        assert measured["search_minus_inprocess_p50_ms"] == pytest.approx(measured["search_50_ms"] - in_process,
+                                                                          abs=0.02)
