@@ -217,6 +217,30 @@ def test_the_search_query_targets_read_the_search_benchmarks_rounds():
     assert [t["pass"] for t in search_query_targets(None)] == [None, None]
 
 
+def test_the_engine_ceiling_tables_compare_each_engine_with_sentence_transformers():
+    from benchmarks.engine_ceiling import short_rows, sorted_rows
+
+    results = {
+        "sentence-transformers": {"short": {"request order": 100.0, "length-sorted": 200.0},
+                                  "passages": {"request order": 20.0, "length-sorted": 25.0}},
+        "openvino": {"short": {"request order": 300.0, "length-sorted": 800.0},
+                     "passages": {"request order": 80.0, "length-sorted": 100.0}},
+        "openvino, 2 processes x 1 thread (the served layout)": {"short": {"length-sorted": 1000.0},
+                                                                 "passages": {"length-sorted": 110.0}},
+        "onnxruntime int8": {"error": "EngineUnavailable: no int8 graph"},
+    }
+    # short texts against sentence-transformers in request order; the layout row has no request order
+    assert short_rows(results, "short") == [
+        ["sentence-transformers", 100.0, 200.0, "1.00x", "2.00x", ""],
+        ["openvino", 300.0, 800.0, "3.00x", "8.00x", ""],
+        ["onnxruntime int8", "-", "-", "-", "-", "EngineUnavailable: no int8 graph"]]
+    # every workload length-sorted against sentence-transformers length-sorted
+    rows = sorted_rows(results, ("short", "passages"))
+    assert rows[1] == ["openvino", 800.0, "4.00x", 100.0, "4.00x", ""]
+    assert rows[2] == ["openvino, 2 processes x 1 thread (the served layout)", 1000.0, "5.00x", 110.0, "4.40x", ""]
+    assert rows[3] == ["onnxruntime int8", "-", "-", "-", "-", "EngineUnavailable: no int8 graph"]
+
+
 def test_the_repeat_stream_repeats_popular_texts_at_the_rate_it_reports():
     from benchmarks.response_cache import repeat_rate, repeat_stream
 
@@ -277,6 +301,17 @@ def test_engine_in_its_own_process(tiny_fp32, workloads, tmp_path):
     with pytest.raises(EngineUnavailable, match="int8"):
         with EngineProcess(tiny_fp32.path, "onnxruntime int8", 1, path):
             pass
+
+
+@pytest.mark.processes
+def test_the_served_layout_sums_its_one_thread_processes(tiny_fp32, workloads, tmp_path):
+    from benchmarks.engine_ceiling import measure_served_layout
+    from benchmarks.engine_process import write_workloads
+
+    path = write_workloads(workloads, tmp_path / "workloads.json")
+    result = measure_served_layout(tiny_fp32, path, "onnxruntime fp32", ("short",), 2, seconds=0.05, rounds=2)
+    assert len(result["short"]["rounds"]["length-sorted"]) == 2 and result["short"]["length-sorted"] > 0
+    assert "int8" in measure_served_layout(tiny_fp32, path, "onnxruntime int8", ("short",), 2, 0.05, 1)["error"]
 
 
 @pytest.mark.processes
