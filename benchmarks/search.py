@@ -266,7 +266,7 @@ def main() -> None:
         store = open_store(str(tmp / "store"))
         # The served variant in this process: the reference a search through the server is compared with.
         engine = named_engine(experiment.artifact, inprocess_name(experiment.variant), experiment.threads) \
-            if stages & {"serving", "ann"} else None
+            if serve and stages & {"serving", "ann"} else None
         if serve:
             with triton(experiment.artifact, tmp, measured_settings(experiment.variant, experiment.threads),
                         index=store.uri) as server:
