@@ -163,13 +163,13 @@ def requested_outputs_check(url: str) -> dict:
     import tritonclient.grpc as grpcclient
 
     from embedline.client import EmbeddingClient
+    from embedline.client.encoding import text_input
     from embedline.client.errors import EmbeddingClientError
 
     text = "a text first asked for by a caller that wants only the embedding"
     raw = grpcclient.InferenceServerClient(url)
-    data = grpcclient.InferInput("text", [1, 1], "BYTES")
-    data.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-    raw.infer("embed", [data], outputs=[grpcclient.InferRequestedOutput("sentence_embedding")])
+    raw.infer("embed", [text_input(grpcclient, [text])],
+              outputs=[grpcclient.InferRequestedOutput("sentence_embedding")])
     with EmbeddingClient(url, max_retries=0) as client:
         try:
             client.embed_with_details([text])

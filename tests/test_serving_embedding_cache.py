@@ -9,6 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from embedline.client import EmbeddingClient
+from embedline.client.encoding import text_input
 from embedline.serving.repository import build_repository
 from embedline.serving.settings import served_settings
 
@@ -107,9 +108,8 @@ def test_a_served_repeat_gets_the_first_answer_and_every_caller_its_own_outputs(
     makes the entry, then the SDK asks for the embedding and the truncation flags."""
     text = "a query some service sends again and again"
     raw = grpcclient.InferenceServerClient(cached_server.grpc_url)
-    data = grpcclient.InferInput("text", [1, 1], "BYTES")
-    data.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
-    alone = raw.infer("embed", [data], outputs=[grpcclient.InferRequestedOutput("sentence_embedding")])
+    alone = raw.infer("embed", [text_input(grpcclient, [text])],
+                      outputs=[grpcclient.InferRequestedOutput("sentence_embedding")])
     with EmbeddingClient(cached_server.grpc_url) as client:
         first = client.embed_with_details([text, "x " * (tiny_fp32.max_seq_length + 5)])
         again = client.embed_with_details([text, "x " * (tiny_fp32.max_seq_length + 5)])
